@@ -1,0 +1,185 @@
+"""Typed settings: `config.yaml` first, then `SINKSTREAM_*` environment variables on top.
+
+Nested fields use a double underscore in the environment: `SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS`,
+`SINKSTREAM_CACHE__WINDOW`, `SINKSTREAM_REDIS__PASSWORD`. Secrets are `SecretStr`, so they never appear in
+logs or in `repr()`.
+
+Precedence (highest first): explicit keyword arguments, environment variables, the YAML file
+(`--config FILE`, else `$SINKSTREAM_CONFIG`, else `./config.yaml` if present), the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+_YAML_FILE: ContextVar[Path | None] = ContextVar("sinkstream_yaml_file", default=None)
+
+
+def sinkstream_home() -> Path:
+    """Folder for converted models, the embedded stack's state and downloaded sample data."""
+    return Path(os.environ.get("SINKSTREAM_HOME", Path.home() / ".cache" / "sinkstream")).expanduser()
+
+
+class ModelSettings(BaseModel):
+    # `smollm2-135m` (the packaged default), a local Hugging Face directory, or a `.gguf` file.
+    name: str = "smollm2-135m"
+    # `auto` picks CUDA when present, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # `auto`: bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # CPU threads for torch; 0 keeps torch's default.
+    threads: int = 0
+
+
+class CacheSettings(BaseModel):
+    # Attention sinks: the first `sinks` tokens of every stream stay in the cache forever.
+    sinks: int = Field(4, ge=0)
+    # Rolling window: each token attends to the `window` most recent tokens, itself included.
+    window: int = Field(1020, ge=1)
+    # Tokens fed to the model per forward pass; results do not depend on it (exact chunked feed).
+    chunk: int = Field(64, ge=1)
+
+
+class KafkaSettings(BaseModel):
+    # Comma-separated `host:port` list. Empty means: use the embedded stack from `sinkstream stack up`.
+    bootstrap_servers: str = ""
+    # Topic(s) to read text from (comma-separated).
+    input_topic: str = "sinkstream.input"
+    # Topic annotations are published to; the record key is the stream key.
+    output_topic: str = "sinkstream.annotations"
+    # Consumer group; all replicas of the service share it.
+    group_id: str = "sinkstream"
+    # Static membership id. Defaults to the pod name (`$POD_NAME`) when set, so restarts do not rebalance.
+    group_instance_id: str | None = None
+    # Where a partition with no checkpoint and no committed offset starts.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Most records returned by one poll; chunking never depends on it.
+    max_poll_records: int = Field(256, ge=1)
+    # Session timeout of the consumer group, in milliseconds.
+    session_timeout_ms: int = 30000
+    # Maximum time between polls before the member is evicted, in milliseconds.
+    max_poll_interval_ms: int = 300000
+    # SASL/PLAIN credentials, if the cluster needs them.
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    # `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    security_protocol: str = "PLAINTEXT"
+
+
+class RedisSettings(BaseModel):
+    # `redis://host:port/db`. Empty means: use the embedded stack from `sinkstream stack up`.
+    url: str = ""
+    # Password, if Redis requires one (kept out of the URL so it never gets logged).
+    password: SecretStr | None = None
+    # Prefix for every key sinkstream writes.
+    key_prefix: str = "sinkstream"
+    # Socket timeout for Redis calls, in seconds.
+    socket_timeout_s: float = 10.0
+
+
+class CheckpointSettings(BaseModel):
+    # Checkpoint a partition after this many records since its last checkpoint.
+    every_records: int = Field(500, ge=1)
+    # ... or after this many seconds, whichever comes first.
+    every_seconds: float = Field(30.0, gt=0)
+    # Sleep between snapshot writes of one checkpoint, in milliseconds, so large values do not stall Redis.
+    pace_ms: float = Field(0.0, ge=0)
+
+
+class ScoreSettings(BaseModel):
+    # Number of most surprising tokens reported per line.
+    top_tokens: int = Field(3, ge=0)
+    # A line is flagged when its z-score (mean NLL against the stream's running statistics) exceeds this.
+    anomaly_z: float = 3.0
+    # Lines scored before the running statistics are trusted enough to flag anomalies.
+    warmup_lines: int = Field(20, ge=0)
+    # Replace variable fields (timestamps, numbers, IPs, hex ids) with placeholders before scoring.
+    normalize: bool = False
+
+
+class NoteSettings(BaseModel):
+    # Run the note prompt every this many tokens of a stream; 0 turns notes off.
+    every_tokens: int = Field(0, ge=0)
+    # Prompt appended to the stream's context; generation is rolled back afterwards.
+    prompt: str = "\nSummarize the last lines in one sentence:"
+    # Tokens generated per note (greedy).
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class ServiceSettings(BaseModel):
+    # Most stream sessions kept in memory; colder ones are spilled to Redis and reloaded on demand.
+    max_resident_streams: int = Field(64, ge=1)
+    # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
+    metrics_port: int = 0
+    # Bytes of an unterminated line kept before it is scored anyway (guards against endless lines).
+    max_pending_bytes: int = Field(65536, ge=1)
+
+
+class Settings(BaseSettings):
+    """All sinkstream settings. See config.yaml for a commented example."""
+
+    model_config = SettingsConfigDict(env_prefix="SINKSTREAM_", env_nested_delimiter="__", extra="forbid")
+
+    # `json` for production log collectors, `console` for humans.
+    log_format: Literal["json", "console"] = "json"
+    # Log level name.
+    log_level: str = "INFO"
+    model: ModelSettings = ModelSettings()
+    cache: CacheSettings = CacheSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    score: ScoreSettings = ScoreSettings()
+    note: NoteSettings = NoteSettings()
+    service: ServiceSettings = ServiceSettings()
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"log_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {v!r}")
+        return v.upper()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _YAML_FILE.get() is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_YAML_FILE.get()))
+        return tuple(sources)
+
+
+def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+    """Load settings from a YAML file (see module docstring for precedence) plus environment variables.
+
+    Raises FileNotFoundError when an explicitly named file is missing. Field errors come from pydantic and
+    name the field, the expected type and the value that arrived.
+    """
+    explicit = path or os.environ.get("SINKSTREAM_CONFIG")
+    candidate = Path(explicit) if explicit else Path("config.yaml")
+    if explicit and not candidate.exists():
+        raise FileNotFoundError(f"config file {candidate} does not exist (from --config or $SINKSTREAM_CONFIG)")
+    token = _YAML_FILE.set(candidate if candidate.exists() else None)
+    try:
+        return Settings(**overrides)
+    finally:
+        _YAML_FILE.reset(token)
