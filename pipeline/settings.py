@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,7 +33,13 @@ def sinkstream_home() -> Path:
     return Path(os.environ.get("SINKSTREAM_HOME", Path.home() / ".cache" / "sinkstream")).expanduser()
 
 
-class ModelSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: misspelled keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
     # `smollm2-135m` (the packaged default), a local Hugging Face directory, or a `.gguf` file.
     name: str = "smollm2-135m"
     # `auto` picks CUDA when present, else CPU.
@@ -44,7 +50,7 @@ class ModelSettings(BaseModel):
     threads: int = 0
 
 
-class CacheSettings(BaseModel):
+class CacheSettings(_Section):
     # Attention sinks: the first `sinks` tokens of every stream stay in the cache forever.
     sinks: int = Field(4, ge=0)
     # Rolling window: each token attends to the `window` most recent tokens, itself included.
@@ -53,7 +59,7 @@ class CacheSettings(BaseModel):
     chunk: int = Field(64, ge=1)
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(_Section):
     # Comma-separated `host:port` list. Empty means: use the embedded stack from `sinkstream stack up`.
     bootstrap_servers: str = ""
     # Topic(s) to read text from (comma-separated).
@@ -79,7 +85,7 @@ class KafkaSettings(BaseModel):
     security_protocol: str = "PLAINTEXT"
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(_Section):
     # `redis://host:port/db`. Empty means: use the embedded stack from `sinkstream stack up`.
     url: str = ""
     # Password, if Redis requires one (kept out of the URL so it never gets logged).
@@ -90,7 +96,7 @@ class RedisSettings(BaseModel):
     socket_timeout_s: float = 10.0
 
 
-class CheckpointSettings(BaseModel):
+class CheckpointSettings(_Section):
     # Checkpoint a partition after this many records since its last checkpoint.
     every_records: int = Field(500, ge=1)
     # ... or after this many seconds, whichever comes first.
@@ -99,7 +105,7 @@ class CheckpointSettings(BaseModel):
     pace_ms: float = Field(0.0, ge=0)
 
 
-class ScoreSettings(BaseModel):
+class ScoreSettings(_Section):
     # Number of most surprising tokens reported per line.
     top_tokens: int = Field(3, ge=0)
     # A line is flagged when its z-score (mean NLL against the stream's running statistics) exceeds this.
@@ -110,7 +116,7 @@ class ScoreSettings(BaseModel):
     normalize: bool = False
 
 
-class NoteSettings(BaseModel):
+class NoteSettings(_Section):
     # Run the note prompt every this many tokens of a stream; 0 turns notes off.
     every_tokens: int = Field(0, ge=0)
     # Prompt appended to the stream's context; generation is rolled back afterwards.
@@ -119,7 +125,7 @@ class NoteSettings(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(_Section):
     # Most stream sessions kept in memory; colder ones are spilled to Redis and reloaded on demand.
     max_resident_streams: int = Field(64, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
