@@ -85,9 +85,12 @@ class KafkaSink:
         log.info("kafka.sink_started", bootstrap_servers=bootstrap_servers, idempotent=True)
 
     @classmethod
-    def from_settings(cls, settings: KafkaSettings, *, bootstrap_servers: str | None = None, **producer_config: Any) -> KafkaSink:
+    def from_settings(
+        cls, settings: KafkaSettings, *, bootstrap_servers: str | None = None, **producer_config: Any
+    ) -> KafkaSink:
         """Build from `KafkaSettings` (`bootstrap_servers` overrides the settings, e.g. from `read_stack`)."""
-        return cls(bootstrap_servers=bootstrap_servers or settings.bootstrap_servers, settings=settings, **producer_config)
+        servers = bootstrap_servers or settings.bootstrap_servers
+        return cls(bootstrap_servers=servers, settings=settings, **producer_config)
 
     def send(self, topic: str, key: bytes, value: bytes, headers: Mapping[str, bytes] | None = None) -> None:
         """Queue one record; delivery errors are reported by `flush`."""

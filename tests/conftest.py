@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,18 @@ import fakeredis
 import pytest
 import redis
 
-from pipeline.stack import ManagedProcess, create_topics, start_redis, start_tansu
+# kafka-python 3.0 loads its protocol schemas with the deprecated importlib.resources.read_text/open_text,
+# at import time (here) and lazily later (filtered in pytest_configure).
+_KAFKA_PYTHON_WARNINGS = ("read_text is deprecated", "open_text is deprecated")
+with warnings.catch_warnings():
+    for _message in _KAFKA_PYTHON_WARNINGS:
+        warnings.filterwarnings("ignore", _message, DeprecationWarning)
+    from pipeline.stack import ManagedProcess, create_topics, start_redis, start_tansu
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for message in _KAFKA_PYTHON_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
 
 
 def unique_name(prefix: str) -> str:

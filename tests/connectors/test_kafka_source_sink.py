@@ -92,6 +92,26 @@ def test_commit_then_new_member_resumes_from_committed_offset(kafka_stack):
         assert [r.value for r in again] == [f"v{i}".encode() for i in range(5, 10)]
 
 
+def test_on_revoke_at_close_can_commit(kafka_stack):
+    topic = kafka_stack.make_topic("closing", partitions=1)
+    produce(kafka_stack.bootstrap, topic, [(0, b"k", f"v{i}".encode(), []) for i in range(6)])
+    group = kafka_stack.group()
+    revoked: list[list[tuple[str, int]]] = []
+
+    def commit_on_revoke(tps):
+        first.commit({tp: 4 for tp in tps})  # e.g. the offsets of the final checkpoint
+        revoked.append(tps)
+
+    first = KafkaSource(topic, bootstrap_servers=kafka_stack.bootstrap, group_id=group, on_revoke=commit_on_revoke,
+                        **FAST)
+    poll_until(first, 6)
+    first.close()
+    assert revoked == [[(topic, 0)]]
+    with KafkaSource(topic, bootstrap_servers=kafka_stack.bootstrap, group_id=group, **FAST) as second:
+        assert second.committed(topic, 0) == 4
+        assert [r.value for r in poll_until(second, 2)] == [b"v4", b"v5"]
+
+
 def test_static_membership_defaults_to_pod_name(kafka_stack, monkeypatch):
     monkeypatch.setenv("POD_NAME", "sinkstream-7")
     topic = kafka_stack.make_topic("static", partitions=1)

@@ -87,7 +87,10 @@ def test_dead_process_makes_read_stack_none(tmp_path):
         os.kill(info.pids["redis"], 9)
         os.waitpid(info.pids["redis"], 0)  # our own child: wait until it is really gone
         assert read_stack(home) is None
-        assert stack_status(home) == {"running": False, "processes": {}}
+        status = stack_status(home)
+        assert status["running"] is False and status["processes"]["redis"]["alive"] is False
+        assert status["processes"]["tansu"]["reachable"] is True
+        assert stack_command("status", home) == 1
         assert stack_up(home).pids["redis"] != info.pids["redis"]  # up replaces the broken stack
     finally:
         stack_down(home)
