@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import structlog
@@ -285,7 +285,7 @@ class RedisStateStore:
         blob = self._r.get(key)
         if blob is None:
             raise MissingSnapshotError(key)
-        return bytes(blob)
+        return cast(bytes, blob)  # decode_responses=False is enforced in __init__
 
     def spill(self, partition_id: str, epoch: int, stream_key: str, blob: bytes) -> str:
         """Store an evicted session's blob for this epoch; returns its key. Fenced like `write_checkpoint`."""
@@ -311,7 +311,7 @@ class RedisStateStore:
         blob = self._r.get(key)
         if blob is None:
             raise MissingSnapshotError(_text(key), f" (spill index of partition {partition_id!r}, stream {stream_key!r})")
-        return bytes(blob)
+        return cast(bytes, blob)  # decode_responses=False is enforced in __init__
 
     # ---- helpers -----------------------------------------------------------------------------------------
     @staticmethod
@@ -377,7 +377,7 @@ class RedisStateStore:
         raise StateStoreError(f"{action}: unexpected script result {result!r}")
 
     @staticmethod
-    def _parse_manifest(key: str, raw: bytes) -> dict[str, Any]:
+    def _parse_manifest(key: str, raw: Any) -> dict[str, Any]:
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
