@@ -1,0 +1,170 @@
+"""`sinkstream eval`: perplexity over length and the paper's ablations on a long real text.
+
+Writes `<out>/eval_<experiment>.json` (summaries, per-segment perplexity, comparisons), `.md` (the table) and
+`.png` (the plot) per experiment, prints the tables to stdout and progress bars to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.loader import DEFAULT_MODEL, load_model
+from pipeline import evaluation as ev
+from pipeline.plots import Panel, save_figure
+
+EXPERIMENTS = ("length", "sinks", "cache")
+# Default and --quick token caps per experiment (0 = the whole text).
+MAX_TOKENS = {"length": 32768, "sinks": 16384, "cache": 16384}
+QUICK_TOKENS = {"length": 8192, "sinks": 4096, "cache": 4096}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity over length (paper Table 1 / Fig. 3) and the sinks / cache-size ablations",
+        description=(
+            "length: dense (within the model's positions), window 0+(S+W), StreamingLLM S+W, StreamingLLM with S "
+            "newline sinks, and sliding window with re-computation over S+W tokens (every --stride-th target). "
+            "sinks: S+(C-S) for S in --sink-counts (paper Table 2). cache: 4+(C-4) for C in --cache-sizes "
+            "(paper Table 6). Writes eval_<experiment>.json/.md/.png under --out."
+        ),
+    )
+    p.add_argument("experiment", nargs="?", choices=[*EXPERIMENTS, "all"], default="length")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="UTF-8 text file (default: Canterbury plrabn12.txt, Paradise Lost)")
+    src.add_argument("--ids", type=Path, help="JSON list of token ids instead of a text")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"packaged name, HF directory or .gguf (default {DEFAULT_MODEL})")
+    p.add_argument("--max-tokens", type=int, default=None, help=f"cap the text (0 = all; default {MAX_TOKENS})")
+    p.add_argument("--sinks", type=int, default=4, help="length: attention sinks S (default 4)")
+    p.add_argument("--window", type=int, default=1020, help="length: recent tokens W of StreamingLLM (default 1020)")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward pass of the streaming policies (default 256)")
+    p.add_argument("--stride", type=int, default=0, help="recompute every k-th target (default 0: auto from --recompute-budget)")
+    p.add_argument("--recompute-budget", type=int, default=200_000, help="auto stride: tokens re-computed in total (default 200000)")
+    p.add_argument("--runs", default=",".join(ev.RUNS), help=f"length: comma-separated subset of {','.join(ev.RUNS)}")
+    p.add_argument("--segment", type=int, default=512, help="tokens per perplexity segment (default 512)")
+    p.add_argument("--cache", type=int, default=2048, help="sinks: total cache size C (default 2048, as in Table 2)")
+    p.add_argument("--sink-counts", type=_ints, default=[0, 1, 2, 4, 8], help="sinks: sink counts (default 0,1,2,4,8)")
+    p.add_argument("--cache-sizes", type=_ints, default=[256, 512, 1024, 2048], help="cache: sizes (default 256,512,1024,2048)")
+    p.add_argument("--quick", action="store_true", help=f"small preset: tokens {QUICK_TOKENS}, recompute budget 50000, sinks cache 1024")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--out", type=Path, default=Path("out/eval"), help="output folder (default out/eval)")
+    p.set_defaults(func=run)
+
+
+def read_ids(args: argparse.Namespace, tokenizer: Any) -> tuple[list[int], str]:
+    """Token ids of --ids or --text (default Paradise Lost) and a short name for the source."""
+    if args.ids is not None:
+        ids = json.loads(args.ids.read_text())
+        if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids):
+            raise SystemExit(f"--ids {args.ids}: expected a JSON list of integers, got {type(ids).__name__}")
+        return ids, args.ids.name
+    path = args.text
+    if path is None:
+        from pipeline.datasets import canterbury
+        from pipeline.settings import sinkstream_home
+
+        path = canterbury(sinkstream_home()) / "plrabn12.txt"
+    if tokenizer is None:
+        raise SystemExit(f"--text {path}: the model has no tokenizer; pass --ids instead")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return tokenizer(text, add_special_tokens=False)["input_ids"], path.name
+
+
+def _cap(ids: list[int], args: argparse.Namespace, experiment: str) -> list[int]:
+    limit = args.max_tokens if args.max_tokens is not None else (QUICK_TOKENS if args.quick else MAX_TOKENS)[experiment]
+    return ids[:limit] if limit else ids
+
+
+def _curves(result: dict[str, Any], key_names: dict[str, str], widen: dict[str, int] | None = None) -> dict[str, tuple]:
+    """Per-segment log-perplexity curves; a run named in `widen` is re-bucketed into wider segments."""
+    curves = {}
+    for key, label in key_names.items():
+        segs = result["segments"][key]
+        factor = (widen or {}).get(key, 1)
+        if factor > 1:  # merge `factor` segments: a strided run has few targets per segment
+            merged = []
+            for k in range(0, len(segs), factor):
+                group = segs[k : k + factor]
+                n = sum(s["targets"] for s in group)
+                total = sum(s["mean_nll"] * s["targets"] for s in group if s["targets"])
+                merged.append({"end": group[-1]["end"], "mean_nll": total / n if n else float("nan")})
+            segs = merged
+        curves[label] = ([s["end"] for s in segs], [s["mean_nll"] for s in segs])
+    return curves
+
+
+def _length(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
+    runs = [r for r in args.runs.split(",") if r]
+    budget = 50_000 if args.quick and args.recompute_budget == 200_000 else args.recompute_budget
+    result = ev.length_experiment(lm, ids, args.sinks, args.window, args.chunk, args.stride, args.segment, runs, budget)
+    names = {r["name"]: r["label"] for r in result["runs"]}
+    widen = {ev.RECOMPUTE: max(1, math.ceil(16 * result["stride"] / args.segment))}
+    vlines = {f"cache {result['cache']}": result["cache"]}
+    if result["model_positions"] and result["model_positions"] < len(ids):
+        vlines[f"model positions {result['model_positions']}"] = result["model_positions"]
+    panel = Panel(f"{label}: log perplexity per {args.segment} tokens", "tokens", "log PPL (mean NLL, nats)",
+                  _curves(result, names, widen), vlines=vlines, markers=False)
+    return result, [panel]
+
+
+def _sinks(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
+    cache = 1024 if args.quick and args.cache == 2048 else args.cache
+    result = ev.sinks_ablation(lm, ids, cache, args.sink_counts, args.chunk, args.segment, label)
+    configs = [r["config"] for r in result["runs"]]
+    curves = _curves(result, {c: c for c in configs})
+    ppl = [r["perplexity"] for r in result["runs"]]
+    return result, [
+        Panel(f"log perplexity per {args.segment} tokens", "tokens", "log PPL", curves, markers=False),
+        Panel(f"cache {cache}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
+              logy=True, xticks=configs),
+    ]
+
+
+def _cache(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
+    result = ev.cache_ablation(lm, ids, args.cache_sizes, args.sinks, args.chunk, args.segment, label)
+    configs = [r["config"] for r in result["runs"]]
+    curves = _curves(result, {c: c for c in configs})
+    ppl = [r["perplexity"] for r in result["runs"]]
+    return result, [
+        Panel(f"log perplexity per {args.segment} tokens", "tokens", "log PPL", curves, markers=False),
+        Panel("perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (args.cache_sizes, ppl)}, logx=True),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    all_ids, source = read_ids(args, lm.tokenizer)
+    experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from pipeline.benchmarks import machine
+
+    for name in experiments:
+        ids = _cap(all_ids, args, name)
+        label = f"{Path(args.model).name} on {source}"
+        result, panels = {"length": _length, "sinks": _sinks, "cache": _cache}[name](lm, ids, args, label)
+        result.update(model=args.model, text=source, text_tokens=len(all_ids), quick=args.quick, machine=machine(lm))
+        stem = args.out / f"eval_{name}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        stem.with_suffix(".md").write_text(result["table"] + "\n")
+        save_figure(stem.with_suffix(".png"), panels, f"sinkstream eval {name}: {label}, {len(ids)} tokens")
+        sys.stdout.write(f"\n## eval {name}: {label}, {len(ids)} tokens\n\n{result['table']}\n")
+        for key, value in result.get("comparisons", {}).items():
+            sys.stdout.write(f"{key}: {value:.4f}\n")
+        for r in result["runs"]:
+            sys.stdout.write(f"{r['label']}: {r['targets']} targets, ppl {r['perplexity']:.3f}, "
+                             f"{r['ms_per_token']:.2f} ms/token\n")
+        sys.stdout.write(f"wrote {stem}.json, .md, .png\n")
+    return 0

@@ -1,0 +1,87 @@
+"""Small PNG charts for `sinkstream eval` and `sinkstream bench` (matplotlib, Agg backend, no display needed).
+
+Callers describe each chart as one or more `Panel`s of named series; `save_figure` lays them out side by side
+and writes a compact PNG (about 30–80 KB). Nothing here knows about models or caches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = tuple[Sequence[float], Sequence[float]]
+
+
+@dataclass
+class Panel:
+    """One axes: `series` maps a legend label to (x, y); NaN/None points are skipped."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: Mapping[str, Series]
+    logx: bool = False
+    logy: bool = False
+    # Vertical reference lines: label -> x.
+    vlines: Mapping[str, float] = field(default_factory=dict)
+    # Horizontal reference lines: label -> y.
+    hlines: Mapping[str, float] = field(default_factory=dict)
+    markers: bool = True
+    # Categorical x axis: tick labels in order (x values are then positions 0..n-1).
+    xticks: Sequence[str] | None = None
+
+
+def _clean(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and not math.isnan(float(b))]
+    return [float(a) for a, _ in pairs], [float(b) for _, b in pairs]
+
+
+def _draw(ax, panel: Panel) -> None:
+    for label, (x, y) in panel.series.items():
+        xs, ys = _clean(x, y)
+        if not xs:
+            continue
+        style = {"marker": "o", "markersize": 3.5} if panel.markers else {}
+        ax.plot(xs, ys, label=label, linewidth=1.4, **style)
+    for k, (label, x) in enumerate(panel.vlines.items()):
+        ax.axvline(x, linestyle="--", linewidth=0.9, color=f"C{7 + k % 3}", label=label)
+    for k, (label, y) in enumerate(panel.hlines.items()):
+        ax.axhline(y, linestyle=":", linewidth=0.9, color=f"C{7 + k % 3}", label=label)
+    if panel.logx:
+        ax.set_xscale("log", base=2)
+    if panel.logy:
+        ax.set_yscale("log")
+    if panel.xticks is not None:
+        ax.set_xticks(range(len(panel.xticks)), list(panel.xticks))
+    ax.set_title(panel.title, fontsize=10)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, alpha=0.3)
+    if panel.series or panel.vlines or panel.hlines:
+        ax.legend(fontsize=7.5)
+
+
+def save_figure(path: Path, panels: Sequence[Panel], title: str = "") -> Path:
+    """Draw `panels` side by side into a PNG at `path` (parent folders are created); return the path."""
+    if not panels:
+        raise ValueError("expected at least one panel, got none")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.8), squeeze=False)
+    try:
+        for ax, panel in zip(axes[0], panels):
+            _draw(ax, panel)
+        if title:
+            fig.suptitle(title, fontsize=10.5)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
+    return path
