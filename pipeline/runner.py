@@ -67,6 +67,8 @@ class Service:
         self.residency = Residency(settings.service.max_resident_streams)
         self.health = metrics.Health(stall_after_s=settings.kafka.max_poll_interval_ms / 1000.0)
         self.stop_requested = False
+        # Records and tokens handled, with the monotonic times of the first and the last (for throughput).
+        self.progress: dict[str, float] = {"records": 0, "tokens": 0, "first": 0.0, "last": 0.0}
         self.source = KafkaSource.from_settings(
             settings.kafka, bootstrap_servers=bootstrap, on_assign=self._assign, on_revoke=self._revoke,
             on_lost=self._lost,
@@ -139,7 +141,7 @@ class Service:
         part = self.parts.get((record.topic, record.partition))
         if part is None or part.fenced:
             return
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.monotonic()
         for key, annotation in part.process(record):
             self.sink.send(
                 self.settings.kafka.output_topic, key.encode(), encode(annotation),
@@ -148,8 +150,12 @@ class Service:
             metrics.ANNOTATIONS.labels(annotation["kind"]).inc()
             if annotation["kind"] == "score":
                 metrics.TOKENS.inc(annotation["score"]["tokens"])
+                self.progress["tokens"] += annotation["score"]["tokens"]
                 metrics.ANOMALIES.inc(sum(1 for line in annotation["score"]["lines"] if line["anomaly"]))
         metrics.RECORDS.inc()
+        self.progress["first"] = self.progress["first"] or began
+        self.progress["last"] = time.monotonic()
+        self.progress["records"] += 1
         metrics.RESIDENT.set(sum(len(p.sessions) for p in self.parts.values()))
         metrics.STEP_SECONDS.observe(time.perf_counter() - start)
 
