@@ -62,6 +62,8 @@ def sink_attention(
     group = heads // kv_heads
     if scaling is None:
         scaling = dim**-0.5
+    if chunk == 1 and sink_plan.mask is None and not kwargs.get("softcap"):
+        return _decode(query, key, value, scaling, sink_plan, group > 1), None
     # Grouped-query attention without repeating keys: fold the query group into the row axis.
     q = query.reshape(batch, kv_heads, group * chunk, dim)  # (B, Hkv, G*C, D)
     scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, G*C, L)
@@ -81,6 +83,25 @@ def sink_attention(
     out = torch.matmul(probs, value)  # (B, Hkv, G*C, D)
     out = out.view(batch, heads, chunk, dim).transpose(1, 2).contiguous()  # (B, C, H, D)
     return out, None
+
+
+def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.Tensor:
+    """One query over the whole buffer: a single fused SDPA call.
+
+    With one query, rotating the query forward by d for the sink part equals rotating the S sink keys back
+    by d (rotations are orthogonal), so the sink keys are moved in place for the call and restored right
+    after. The buffer is left exactly as it was; nothing else reads it in between.
+    """
+    n = plan.sink_cols if plan.sink_cos is not None else 0
+    saved = key[:, :, :n].clone() if n else None
+    if n:
+        key[:, :, :n] = Rotation.apply(saved, plan.sink_cos, -plan.sink_sin)
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
+    finally:
+        if n:
+            key[:, :, :n] = saved
+    return out.transpose(1, 2).contiguous()  # (B, 1, H, D)
 
 
 def register_attention() -> None:

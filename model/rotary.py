@@ -43,6 +43,7 @@ class Rotation:
         probe = torch.zeros(1, dtype=torch.float32, device=self._device())
         cos, _ = self.module(probe, torch.zeros(1, 1, dtype=torch.long, device=probe.device))
         self.dims = cos.shape[-1]
+        self._memo: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _device(self) -> torch.device:
         buffers = list(self.module.buffers())
@@ -54,6 +55,16 @@ class Rotation:
         probe = torch.zeros(1, dtype=torch.float32, device=offsets.device)
         cos, sin = self.module(probe, offsets.view(1, -1))  # (1, N, rotary_dims)
         return cos[0].float() / self.scaling, sin[0].float() / self.scaling
+
+    def cos_sin_at(self, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, rotary_dims) of one integer offset, memoised (decode steps reuse a bounded set)."""
+        key = (offset, str(device))
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) > 65536:
+                self._memo.clear()
+            hit = self._memo[key] = self.cos_sin(torch.tensor([offset], device=device))
+        return hit
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

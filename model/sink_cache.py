@@ -188,12 +188,20 @@ class SinkCache(Cache):
         shift_cos = shift_sin = None
         if self.rope and base != self.base and keep:
             shift_cos, shift_sin = self.rotation.cos_sin(torch.tensor([self.base - base], device=device))
-        attention = self._attention_plan(t0, length, n_s, keep, positions, device) if self.exact else None
+        attention = self._attention_plan(t0, length, n_s, keep, positions, base, device) if self.exact else None
         self.plan = StepPlan(t0, length, n_s, keep, base, positions, shift_cos, shift_sin, attention)
         return self.plan
 
-    def _attention_plan(self, t0, length, n_s, keep, positions, device) -> AttentionPlan:
+    def _attention_plan(self, t0, length, n_s, keep, positions, base, device) -> AttentionPlan:
         S, W = self.sinks, self.window
+        if length == 1:  # decode: the trimmed buffer is exactly sinks + window, all visible
+            sink_cols = min(S, t0 + 1)
+            position = t0 if t0 < S else t0 - base  # what `positions` holds, without a device sync
+            delta = min(t0, S + W - 1) - position if (W is not None and self.rope) else 0
+            if sink_cols and delta:
+                cos, sin = self.rotation.cos_sin_at(delta, device)
+                return AttentionPlan(sink_cols, None, cos, sin)
+            return AttentionPlan(sink_cols, None, None, None)
         kidx = torch.cat(
             [torch.arange(n_s, device=device), torch.arange(t0 - keep, t0 + length, device=device)]
         )  # (L,) stream index of every buffer column
