@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import score_command
+from pipeline import anomaly_command, bench_command, demo_command, eval_command, run_command, score_command
 from pipeline.logs import configure_logging
 from pipeline.settings import sinkstream_home
 
@@ -54,23 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.set_defaults(func=_stack)
 
-    for extra in _optional_commands():
-        extra.add_parser(sub)
+    for command in (run_command, eval_command, bench_command, anomaly_command, demo_command):
+        command.add_parser(sub)
     return parser
-
-
-def _optional_commands() -> list:
-    """Subcommand modules of the service, the evaluation harness and the benchmarks."""
-    import importlib
-
-    mods = []
-    for name in ("pipeline.run_command", "pipeline.eval_command", "pipeline.bench_command", "pipeline.demo_command"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    return mods
 
 
 def main(argv: list[str] | None = None) -> int:

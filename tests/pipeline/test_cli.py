@@ -1,0 +1,45 @@
+"""Every subcommand explains itself with --help, and bad arguments fail with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+COMMANDS = ["score", "run", "eval", "bench", "anomaly", "demo", "stack", "model"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sinkstream {command}") and len(out) > 200
+
+
+def test_top_level_help_lists_every_command():
+    text = build_parser().format_help()
+    assert all(command in text for command in COMMANDS)
+    assert "Evicted text is gone" in text
+
+
+def test_score_rejects_an_unknown_policy(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "--ids", "x.json", "--policy", "lru", "--out", "-"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'lru'" in capsys.readouterr().err
+
+
+def test_score_rejects_ids_that_are_not_a_list_of_integers(tmp_path, capsys):
+    bad = tmp_path / "ids.json"
+    bad.write_text('{"ids": [1, 2]}')
+    with pytest.raises(SystemExit, match="expected a JSON list of integers, got dict"):
+        main(["score", "--ids", str(bad), "--policy", "sink", "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_unknown_model_is_refused_with_what_was_expected(tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="expected one of \\['smollm2-135m'\\], a directory containing config.json"):
+        main(["score", "--ids", str(ids), "--policy", "sink", "--model", "gpt-5", "--out", str(tmp_path / "o")])
