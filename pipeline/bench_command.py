@@ -53,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--streams", type=_ints, default=None, help="batch: stream counts (default 1,4,16)")
     p.add_argument("--memory-tokens", type=_ints, default=None, help="memory: checkpoints for --model (default 10000,100000)")
     p.add_argument("--tiny-tokens", type=_ints, default=None, help="memory: checkpoints for the tiny model (default 10000,100000,1000000)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.set_defaults(func=run)
@@ -131,7 +132,7 @@ def _batch(lm, args, note):
 
 
 def run(args: argparse.Namespace) -> int:
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
     args.out.mkdir(parents=True, exist_ok=True)
     info = benchmarks.machine(lm)

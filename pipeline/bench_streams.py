@@ -26,7 +26,7 @@ import torch
 from model.batch import step_many
 from model.loader import LoadedModel
 from model.stepper import SinkModel
-from pipeline.benchmarks import _Tokens, _vocab, filled_cache, median_time, tiny_model
+from pipeline.benchmarks import _Tokens, _vocab, filled_cache, interleaved, tiny_model
 
 TINY = "tiny"
 
@@ -131,11 +131,11 @@ def batch(
         reset()
         one_logits = torch.stack([runner.step(c, [int(t)])[0] for c, t in zip(caches, ids)])
         diff = float((batched_logits - one_logits).abs().max())
-        together = median_time(lambda: step_many(lm, caches, ids), steps, repeats, reset)
-        alone = median_time(lambda: [runner.step(c, [int(t)]) for c, t in zip(caches, ids)], steps, repeats, reset)
-        rows.append({"streams": size, "lengths": [s.seen for s in states], "batched_tokens_per_s": size / together["median_s"],
-                     "sequential_tokens_per_s": size / alone["median_s"], "speedup": alone["median_s"] / together["median_s"],
-                     "max_abs_logit_diff": diff})
+        t = interleaved(lambda: step_many(lm, caches, ids), lambda: [runner.step(c, [int(x)]) for c, x in zip(caches, ids)],
+                        steps, repeats, reset)
+        rows.append({"streams": size, "lengths": [s.seen for s in states], "batched_tokens_per_s": size / t["a_s"],
+                     "sequential_tokens_per_s": size / t["b_s"], "speedup": t["b_s"] / t["a_s"],
+                     "cpu_speedup": t["b_cpu_s"] / t["a_cpu_s"], "max_abs_logit_diff": diff})
     return {"benchmark": "batch", "sinks": sinks, "window": window, "steps": steps, "repeats": repeats, "rows": rows}
 
 

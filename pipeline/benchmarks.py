@@ -70,15 +70,33 @@ def median_time(fn: Callable[[], Any], steps: int, repeats: int, reset: Callable
     """Median over `repeats` of the mean seconds per call of `steps` calls of `fn` (`reset` runs untimed before each)."""
     if steps < 1 or repeats < 1:
         raise ValueError(f"expected steps >= 1 and repeats >= 1, got steps={steps}, repeats={repeats}")
-    per_repeat = []
+    per_repeat, cpu = [], []
     for _ in range(repeats):
         if reset is not None:
             reset()
+        cpu_start = time.process_time()
         start = time.perf_counter()
         for _ in range(steps):
             fn()
         per_repeat.append((time.perf_counter() - start) / steps)
-    return {"median_s": statistics.median(per_repeat), "repeats_s": per_repeat, "steps": steps}
+        cpu.append((time.process_time() - cpu_start) / steps)
+    # CPU seconds of this process (all its threads): less sensitive than wall time to other load on the machine.
+    return {"median_s": statistics.median(per_repeat), "repeats_s": per_repeat, "median_cpu_s": statistics.median(cpu),
+            "steps": steps}
+
+
+def interleaved(a: Callable[[], Any], b: Callable[[], Any], steps: int, repeats: int,
+                reset: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Time `a` and `b` alternately, one repeat of `steps` calls each at a time, so drift and other load on the
+    machine hit both alike. Returns medians over repeats of seconds per call: wall (`a_s`, `b_s`) and this
+    process's CPU time (`a_cpu_s`, `b_cpu_s`), plus the per-repeat wall times."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(median_time(a, steps, 1, reset))
+        tb.append(median_time(b, steps, 1, reset))
+    med = lambda ts, key: statistics.median(t[key] for t in ts)  # noqa: E731
+    return {"a_s": med(ta, "median_s"), "b_s": med(tb, "median_s"), "a_cpu_s": med(ta, "median_cpu_s"),
+            "b_cpu_s": med(tb, "median_cpu_s"), "a_repeats_s": [t["median_s"] for t in ta], "b_repeats_s": [t["median_s"] for t in tb]}
 
 
 class _Tokens:
@@ -145,6 +163,7 @@ def latency(
     runner, tokens = SinkModel(lm), _Tokens(_vocab(lm))
     ms: dict[str, dict[int, float]] = {p: {} for p in policies}
     raw: dict[str, dict[int, list[float]]] = {p: {} for p in policies}
+    cpu: dict[str, dict[int, float]] = {p: {} for p in policies}
     for size in sizes:
         for policy in policies:
             if progress:
@@ -167,12 +186,13 @@ def latency(
                 t = median_time(lambda c=cache: runner.step(c, one), steps, repeats, reset)
                 del cache, state
             ms[policy][size] = 1000.0 * t["median_s"]
+            cpu[policy][size] = 1000.0 * t["median_cpu_s"]
             raw[policy][size] = [1000.0 * x for x in t["repeats_s"]]
     speedup = {}
     if "sink" in ms and "recompute" in ms:
         speedup = {size: ms["recompute"][size] / ms["sink"][size] for size in sizes}
     return {"benchmark": "latency", "sizes": list(sizes), "sinks": sinks, "steps": steps, "repeats": repeats,
-            "ms_per_token": ms, "repeats_ms": raw, "speedup_sink_over_recompute": speedup, "paper_speedup": 22.2}
+            "ms_per_token": ms, "cpu_ms_per_token": cpu, "repeats_ms": raw, "speedup_sink_over_recompute": speedup, "paper_speedup": 22.2}
 
 
 def overhead(
@@ -193,13 +213,10 @@ def overhead(
         cache = filled_cache(runner, sinks, n - sinks, n + 64, tokens)
         dyn = DynamicDecoder(lm, tokens(n - 1))
         one = tokens(1)
-        sink_t, dyn_t = [], []
-        for _ in range(repeats):  # interleaved, so drift hits both alike
-            sink_t.append(median_time(lambda: runner.step(cache, one), steps, 1)["median_s"])
-            dyn_t.append(median_time(lambda: dyn.forward(one), steps, 1)["median_s"])
-        sink_ms, dyn_ms = 1000 * statistics.median(sink_t), 1000 * statistics.median(dyn_t)
-        rows.append({"keys": n, "sink_ms": sink_ms, "dynamic_ms": dyn_ms, "ratio": sink_ms / dyn_ms,
-                     "sink_repeats_ms": [1000 * x for x in sink_t], "dynamic_repeats_ms": [1000 * x for x in dyn_t]})
+        t = interleaved(lambda: runner.step(cache, one), lambda: dyn.forward(one), steps, repeats)
+        rows.append({"keys": n, "sink_ms": 1000 * t["a_s"], "dynamic_ms": 1000 * t["b_s"], "ratio": t["a_s"] / t["b_s"],
+                     "sink_cpu_ms": 1000 * t["a_cpu_s"], "dynamic_cpu_ms": 1000 * t["b_cpu_s"], "cpu_ratio": t["a_cpu_s"] / t["b_cpu_s"],
+                     "sink_repeats_ms": [1000 * x for x in t["a_repeats_s"]], "dynamic_repeats_ms": [1000 * x for x in t["b_repeats_s"]]})
         del cache, dyn
     return {"benchmark": "overhead", "sinks": sinks, "steps": steps, "repeats": repeats, "rows": rows, "goal_ratio_max": 1.05}
 
@@ -223,13 +240,9 @@ def ingest(
         forwards = max(2, min(32, 1024 // chunk))
         cache = filled_cache(runner, sinks, window, sinks + window + chunk, tokens, chunk=max(256, chunk))
         ids = tokens(chunk)
-        sink_t, raw_t = [], []
-        for _ in range(repeats):
-            sink_t.append(median_time(lambda: runner.step(cache, ids), forwards, 1)["median_s"])
-            raw_t.append(median_time(lambda: dyn.forward(ids), forwards, 1)["median_s"])
-        sink_tps, raw_tps = chunk / statistics.median(sink_t), chunk / statistics.median(raw_t)
-        rows.append({"chunk": chunk, "forwards": forwards, "sink_tokens_per_s": sink_tps, "raw_tokens_per_s": raw_tps,
-                     "ratio": sink_tps / raw_tps})
+        t = interleaved(lambda: runner.step(cache, ids), lambda: dyn.forward(ids), forwards, repeats)
+        rows.append({"chunk": chunk, "forwards": forwards, "sink_tokens_per_s": chunk / t["a_s"], "raw_tokens_per_s": chunk / t["b_s"],
+                     "ratio": t["b_s"] / t["a_s"], "cpu_ratio": t["b_cpu_s"] / t["a_cpu_s"]})
         del cache
     return {"benchmark": "ingest", "sinks": sinks, "window": window, "span": span + 1, "repeats": repeats,
             "rows": rows, "goal_ratio_min": 0.9}

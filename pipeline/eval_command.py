@@ -21,6 +21,8 @@ EXPERIMENTS = ("length", "sinks", "cache")
 # Default and --quick token caps per experiment (0 = the whole text).
 MAX_TOKENS = {"length": 32768, "sinks": 16384, "cache": 16384}
 QUICK_TOKENS = {"length": 8192, "sinks": 4096, "cache": 4096}
+# Tokens the recompute baseline forwards in total when --stride is left at 0 (about 6 min on one core).
+RECOMPUTE_BUDGET = 100_000
 
 
 def _ints(text: str) -> list[int]:
@@ -51,13 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=1020, help="length: recent tokens W of StreamingLLM (default 1020)")
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward pass of the streaming policies (default 256)")
     p.add_argument("--stride", type=int, default=0, help="recompute every k-th target (default 0: auto from --recompute-budget)")
-    p.add_argument("--recompute-budget", type=int, default=200_000, help="auto stride: tokens re-computed in total (default 200000)")
+    p.add_argument("--recompute-budget", type=int, default=RECOMPUTE_BUDGET, help=f"auto stride: tokens re-computed in total (default {RECOMPUTE_BUDGET})")
     p.add_argument("--runs", default=",".join(ev.RUNS), help=f"length: comma-separated subset of {','.join(ev.RUNS)}")
     p.add_argument("--segment", type=int, default=512, help="tokens per perplexity segment (default 512)")
     p.add_argument("--cache", type=int, default=2048, help="sinks: total cache size C (default 2048, as in Table 2)")
     p.add_argument("--sink-counts", type=_ints, default=[0, 1, 2, 4, 8], help="sinks: sink counts (default 0,1,2,4,8)")
     p.add_argument("--cache-sizes", type=_ints, default=[256, 512, 1024, 2048], help="cache: sizes (default 256,512,1024,2048)")
-    p.add_argument("--quick", action="store_true", help=f"small preset: tokens {QUICK_TOKENS}, recompute budget 50000, sinks cache 1024")
+    p.add_argument("--quick", action="store_true", help=f"small preset: tokens {QUICK_TOKENS}, recompute budget 25000, sinks cache 1024")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--out", type=Path, default=Path("out/eval"), help="output folder (default out/eval)")
@@ -108,7 +111,7 @@ def _curves(result: dict[str, Any], key_names: dict[str, str], widen: dict[str, 
 
 def _length(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
     runs = [r for r in args.runs.split(",") if r]
-    budget = 50_000 if args.quick and args.recompute_budget == 200_000 else args.recompute_budget
+    budget = 25_000 if args.quick and args.recompute_budget == RECOMPUTE_BUDGET else args.recompute_budget
     result = ev.length_experiment(lm, ids, args.sinks, args.window, args.chunk, args.stride, args.segment, runs, budget)
     names = {r["name"]: r["label"] for r in result["runs"]}
     widen = {ev.RECOMPUTE: max(1, math.ceil(16 * result["stride"] / args.segment))}
@@ -145,7 +148,7 @@ def _cache(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     all_ids, source = read_ids(args, lm.tokenizer)
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
         result, panels = {"length": _length, "sinks": _sinks, "cache": _cache}[name](lm, ids, args, label)
         result.update(model=args.model, text=source, text_tokens=len(all_ids), quick=args.quick, machine=machine(lm))
         stem = args.out / f"eval_{name}"
+        nll = result.pop("nll", None)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        if nll is not None:  # per-token NLLs for later analysis, kept out of the summary file
+            (args.out / f"eval_{name}_nll.json").write_text(json.dumps(nll))
         stem.with_suffix(".md").write_text(result["table"] + "\n")
         save_figure(stem.with_suffix(".png"), panels, f"sinkstream eval {name}: {label}, {len(ids)} tokens")
         sys.stdout.write(f"\n## eval {name}: {label}, {len(ids)} tokens\n\n{result['table']}\n")

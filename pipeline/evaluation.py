@@ -183,7 +183,7 @@ def length_experiment(
     stride: int = 0,
     segment: int = 512,
     runs: Sequence[str] = RUNS,
-    recompute_budget: int = 200_000,
+    recompute_budget: int = 100_000,
     newline: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -205,16 +205,17 @@ def length_experiment(
     # Dense scores the targets inside the model's positions: the first `limit` tokens hold `limit - 1` targets.
     ranges = [(f"first {limit} tokens", limit - 1)] if limit and limit - 1 < total else []
     ranges.append((f"all {len(ids)} tokens", total))
+    by_name = {s.name: s for s in scored}
+    # With a strided re-computation, also compare every run on exactly the targets re-computation scored.
+    matched = set(by_name[RECOMPUTE].indices) if RECOMPUTE in by_name and stride > 1 else None
     header = ["Text", *[s.label for s in scored]]
     rows = []
-    for title, hi in ranges:
-        lo = 0
+    for title, hi, only in [(t, h, None) for t, h in ranges] + ([(f"{ranges[-1][0]}, every {stride}th target", total, matched)] if matched else []):
         cells: list[Any] = [title]
         for s in scored:
             covered = s.indices and s.indices[-1] >= hi - max(s.stride, 1)
-            cells.append(s.perplexity(lo, hi) if covered else None)
+            cells.append(s.perplexity(0, hi, only) if covered else None)
         rows.append(cells)
-    by_name = {s.name: s for s in scored}
     comparisons = _comparisons(by_name)
     return {
         "experiment": "length",
@@ -230,6 +231,7 @@ def length_experiment(
         "segments": {s.name: segments(s.indices, s.nlls, segment, total) for s in scored},
         "comparisons": comparisons,
         "table": markdown_table(header, rows),
+        "nll": {s.name: {"indices": s.indices, "nlls": s.nlls} for s in scored},
     }
 
 

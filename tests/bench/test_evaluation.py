@@ -87,7 +87,7 @@ def test_length_experiment_tables_and_comparisons(tiny_lm):
     r = ev.length_experiment(lm, ids, S, W, chunk=64, stride=7, segment=100, newline=3, progress=False)
     assert [x["name"] for x in r["runs"]] == list(ev.RUNS)
     lines = r["table"].splitlines()
-    assert len(lines) == 4  # header, rule, first 512 tokens (dense fits), all 600 tokens (dense does not)
+    assert len(lines) == 5  # header, rule, first 512 tokens (dense fits), all 600 tokens (dense does not), matched
     assert all(line.count("|") == len(ev.RUNS) + 2 for line in lines)
     assert lines[2].startswith("| first 512 tokens |") and lines[3].startswith("| all 600 tokens | — |")
     for name, segs in r["segments"].items():
@@ -100,6 +100,10 @@ def test_length_experiment_tables_and_comparisons(tiny_lm):
     c = r["comparisons"]
     assert c["sink_on_recompute_targets"] == pytest.approx(math.exp(sum(matched) / len(matched)), rel=1e-4)
     assert c["sink_over_recompute"] == pytest.approx(c["sink_on_recompute_targets"] / c["recompute"])
+    matched_row = [cell.strip() for cell in lines[4].split("|")[1:-1]]
+    assert matched_row[0] == "all 600 tokens, every 7th target" and matched_row[1] == "—"
+    assert matched_row[3] == f"{c['sink_on_recompute_targets']:.2f}" and matched_row[5] == f"{c['recompute']:.2f}"
+    assert r["nll"]["sink"]["indices"] == list(range(599))
     run = {x["name"]: x for x in r["runs"]}
     assert c["window_over_sink"] == pytest.approx(run["window"]["perplexity"] / run["sink"]["perplexity"])
 
