@@ -19,7 +19,7 @@ from model.loader import DEFAULT_MODEL, load_model
 from pipeline import bench_streams, benchmarks
 from pipeline.plots import Panel, save_figure
 
-BENCHES = ("latency", "overhead", "ingest", "memory", "batch")
+BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service")
 
 
 def _ints(text: str) -> list[int]:
@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "latency: per-token decode latency vs cache size for sink/window/dense/recompute (paper Fig. 10). "
             "overhead: sink decode step vs DynamicCache over the same keys. ingest: chunked tokens/s vs a raw "
             "forward at the same span. memory: peak RSS after N streamed tokens (subprocess). batch: B streams "
-            "in one forward vs one by one. Writes bench_<name>.json/.png under --out."
+            "in one forward vs one by one. service: end-to-end tokens/s through the embedded broker and Redis vs "
+            "model-only, and the cost of checkpointing one full stream. Writes bench_<name>.json/.png under --out."
         ),
     )
     p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "all"], default="all")
@@ -108,7 +109,8 @@ def _memory(lm, args, note):
     runs = {}
     for model, cps in ((args.model, real_cp), (bench_streams.TINY, tiny_cp)):
         with tqdm(total=max(cps), desc=f"memory {model}", unit="tok", file=sys.stderr) as bar:
-            runs[model] = bench_streams.memory(model, cps, args.sinks, args.window, progress=lambda rd, bar=bar: bar.update(rd["tokens"] - bar.n))
+            runs[model] = bench_streams.memory(model, cps, args.sinks, args.window, threads=args.threads,
+                                               progress=lambda rd, bar=bar: bar.update(rd["tokens"] - bar.n))
     r = {"benchmark": "memory", "runs": runs, "goal_ratio_max": 1.02}
     panels = [Panel(f"RSS while streaming ({args.sinks}+{args.window} cache)", "tokens streamed", "MiB",
                     {f"{m} peak": ([x["tokens"] for x in v["readings"][1:]], [x["peak_rss_mb"] for x in v["readings"][1:]]) for m, v in runs.items()}
@@ -131,6 +133,22 @@ def _batch(lm, args, note):
     return r, panels, lines
 
 
+def _service(lm, args, note):
+    from pipeline.bench_service import bench_service, plot_service
+
+    note("service")
+    values = {"cache": {"sinks": args.sinks, "window": args.window}, "model": {"name": args.model}}
+    r = bench_service(lm, values, quick=args.quick)
+    cp = r["checkpoint"]
+    lines = [
+        f"model only {r['model_only']['tokens_per_s']:.0f} tok/s, session {r['session']['tokens_per_s']:.0f} tok/s, "
+        f"end to end {r['end_to_end']['tokens_per_s']:.0f} tok/s: {r['ratio_end_to_end_vs_model_only']:.2f}x of model-only (goal >= 0.9x)",
+        f"checkpoint of one stream ({cp['tokens_in_cache']} tokens, {cp['bytes'] / 1e6:.1f} MB): snapshot {cp['snapshot_ms']:.0f} ms + "
+        f"Redis {cp['redis_write_ms']:.0f} ms = {cp['checkpoint_ms']:.0f} ms (goal < 150 ms); restore {cp['restore_ms']:.0f} ms",
+    ]
+    return r, lambda path: plot_service(r, path), lines
+
+
 def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
@@ -147,7 +165,10 @@ def run(args: argparse.Namespace) -> int:
                                   "seconds": time.perf_counter() - started}
         path = args.out / f"bench_{name}.json"
         path.write_text(json.dumps(result, indent=1))
-        save_figure(path.with_suffix(".png"), panels, f"sinkstream bench {name}: {args.model}, {info['cpu']}, {info['torch_threads']} threads")
+        if callable(panels):  # a benchmark with its own figure
+            panels(path.with_suffix(".png"))
+        else:
+            save_figure(path.with_suffix(".png"), panels, f"sinkstream bench {name}: {args.model}, {info['cpu']}, {info['torch_threads']} threads")
         sys.stdout.write(f"\n## bench {name} ({result['seconds']:.0f} s)\n" + "\n".join(lines) + f"\nwrote {path} and .png\n")
         sys.stdout.flush()
     return 0

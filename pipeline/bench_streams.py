@@ -65,12 +65,14 @@ def memory(
     chunk: int = 256,
     timeout_s: float = 1800.0,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Run the memory worker for `model` (a load_model name, or "tiny") in a subprocess; return its readings."""
     if not checkpoints or min(checkpoints) < 1:
         raise ValueError(f"expected positive checkpoints, got {list(checkpoints)}")
     cmd = [sys.executable, "-m", "pipeline.bench_streams", "--model", model, "--sinks", str(sinks),
-           "--window", str(window), "--chunk", str(chunk), "--checkpoints", ",".join(map(str, checkpoints))]
+           "--window", str(window), "--chunk", str(chunk), "--checkpoints", ",".join(map(str, checkpoints)),
+           "--threads", str(threads)]
     readings: list[dict[str, Any]] = []
     with tempfile.TemporaryFile("w+") as stderr, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
         watchdog = threading.Timer(timeout_s, proc.kill)  # a stuck worker must not hang the bench
@@ -91,7 +93,7 @@ def memory(
         raise RuntimeError(f"memory worker {cmd} exited {proc.returncode} with {len(readings)} readings "
                            f"(expected {len(checkpoints) + 1}); stderr tail:\n{err[-2000:]}")
     first, last = readings[1], readings[-1]
-    return {"model": model, "sinks": sinks, "window": window, "chunk": chunk, "readings": readings,
+    return {"model": model, "threads": threads, "sinks": sinks, "window": window, "chunk": chunk, "readings": readings,
             "peak_ratio_last_over_first": last["peak_rss_mb"] / first["peak_rss_mb"],
             "rss_ratio_last_over_first": last["rss_mb"] / first["rss_mb"], "goal_ratio_max": 1.02}
 
@@ -147,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=1020)
     p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.model == TINY:
         lm = tiny_model()
     else:

@@ -91,60 +91,84 @@ def _cap(ids: list[int], args: argparse.Namespace, experiment: str) -> list[int]
     return ids[:limit] if limit else ids
 
 
-def _curves(result: dict[str, Any], key_names: dict[str, str], widen: dict[str, int] | None = None) -> dict[str, tuple]:
-    """Per-segment log-perplexity curves; a run named in `widen` is re-bucketed into wider segments."""
+def _curves(result: dict[str, Any], key_names: dict[str, str]) -> dict[str, tuple]:
+    """Per-segment log-perplexity curves (x = segment end, y = mean NLL) of the named runs."""
     curves = {}
     for key, label in key_names.items():
         segs = result["segments"][key]
-        factor = (widen or {}).get(key, 1)
-        if factor > 1:  # merge `factor` segments: a strided run has few targets per segment
-            merged = []
-            for k in range(0, len(segs), factor):
-                group = segs[k : k + factor]
-                n = sum(s["targets"] for s in group)
-                total = sum(s["mean_nll"] * s["targets"] for s in group if s["targets"])
-                merged.append({"end": group[-1]["end"], "mean_nll": total / n if n else float("nan")})
-            segs = merged
         curves[label] = ([s["end"] for s in segs], [s["mean_nll"] for s in segs])
     return curves
+
+
+def _matched_curves(result: dict[str, Any], width: int) -> dict[str, tuple]:
+    """Recompute and every streaming run on recompute's own (strided) targets, in `width`-token buckets."""
+    nll, total = result["nll"], result["tokens"] - 1
+    targets = nll[ev.RECOMPUTE]["indices"]
+    curves = {}
+    for name in (ev.RECOMPUTE, ev.SINK, ev.WINDOW):
+        if name not in nll:
+            continue
+        by_index = dict(zip(nll[name]["indices"], nll[name]["nlls"]))
+        segs = ev.segments(targets, [by_index[i] for i in targets], width, total)
+        label = next(r["label"] for r in result["runs"] if r["name"] == name)
+        curves[label] = ([s["end"] for s in segs], [s["mean_nll"] for s in segs])
+    return curves
+
+
+def length_panels(result: dict[str, Any]) -> list[Panel]:
+    """Figure 3: per-segment log PPL of the streaming runs; recompute vs the others on recompute's targets."""
+    segment = result["segment"]
+    streaming = {r["name"]: r["label"] for r in result["runs"] if r["name"] != ev.RECOMPUTE}
+    vlines = {f"cache {result['cache']}": result["cache"]}
+    if result["model_positions"] and result["model_positions"] < result["tokens"]:
+        vlines[f"model positions {result['model_positions']}"] = result["model_positions"]
+    panels = [Panel(f"log perplexity per {segment} tokens", "tokens", "log PPL (mean NLL, nats)",
+                    _curves(result, streaming), vlines=vlines, markers=False)]
+    if ev.RECOMPUTE in result["nll"]:
+        # A strided run has few targets per segment: compare it with the others on its own targets, wider buckets.
+        width = segment * max(1, math.ceil(32 * result["stride"] / segment))
+        panels.append(Panel(f"on recompute's targets (every {result['stride']}th), per {width} tokens", "tokens",
+                            "log PPL (mean NLL, nats)", _matched_curves(result, width), vlines=vlines))
+    return panels
+
+
+def sinks_panels(result: dict[str, Any], label: str) -> list[Panel]:
+    """Table 2 as a plot: per-segment log PPL per sink count, and perplexity vs sink count."""
+    configs = [r["config"] for r in result["runs"]]
+    ppl = [r["perplexity"] for r in result["runs"]]
+    return [
+        Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}), markers=False),
+        Panel(f"cache {result['cache']}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
+              logy=True, xticks=configs),
+    ]
+
+
+def cache_panels(result: dict[str, Any], label: str) -> list[Panel]:
+    """Table 6 as a plot: per-segment log PPL per cache size, and perplexity vs cache size."""
+    configs = [r["config"] for r in result["runs"]]
+    ppl = [r["perplexity"] for r in result["runs"]]
+    return [
+        Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}), markers=False),
+        Panel("perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (result["sizes"], ppl)}, logx=True),
+    ]
 
 
 def _length(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
     runs = [r for r in args.runs.split(",") if r]
     budget = 25_000 if args.quick and args.recompute_budget == RECOMPUTE_BUDGET else args.recompute_budget
     result = ev.length_experiment(lm, ids, args.sinks, args.window, args.chunk, args.stride, args.segment, runs, budget)
-    names = {r["name"]: r["label"] for r in result["runs"]}
-    widen = {ev.RECOMPUTE: max(1, math.ceil(16 * result["stride"] / args.segment))}
-    vlines = {f"cache {result['cache']}": result["cache"]}
-    if result["model_positions"] and result["model_positions"] < len(ids):
-        vlines[f"model positions {result['model_positions']}"] = result["model_positions"]
-    panel = Panel(f"{label}: log perplexity per {args.segment} tokens", "tokens", "log PPL (mean NLL, nats)",
-                  _curves(result, names, widen), vlines=vlines, markers=False)
-    return result, [panel]
+    return result, length_panels(result)
 
 
 def _sinks(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
     cache = 1024 if args.quick and args.cache == 2048 else args.cache
     result = ev.sinks_ablation(lm, ids, cache, args.sink_counts, args.chunk, args.segment, label)
-    configs = [r["config"] for r in result["runs"]]
-    curves = _curves(result, {c: c for c in configs})
-    ppl = [r["perplexity"] for r in result["runs"]]
-    return result, [
-        Panel(f"log perplexity per {args.segment} tokens", "tokens", "log PPL", curves, markers=False),
-        Panel(f"cache {cache}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
-              logy=True, xticks=configs),
-    ]
+    return result, sinks_panels(result, label)
 
 
 def _cache(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
     result = ev.cache_ablation(lm, ids, args.cache_sizes, args.sinks, args.chunk, args.segment, label)
-    configs = [r["config"] for r in result["runs"]]
-    curves = _curves(result, {c: c for c in configs})
-    ppl = [r["perplexity"] for r in result["runs"]]
-    return result, [
-        Panel(f"log perplexity per {args.segment} tokens", "tokens", "log PPL", curves, markers=False),
-        Panel("perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (args.cache_sizes, ppl)}, logx=True),
-    ]
+    return result, cache_panels(result, label)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -281,9 +281,11 @@ def sinks_ablation(
         "tokens": len(ids),
         "cache": cache,
         "counts": list(counts),
+        "segment": segment,
         "runs": [s.summary() for s in scored],
         "segments": {s.config: segments(s.indices, s.nlls, segment, total) for s in scored},
         "table": markdown_table(header, rows),
+        "nll": {s.config: {"indices": s.indices, "nlls": s.nlls} for s in scored},
     }
 
 
@@ -308,7 +310,9 @@ def cache_ablation(
         "tokens": len(ids),
         "sinks": sinks,
         "sizes": list(sizes),
+        "segment": segment,
         "runs": [s.summary() for s in scored],
         "segments": {s.config: segments(s.indices, s.nlls, segment, total) for s in scored},
         "table": markdown_table(header, rows),
+        "nll": {s.config: {"indices": s.indices, "nlls": s.nlls} for s in scored},
     }

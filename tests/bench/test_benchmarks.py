@@ -69,13 +69,14 @@ def test_stream_memory_reports_each_checkpoint(tiny_lm):
     assert all(x["peak_rss_mb"] >= x["rss_mb"] * 0.5 > 0 for x in readings)
 
 
-def test_memory_worker_subprocess():
-    r = bench_streams.memory(bench_streams.TINY, [300, 600], sinks=4, window=60, chunk=64, timeout_s=120)
+def test_memory_worker_subprocess(monkeypatch):
+    r = bench_streams.memory(bench_streams.TINY, [300, 600], sinks=4, window=60, chunk=64, timeout_s=120, threads=1)
     assert [x["tokens"] for x in r["readings"]] == [0, 300, 600]
     first, last = r["readings"][1], r["readings"][2]
     assert r["peak_ratio_last_over_first"] == last["peak_rss_mb"] / first["peak_rss_mb"]
+    monkeypatch.setattr(bench_streams.sys, "executable", "false")  # a worker that dies at once
     with pytest.raises(RuntimeError, match="memory worker"):
-        bench_streams.memory("/nonexistent/model", [10], timeout_s=120)
+        bench_streams.memory(bench_streams.TINY, [10], timeout_s=120)
 
 
 def test_machine_description():

@@ -68,12 +68,25 @@ def test_bench_cli_writes_json_and_plot(tiny_cli, tmp_path, capsys, name, args):
     assert f"## bench {name}" in capsys.readouterr().out
 
 
-def test_bench_memory_cli(tiny_cli, tmp_path, capsys):
+def test_bench_memory_cli(tiny_cli, tmp_path, capsys, monkeypatch):
+    """The CLI around the memory worker (the worker itself runs in test_benchmarks): in-process here."""
+    from pipeline import bench_streams
+
+    def in_process(model, checkpoints, sinks, window, threads=0, progress=None, **_):
+        readings = []
+        bench_streams.stream_memory(tiny_cli, checkpoints, sinks, window, 64, readings.append)
+        for reading in readings:
+            progress(reading)
+        return {"model": model, "readings": readings,
+                "peak_ratio_last_over_first": readings[-1]["peak_rss_mb"] / readings[1]["peak_rss_mb"]}
+
+    monkeypatch.setattr(bench_streams, "memory", in_process)
     out = tmp_path / "bench"
-    code = main(["bench", "memory", "--model", "tiny", "--window", "60", "--memory-tokens", "200",
-                 "--tiny-tokens", "200,500", "--out", str(out)])
+    code = main(["bench", "memory", "--model", "some-model", "--window", "60", "--memory-tokens", "200",
+                 "--tiny-tokens", "200,500", "--threads", "1", "--out", str(out)])
     assert code == 0
     result = json.loads((out / "bench_memory.json").read_text())
+    assert [x["tokens"] for x in result["runs"]["some-model"]["readings"]] == [0, 200]
     assert [x["tokens"] for x in result["runs"]["tiny"]["readings"]] == [0, 200, 500]
     _png_ok(out / "bench_memory.png")
     assert "peak ratio last/first" in capsys.readouterr().out
