@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from model.loader import load_model
 from pipeline import anomaly_report as ar
-from pipeline.plots import Panel, save_figure
 from pipeline.session import Engine
 from pipeline.settings import Settings, load_settings
 
@@ -46,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="override model.name of the settings")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: model.threads of the settings; 1 is much faster on a busy CPU)")
+    p.add_argument("--from-report", type=Path, default=None,
+                   help="re-render tables and PNG from a saved anomaly_<labels>.json (metrics recomputed, no model)")
     p.add_argument("--out", type=Path, default=Path("out/anomaly"), help="output folder (default out/anomaly)")
     p.set_defaults(func=run)
 
@@ -69,6 +70,21 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: expected --max-lines >= 0, --lines-per-record >= 1 and --threads >= 0, "
                          f"got {args.max_lines}, {args.lines_per_record} and {args.threads}\n")
         return 2
+    if args.from_report is not None:
+        report = ar.rescore_report(json.loads(args.from_report.read_text()))
+    else:
+        report = _measure(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"anomaly_{report['labels_format']}.json"
+    json_path.write_text(json.dumps(report, indent=1, allow_nan=False))
+    png_path = save_png(report, args.out / f"anomaly_{report['labels_format']}.png")
+    sys.stdout.write(markdown(report))
+    sys.stdout.write(f"\nwrote {json_path} and {png_path}\n")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model, stream the log once per normalisation setting, and build the report."""
     log_path = args.log
     if log_path is None:
         from pipeline.datasets import loghub_dir
@@ -89,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "labels_format": args.labels,
         "model": {"name": first.model.name, "fingerprint": lm.fingerprint, "device": str(lm.device),
-                  "threads": torch.get_num_threads(),
-                  "dtype": str(lm.dtype).removeprefix("torch.")},
+                  "threads": torch.get_num_threads(), "dtype": str(lm.dtype).removeprefix("torch.")},
         "cache": first.cache.model_dump(),
         "score": {"anomaly_z": sc.anomaly_z, "warmup_lines": sc.warmup_lines, "top_tokens": max(sc.top_tokens, 1)},
         "lines_per_record": args.lines_per_record,
@@ -99,13 +114,7 @@ def run(args: argparse.Namespace) -> int:
     report = ar.build_report(log_path, labelled, ar.baseline_scores(lines, lm.tokenizer), passes, meta,
                              sc.warmup_lines)
     report["total_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"anomaly_{args.labels}.json"
-    json_path.write_text(json.dumps(report, indent=1))
-    png_path = save_roc_png(report, args.out / f"anomaly_{args.labels}.png")
-    sys.stdout.write(markdown(report))
-    sys.stdout.write(f"\nwrote {json_path} and {png_path}\n")
-    return 0
+    return report
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -113,23 +122,27 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The ranking table (all lines, then after warm-up), flag counts and cost, as Markdown."""
-    ks = report["ks"]
+    """The ranking tables (all lines, after warm-up, incident onsets), flag counts and cost, as Markdown."""
+    warmup = report["score"]["warmup_lines"]
+    titles = {
+        "all": "all lines",
+        "after_warmup": f"lines after warm-up (line_no >= {warmup})",
+        "onsets": "incident onsets (first line of each run of anomalous lines vs all normal lines)",
+    }
     out: list[str] = []
-    for subset, title in (("all", "all lines"), ("after_warmup", f"lines after warm-up (line_no >= "
-                                                                 f"{report['score']['warmup_lines']})")):
+    for subset in ar.SUBSETS:
         rows = [r for r in report["metrics"] if r["subset"] == subset]
         if not rows:
             continue
-        out.append(f"\n**Ranking, {title}: {rows[0]['lines']} lines, {rows[0]['anomalies']} anomalous**\n")
+        ks = list(rows[0]["p_at"])
+        out.append(f"\n**Ranking, {titles[subset]}: {rows[0]['lines']} lines, {rows[0]['anomalies']} anomalous**\n")
         out.append("| ranker | normalize | ROC-AUC | AP | " + " | ".join(f"P@{k}" for k in ks) + " |")
         out.append("|---|---|---|---|" + "---|" * len(ks))
         for r in rows:
-            p_at = " | ".join(_fmt(r["p_at"].get(str(k))) for k in ks)
+            p_at = " | ".join(_fmt(r["p_at"][k]) for k in ks)
             out.append(f"| {ar.RANKER_TITLES[r['ranker']]} | {r['normalize']} | {_fmt(r['auc'])} | "
                        f"{_fmt(r['ap'])} | {p_at} |")
-    out.append(f"\n**Service flag (z > {report['score']['anomaly_z']}, after {report['score']['warmup_lines']} "
-               f"warm-up lines)**\n")
+    out.append(f"\n**Service flag (z > {report['score']['anomaly_z']}, after {warmup} warm-up lines)**\n")
     out.append("| normalize | flagged | TP | FP | FN | TN | precision | recall | tokens | time (s) | tokens/s |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for norm, p in report["passes"].items():
@@ -140,20 +153,53 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def save_roc_png(report: dict[str, Any], path: Path) -> Path:
-    """ROC curves of every ranker on all lines: one panel per normalisation setting (baselines in each)."""
+def save_png(report: dict[str, Any], path: Path) -> Path:
+    """ROC curves on all lines, one panel per normalisation setting, then mean NLL along the stream."""
+    from pipeline.plots import plt  # matplotlib with the Agg backend, imported only when drawing
+
     labels = report["columns"]["label"]
     auc = {(r["ranker"], r["normalize"]): r["auc"] for r in report["metrics"] if r["subset"] == "all"}
-    panels = []
-    for norm, p in report["passes"].items():
-        series: dict[str, tuple[list[float], list[float]]] = {}
-        for name in (*ar.BASELINES, *ar.LM_RANKERS):
-            key = (name, "-") if name in ar.BASELINES else (name, norm)
-            scores = report["columns"][name] if name in ar.BASELINES else p["columns"][name]
-            series[f"{ar.RANKER_TITLES[name]} ({auc[key]:.2f})"] = ar.roc_curve(scores, labels)
-        series["chance (0.50)"] = ([0.0, 1.0], [0.0, 1.0])
-        panels.append(Panel(f"normalize {norm}", "false positive rate", "true positive rate", series,
-                            markers=False))
-    title = (f"{Path(report['log']).name}: {report['lines']} lines, {report['anomalies']} anomalous; "
-             f"{report['model']['name']}, sinks {report['cache']['sinks']} + window {report['cache']['window']}")
-    return save_figure(path, panels, title)
+    passes = report["passes"]
+    fig, axes = plt.subplots(1, len(passes) + 1, figsize=(5.2 * (len(passes) + 1), 4.0), squeeze=False)
+    try:
+        for ax, (norm, p) in zip(axes[0], passes.items()):
+            for name in (*ar.BASELINES, *ar.LM_RANKERS):
+                key = (name, "-") if name in ar.BASELINES else (name, norm)
+                scores = report["columns"][name] if name in ar.BASELINES else p["columns"][name]
+                fpr, tpr = ar.roc_curve(scores, labels)
+                style = "--" if name in ar.BASELINES else "-"
+                ax.plot(fpr, tpr, style, linewidth=1.3, label=f"{ar.RANKER_TITLES[name]} ({auc[key]:.2f})")
+            ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.9, label="chance (0.50)")
+            ax.set(title=f"ROC, normalize {norm}", xlabel="false positive rate", ylabel="true positive rate")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        _draw_stream(axes[0][-1], report)
+        fig.suptitle(f"{Path(report['log']).name}: {report['lines']} lines, {report['anomalies']} anomalous; "
+                     f"{report['model']['name']}, sinks {report['cache']['sinks']} + window "
+                     f"{report['cache']['window']}", fontsize=10)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _draw_stream(ax: Any, report: dict[str, Any]) -> None:
+    """Mean NLL of every line against its position (last pass), normal lines grey, anomalies red."""
+    norm, p = list(report["passes"].items())[-1]
+    labels = report["columns"]["label"]
+    mean = p["columns"]["mean_nll"]
+    groups = {
+        "normal": ([i for i, y in enumerate(labels) if not y], dict(s=3, color="0.6")),
+        "anomaly, run onset": ([i for i, y in enumerate(labels) if y and (i == 0 or not labels[i - 1])],
+                               dict(s=22, color="C3", marker="^")),
+        "anomaly, repeat in run": ([i for i, y in enumerate(labels) if y and i > 0 and labels[i - 1]],
+                                   dict(s=6, color="C1")),
+    }
+    for label, (idx, style) in groups.items():
+        pts = [(i, mean[i]) for i in idx if mean[i] is not None]
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], label=f"{label} ({len(idx)})", **style)
+    ax.set(title=f"mean NLL per line, normalize {norm}", xlabel="line", ylabel="mean NLL (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)

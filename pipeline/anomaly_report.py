@@ -260,27 +260,77 @@ def baseline_scores(lines: Sequence[str], tokenizer: Any) -> dict[str, list[floa
     }
 
 
+SUBSETS = ("all", "after_warmup", "onsets")
+
+
+def subset_indices(labels: Sequence[bool], warmup_lines: int) -> dict[str, list[int]]:
+    """Line indices of each evaluation subset that holds both classes.
+
+    `all`: every line. `after_warmup`: line_no >= warmup_lines (the lines the service may flag).
+    `onsets`: every normal line plus only the *first* line of each run of consecutive anomalous lines
+    (an incident's onset); the repeats inside a run are dropped.
+    """
+    n = len(labels)
+    candidates = {
+        "all": list(range(n)),
+        "after_warmup": list(range(min(warmup_lines, n), n)),
+        "onsets": [i for i in range(n) if not labels[i] or i == 0 or not labels[i - 1]],
+    }
+    out: dict[str, list[int]] = {}
+    for name, idx in candidates.items():
+        positives = sum(1 for i in idx if labels[i])
+        if 0 < positives < len(idx) and (name == "all" or len(idx) < n):
+            out[name] = idx
+    return out
+
+
+def candidates_of(
+    baselines: dict[str, list[float | None]], passes: Sequence[PassResult]
+) -> list[tuple[str, str, list[float | None]]]:
+    """(ranker, normalize "-"/"off"/"on", per-line scores) for the baselines and every LM ranker of every pass."""
+    out: list[tuple[str, str, list[float | None]]] = [(name, "-", list(s)) for name, s in baselines.items()]
+    for p in passes:
+        out += [(name, "on" if p.normalize else "off", p.ranker(name)) for name in LM_RANKERS]
+    return out
+
+
 def evaluate(
     labels: Sequence[bool],
-    baselines: dict[str, list[float | None]],
-    passes: Sequence[PassResult],
-    ks: Sequence[int],
+    candidates: Sequence[tuple[str, str, list[float | None]]],
     warmup_lines: int,
 ) -> list[dict[str, Any]]:
-    """One row per (ranker, normalize, subset): `all` lines, and `after_warmup` (line_no >= warmup_lines)."""
-    candidates: list[tuple[str, str, list[float | None]]] = [(name, "-", s) for name, s in baselines.items()]
-    for p in passes:
-        candidates += [(name, "on" if p.normalize else "off", p.ranker(name)) for name in LM_RANKERS]
+    """One row per (subset, ranker, normalize); precision@k uses k = 50, 100 and the subset's anomaly count."""
     rows: list[dict[str, Any]] = []
-    subsets = [("all", 0)]
-    later = list(labels[warmup_lines:])
-    if 0 < warmup_lines < len(labels) and 0 < sum(later) < len(later):
-        subsets.append(("after_warmup", warmup_lines))
-    for subset, first in subsets:
+    for subset, idx in subset_indices(labels, warmup_lines).items():
+        sub_labels = [labels[i] for i in idx]
+        ks = [k for k in default_ks(sum(sub_labels)) if k <= len(idx)]
         for name, norm, scores in candidates:
-            metrics = ranking_metrics(scores[first:], labels[first:], ks)
+            metrics = ranking_metrics([scores[i] for i in idx], sub_labels, ks)
             rows.append({"ranker": name, "normalize": norm, "subset": subset, **metrics})
     return rows
+
+
+def passes_from_report(report: dict[str, Any]) -> list[PassResult]:
+    """Rebuild the passes of a saved report (its per-line columns) so metrics can be recomputed."""
+    passes = []
+    for norm, saved in report["passes"].items():
+        cols = saved["columns"]
+        p = PassResult(normalize=norm == "on", elapsed_s=saved["elapsed_s"], tokens_seen=saved["tokens"])
+        for name in (*LM_RANKERS, "tokens", "flagged"):
+            setattr(p, name, list(cols[name]))
+        passes.append(p)
+    return passes
+
+
+def rescore_report(report: dict[str, Any]) -> dict[str, Any]:
+    """Recompute `metrics` and `flags` of a saved report from its per-line columns (no model needed)."""
+    labels = [bool(x) for x in report["columns"]["label"]]
+    baselines = {name: report["columns"][name] for name in BASELINES}
+    passes = passes_from_report(report)
+    report["metrics"] = evaluate(labels, candidates_of(baselines, passes), report["score"]["warmup_lines"])
+    for norm, p in zip(report["passes"], passes):
+        report["passes"][norm]["flags"] = confusion(p.flagged, labels)
+    return report
 
 
 def build_report(
@@ -301,7 +351,7 @@ def build_report(
         "anomalies": n_pos,
         "ks": ks,
         **meta,
-        "metrics": evaluate(labels, baselines, passes, ks, warmup_lines),
+        "metrics": evaluate(labels, candidates_of(baselines, passes), warmup_lines),
         "passes": {
             ("on" if p.normalize else "off"): {
                 "elapsed_s": round(p.elapsed_s, 2),

@@ -84,6 +84,14 @@ def test_confusion_counts():
     assert ar.confusion([False, False], [True, False])["precision"] is None
 
 
+def test_subsets_keep_run_onsets_and_drop_repeats():
+    labels = [False, True, True, False, True, False, False]
+    subsets = ar.subset_indices(labels, warmup_lines=2)
+    assert subsets == {"all": list(range(7)), "after_warmup": [2, 3, 4, 5, 6], "onsets": [0, 1, 3, 4, 5, 6]}
+    assert "after_warmup" not in ar.subset_indices(labels, warmup_lines=5)  # no anomaly left after warm-up
+    assert "onsets" not in ar.subset_indices([True, False, True, False], warmup_lines=0)  # no repeat to drop
+
+
 def test_load_labelled_rejects_unknown_format(tmp_path: Path):
     log = tmp_path / "x.log"
     log.write_text("- a\nFATAL b\n")
@@ -150,7 +158,8 @@ def test_report_end_to_end_shapes_and_consistency(text_lm, bgl_head, bgl_passes)
     assert baselines["length_tokens"] == [float(n) for n in off.tokens]  # raw text is what the off pass scored
     assert sum(on.tokens) < sum(off.tokens)  # BGL lines are full of numbers that normalisation collapses
 
-    report = ar.build_report(Path("BGL_2k.log"), bgl_head, baselines, passes, {"score": {}}, warmup_lines=20)
+    report = ar.build_report(Path("BGL_2k.log"), bgl_head, baselines, passes, {"score": {"warmup_lines": 20}},
+                             warmup_lines=20)
     assert report["lines"] == 60 and report["anomalies"] == 2 and report["ks"] == [2, 50]
     all_rows = [r for r in report["metrics"] if r["subset"] == "all"]
     assert {(r["ranker"], r["normalize"]) for r in all_rows} == (
@@ -158,28 +167,44 @@ def test_report_end_to_end_shapes_and_consistency(text_lm, bgl_head, bgl_passes)
     for r in report["metrics"]:
         assert 0.0 <= r["auc"] <= 1.0 and 0.0 < r["ap"] <= 1.0
         assert all(0.0 <= v <= 1.0 for v in r["p_at"].values())
-    # the anomalies sit at lines 8-9, inside warm-up, so there is no `after_warmup` subset with both classes
-    assert {r["subset"] for r in report["metrics"]} == {"all"}
+    # the anomalies sit at lines 8-9, inside warm-up, so there is no `after_warmup` subset with both classes;
+    # `onsets` keeps line 8 (a run's first line) and drops line 9 (its repeat)
+    assert {r["subset"] for r in report["metrics"]} == {"all", "onsets"}
+    onset_rows = [r for r in report["metrics"] if r["subset"] == "onsets"]
+    assert all(r["lines"] == 59 and r["anomalies"] == 1 and list(r["p_at"]) == ["1", "50"] for r in onset_rows)
     for norm, p in zip(("off", "on"), passes):
         flags = report["passes"][norm]["flags"]
         assert flags["tp"] + flags["fp"] + flags["fn"] + flags["tn"] == 60
         assert flags["tp"] + flags["fn"] == sum(labels)
         assert report["passes"][norm]["columns"]["z"] == p.z
-    json.dumps(report, allow_nan=False)  # the report is plain JSON
+    saved = json.loads(json.dumps(report, allow_nan=False))  # the report is plain JSON ...
+    saved["metrics"], saved["passes"]["on"]["flags"] = [], {}
+    rescored = ar.rescore_report(saved)  # ... from which the metrics can be recomputed without the model
+    assert rescored["metrics"] == report["metrics"] and rescored["passes"]["on"]["flags"] == report["passes"]["on"]["flags"]
 
 
 def test_markdown_and_png(tmp_path: Path, text_lm, bgl_head, bgl_passes):
     lines = [text for text, _ in bgl_head]
     passes = bgl_passes[0][:1]
-    meta = {"model": {"name": "tiny"}, "cache": {"sinks": 4, "window": 200},
+    meta = {"labels_format": "bgl", "model": {"name": "tiny"}, "cache": {"sinks": 4, "window": 200},
             "score": {"anomaly_z": 3.0, "warmup_lines": 20}}
     report = ar.build_report(Path("BGL_2k.log"), bgl_head, ar.baseline_scores(lines, text_lm.tokenizer),
                              passes, meta, warmup_lines=20)
     table = anomaly_command.markdown(report)
     assert "| line length (chars) | - |" in table and "| mean NLL | off |" in table
     assert "| off | " in table and math.isfinite(report["passes"]["off"]["elapsed_s"])
-    png = anomaly_command.save_roc_png(report, tmp_path / "roc.png")
+    assert "**Ranking, incident onsets" in table and "| P@1 | P@50 |" in table
+    png = anomaly_command.save_png(report, tmp_path / "roc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `--from-report` re-renders a saved report without loading a model
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(report))
+    parser = argparse.ArgumentParser()
+    anomaly_command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["anomaly", "--from-report", str(saved), "--out", str(tmp_path / "re")])
+    assert args.func(args) == 0
+    assert (tmp_path / "re" / "anomaly_bgl.png").is_file()
+    assert json.loads((tmp_path / "re" / "anomaly_bgl.json").read_text())["metrics"] == report["metrics"]
 
 
 def test_command_parses_its_options():
