@@ -155,7 +155,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def save_png(report: dict[str, Any], path: Path) -> Path:
     """ROC curves on all lines, one panel per normalisation setting, then mean NLL along the stream."""
-    from pipeline.plots import plt  # matplotlib with the Agg backend, imported only when drawing
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; imported only when drawing
+    import matplotlib.pyplot as plt
 
     labels = report["columns"]["label"]
     auc = {(r["ranker"], r["normalize"]): r["auc"] for r in report["metrics"] if r["subset"] == "all"}
