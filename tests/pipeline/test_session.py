@@ -53,6 +53,9 @@ def test_chunker_cuts_endless_lines_on_character_boundaries():
 def test_normalizer_masks_variable_fields():
     line = "081109 203615 148 INFO blk_-38865 from 10.251.73.220:50010 id 9f8e7d6c5b 2015-07-29 19:04:12\n"
     assert normalize_line(line) == "<NUM> <NUM> <NUM> INFO blk_<NUM> from <IP> id <HEX> <TS>\n"
+    # An address with a port is one IP, not a number and a date; a dotted time is not a date.
+    assert normalize_line("from 172.16.96.116:33569 on 03/06/2005\n") == "from <IP> on <DATE>\n"
+    assert "<DATE>" not in normalize_line("at 15.42.50\n")
 
 
 def test_running_stats_match_numpy_definition():
