@@ -122,13 +122,14 @@ def length_panels(result: dict[str, Any]) -> list[Panel]:
     vlines = {f"cache {result['cache']}": result["cache"]}
     if result["model_positions"] and result["model_positions"] < result["tokens"]:
         vlines[f"model positions {result['model_positions']}"] = result["model_positions"]
+    colors = {r["label"]: f"C{ev.RUNS.index(r['name'])}" for r in result["runs"]}
     panels = [Panel(f"log perplexity per {segment} tokens", "tokens", "log PPL (mean NLL, nats)",
-                    _curves(result, streaming), vlines=vlines, markers=False)]
+                    _curves(result, streaming), vlines=vlines, markers=False, colors=colors)]
     if ev.RECOMPUTE in result["nll"]:
         # A strided run has few targets per segment: compare it with the others on its own targets, wider buckets.
         width = segment * max(1, math.ceil(32 * result["stride"] / segment))
-        panels.append(Panel(f"on recompute's targets (every {result['stride']}th), per {width} tokens", "tokens",
-                            "log PPL (mean NLL, nats)", _matched_curves(result, width), vlines=vlines))
+        panels.append(Panel(f"on recompute's targets (every {ev.ordinal(result['stride'])}), per {width} tokens", "tokens",
+                            "log PPL (mean NLL, nats)", _matched_curves(result, width), vlines=vlines, colors=colors))
     return panels
 
 

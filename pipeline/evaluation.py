@@ -135,7 +135,7 @@ def score_run(
             raise ValueError("sink-newline needs the newline token id, got None")
         policy, s, w, config, step = "sink", sinks, window, f'{sinks}"\\n"+{window}', chunk
     elif name == RECOMPUTE:
-        policy, s, w, config, step = "recompute", sinks, window, f"{cache}, every {stride}th", 8
+        policy, s, w, config, step = "recompute", sinks, window, f"{cache}, every {ordinal(stride)}", 8
     else:
         raise ValueError(f"run must be one of {RUNS}, got {name!r}")
     offset = sinks if name == NEWLINE else 0
@@ -151,6 +151,12 @@ def score_run(
     out.seconds = time.perf_counter() - started
     out.consumed = max(len(stream) - 1, 0)
     return out
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st, 103rd."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def auto_stride(targets: int, span: int, budget: int) -> int:
@@ -210,7 +216,7 @@ def length_experiment(
     matched = set(by_name[RECOMPUTE].indices) if RECOMPUTE in by_name and stride > 1 else None
     header = ["Text", *[s.label for s in scored]]
     rows = []
-    for title, hi, only in [(t, h, None) for t, h in ranges] + ([(f"{ranges[-1][0]}, every {stride}th target", total, matched)] if matched else []):
+    for title, hi, only in [(t, h, None) for t, h in ranges] + ([(f"{ranges[-1][0]}, every {ordinal(stride)} target", total, matched)] if matched else []):
         cells: list[Any] = [title]
         for s in scored:
             covered = s.indices and s.indices[-1] >= hi - max(s.stride, 1)

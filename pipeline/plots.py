@@ -36,6 +36,8 @@ class Panel:
     markers: bool = True
     # Categorical x axis: tick labels in order (x values are then positions 0..n-1).
     xticks: Sequence[str] | None = None
+    # Fixed colours per series label (e.g. the same run in two panels); others take the next default colour.
+    colors: Mapping[str, str] = field(default_factory=dict)
 
 
 def _clean(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -49,6 +51,8 @@ def _draw(ax, panel: Panel) -> None:
         if not xs:
             continue
         style = {"marker": "o", "markersize": 3.5} if panel.markers else {}
+        if label in panel.colors:
+            style["color"] = panel.colors[label]
         ax.plot(xs, ys, label=label, linewidth=1.4, **style)
     for k, (label, x) in enumerate(panel.vlines.items()):
         ax.axvline(x, linestyle="--", linewidth=0.9, color=f"C{7 + k % 3}", label=label)

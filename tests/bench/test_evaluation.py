@@ -108,6 +108,11 @@ def test_length_experiment_tables_and_comparisons(tiny_lm):
     assert c["window_over_sink"] == pytest.approx(run["window"]["perplexity"] / run["sink"]["perplexity"])
 
 
+def test_ordinal():
+    assert [ev.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 86, 103, 112)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "86th", "103rd", "112th"]
+
+
 def test_auto_stride_and_bad_runs(tiny_lm):
     assert ev.auto_stride(32767, 1024, 200_000) == 168
     assert ev.auto_stride(10, 10, 10**6) == 1
