@@ -140,7 +140,7 @@ def sinks_panels(result: dict[str, Any], label: str) -> list[Panel]:
     return [
         Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}), markers=False),
         Panel(f"cache {result['cache']}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
-              logy=True, xticks=configs),
+              xticks=configs),
     ]
 
 
