@@ -100,19 +100,23 @@ def _curves(result: dict[str, Any], key_names: dict[str, str]) -> dict[str, tupl
     return curves
 
 
-def _matched_curves(result: dict[str, Any], width: int) -> dict[str, tuple]:
-    """Recompute and every streaming run on recompute's own (strided) targets, in `width`-token buckets."""
-    nll, total = result["nll"], result["tokens"] - 1
+def _matched_curves(result: dict[str, Any], points: int = 12) -> tuple[dict[str, tuple], int]:
+    """Recompute and the streaming runs on recompute's own (strided) targets, in `points` equal-count groups.
+
+    Returns the curves (x = last target of a group, y = mean NLL of the group) and the group size.
+    """
+    nll = result["nll"]
     targets = nll[ev.RECOMPUTE]["indices"]
+    per = max(1, math.ceil(len(targets) / points))
     curves = {}
     for name in (ev.RECOMPUTE, ev.SINK, ev.WINDOW):
         if name not in nll:
             continue
         by_index = dict(zip(nll[name]["indices"], nll[name]["nlls"]))
-        segs = ev.segments(targets, [by_index[i] for i in targets], width, total)
+        groups = [targets[k : k + per] for k in range(0, len(targets), per)]
         label = next(r["label"] for r in result["runs"] if r["name"] == name)
-        curves[label] = ([s["end"] for s in segs], [s["mean_nll"] for s in segs])
-    return curves
+        curves[label] = ([g[-1] for g in groups], [ev.mean([by_index[i] for i in g]) for g in groups])
+    return curves, per
 
 
 def length_panels(result: dict[str, Any]) -> list[Panel]:
@@ -126,10 +130,10 @@ def length_panels(result: dict[str, Any]) -> list[Panel]:
     panels = [Panel(f"log perplexity per {segment} tokens", "tokens", "log PPL (mean NLL, nats)",
                     _curves(result, streaming), vlines=vlines, markers=False, colors=colors)]
     if ev.RECOMPUTE in result["nll"]:
-        # A strided run has few targets per segment: compare it with the others on its own targets, wider buckets.
-        width = segment * max(1, math.ceil(32 * result["stride"] / segment))
-        panels.append(Panel(f"on recompute's targets (every {ev.ordinal(result['stride'])}), per {width} tokens", "tokens",
-                            "log PPL (mean NLL, nats)", _matched_curves(result, width), vlines=vlines, colors=colors))
+        # A strided run has few targets per segment: compare it with the others on its own targets, in groups.
+        curves, per = _matched_curves(result)
+        panels.append(Panel(f"on recompute's targets (every {ev.ordinal(result['stride'])}), {per} per point", "tokens",
+                            "log PPL (mean NLL, nats)", curves, vlines=vlines, colors=colors))
     return panels
 
 
