@@ -8,14 +8,17 @@ fed one token at a time through a StreamingLLM cache (see `model.sink_cache` for
 - sink part: the first S tokens. The query is re-rotated to the position it would hold in a cache streamed
   alone, `min(t, S + W - 1)`, so its distance to every sink is right.
 
-Both parts share one softmax: sink columns of the score matrix are recomputed with the re-rotated query, then
-one mask selects, per query, its sinks and its band. Without a plan (a plain forward, e.g. the `recompute`
-baseline) it falls through to transformers' SDPA implementation.
+Both parts share one softmax. The chunk path makes that one fused SDPA call: the sink keys are zeroed for the
+call, and their true scores (re-rotated query against sink key) enter through the additive mask, whose other
+columns are 0 (visible) or -inf (evicted for this query, or in its future). The decode path (one query) rotates
+the sink keys instead of the query, which needs no mask at all. Logit soft-capping (Gemma-2) is refused.
+Without a plan (a plain forward, e.g. the `recompute` baseline) the function falls through to transformers'
+SDPA implementation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +40,15 @@ class AttentionPlan:
     # (C, rotary_dims) float32 cos/sin moving each query to its sink-relative position; None if not needed.
     sink_cos: torch.Tensor | None
     sink_sin: torch.Tensor | None
+    # Additive (C, L) form of `mask` per dtype (0 visible, -inf hidden), built once per forward, shared by layers.
+    _bias: dict = field(default_factory=dict, repr=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as an additive float mask in `dtype` (0 where visible, -inf where hidden)."""
+        if dtype not in self._bias:
+            hidden = ~self.mask
+            self._bias[dtype] = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, float("-inf"))
+        return self._bias[dtype]
 
 
 def sink_attention(
@@ -57,32 +69,52 @@ def sink_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, heads, chunk, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    group = heads // kv_heads
+    softcap = kwargs.get("softcap")
+    if softcap:  # the architecture table refuses Gemma-2/3; this guards any other soft-capped model
+        raise ValueError(f"sinkstream attention supports no logit soft-capping: expected softcap=None, got {softcap}")
+    dim = query.shape[-1]
+    gqa = query.shape[1] != key.shape[1]
     if scaling is None:
         scaling = dim**-0.5
-    if chunk == 1 and sink_plan.mask is None and not kwargs.get("softcap"):
-        return _decode(query, key, value, scaling, sink_plan, group > 1), None
-    # Grouped-query attention without repeating keys: fold the query group into the row axis.
-    q = query.reshape(batch, kv_heads, group * chunk, dim)  # (B, Hkv, G*C, D)
-    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, G*C, L)
-    if sink_plan.sink_cols and sink_plan.sink_cos is not None:
-        q_sink = Rotation.apply(query, sink_plan.sink_cos, sink_plan.sink_sin)  # (B, H, C, D)
-        q_sink = q_sink.reshape(batch, kv_heads, group * chunk, dim)  # (B, Hkv, G*C, D)
-        sink_keys = key[:, :, : sink_plan.sink_cols]  # (B, Hkv, S, D)
-        scores[..., : sink_plan.sink_cols] = torch.matmul(q_sink, sink_keys.transpose(-1, -2)) * scaling
-    softcap = kwargs.get("softcap")
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    if sink_plan.mask is not None:
-        scores = scores.view(batch, kv_heads, group, chunk, length)  # (B, Hkv, G, C, L)
-        scores = scores.masked_fill(~sink_plan.mask, float("-inf"))
-        scores = scores.view(batch, kv_heads, group * chunk, length)  # (B, Hkv, G*C, L)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs, value)  # (B, Hkv, G*C, D)
-    out = out.view(batch, heads, chunk, dim).transpose(1, 2).contiguous()  # (B, C, H, D)
-    return out, None
+    if query.shape[2] == 1 and sink_plan.mask is None:
+        return _decode(query, key, value, scaling, sink_plan, gqa), None
+    return _chunk(query, key, value, scaling, sink_plan, gqa), None
+
+
+def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.Tensor:
+    """C queries over the buffer in one fused SDPA call; sink scores enter through the additive mask.
+
+    Query j's sink scores need the query re-rotated by its own delta, so they cannot come from the shared keys.
+    They are computed apart (C x S per head, small), written into the sink columns of a per-head additive mask,
+    and the sink keys are zeroed for the call so that SDPA's own q.k term is exactly 0 there. The buffer is
+    restored right after, as in `_decode`.
+    """
+    batch, heads, chunk, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    n = plan.sink_cols if plan.sink_cos is not None else 0
+    if not n:
+        mask = None if plan.mask is None else plan.mask[None, None]  # (1, 1, C, L), broadcast over heads
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous()  # (B, C, H, D)
+    q_sink = Rotation.apply(query, plan.sink_cos, plan.sink_sin)  # (B, H, C, D)
+    q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
+    sink_scores = torch.matmul(q_sink, key[:, :, :n].transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
+    sink_scores = sink_scores.view(batch, heads, chunk, n)  # (B, H, C, S)
+    if plan.mask is None:
+        bias = torch.zeros(batch, heads, chunk, length, dtype=query.dtype, device=query.device)  # (B, H, C, L)
+        bias[..., :n] = sink_scores
+    else:
+        base = plan.bias(query.dtype)  # (C, L)
+        bias = torch.empty(batch, heads, chunk, length, dtype=query.dtype, device=query.device)  # (B, H, C, L)
+        bias[..., n:] = base[:, n:]
+        bias[..., :n] = sink_scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
+    saved = key[:, :, :n].clone()
+    key[:, :, :n] = 0
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling, enable_gqa=gqa)
+    finally:
+        key[:, :, :n] = saved
+    return out.transpose(1, 2).contiguous()  # (B, C, H, D)
 
 
 def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """Benchmarks of long and many streams: memory flatness over 1M tokens, and batched multi-stream decoding.
 
-- `memory`: a fresh subprocess streams random tokens through one sink cache and reports its peak RSS
-  (`ru_maxrss`) and current RSS after each checkpoint (e.g. 10K, 100K, 1M tokens). A flat cache keeps the peak
-  ratio last/first at about 1.0 (goal <= 1.02). The worker is this module: `python -m pipeline.bench_streams`.
+- `memory`: a fresh subprocess streams random tokens through one sink cache and reports its peak RSS and
+  current RSS after each checkpoint (e.g. 10K, 100K, 1M tokens). A flat cache keeps the peak ratio
+  last/first at about 1.0 (goal <= 1.02). The worker is this module: `python -m pipeline.bench_streams`.
+  The peak is the kernel's high-water mark of this process (`VmHWM`), reset after the model is loaded
+  (`/proc/self/clear_refs`), so it covers streaming only. `ru_maxrss` would not do: Linux carries it across
+  `exec` from the parent, so the worker would report the bench process's own peak.
 - `batch`: B independent streams at different lengths advanced one token each, by `model.batch.step_many` in
   one forward pass vs by `SinkModel.step` one stream after the other; tokens/s of both and the largest logit
   difference between them.
@@ -37,8 +40,32 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _status_mb(field: str) -> float | None:
+    """A `/proc/self/status` memory field in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # reported in kB
+    except OSError:
+        return None
+    return None
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """Peak RSS of this process since the last `_reset_peak()` (VmHWM; ru_maxrss where /proc is missing)."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def stream_memory(lm: LoadedModel, checkpoints: Sequence[int], sinks: int, window: int, chunk: int,
@@ -46,7 +73,10 @@ def stream_memory(lm: LoadedModel, checkpoints: Sequence[int], sinks: int, windo
     """Stream random tokens until the last checkpoint; call `report` with RSS figures at each checkpoint."""
     runner, tokens = SinkModel(lm), _Tokens(_vocab(lm), seed=3)
     cache = runner.new_cache(sinks, window, max_chunk=chunk)
-    report({"tokens": 0, "peak_rss_mb": _peak_mb(), "rss_mb": _rss_mb(), "seconds": 0.0, "buffered": 0})
+    load_peak = _peak_mb()
+    reset = _reset_peak()  # from here on the peak covers streaming only
+    report({"tokens": 0, "peak_rss_mb": _peak_mb(), "rss_mb": _rss_mb(), "seconds": 0.0, "buffered": 0,
+            "load_peak_rss_mb": load_peak, "peak_reset_after_load": reset})
     start = time.perf_counter()
     pending = sorted(checkpoints)
     while pending:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -40,6 +42,7 @@ def test_latency_shapes_and_speedup(tiny_lm):
         assert set(per_size) == {16, 32} and all(v > 0 for v in per_size.values())
     for size in (16, 32):
         assert r["speedup_sink_over_recompute"][size] == r["ms_per_token"]["recompute"][size] / r["ms_per_token"]["sink"][size]
+        assert r["cpu_speedup_sink_over_recompute"][size] == r["cpu_ms_per_token"]["recompute"][size] / r["cpu_ms_per_token"]["sink"][size]
     with pytest.raises(ValueError, match="policies among"):
         benchmarks.latency(lm, sizes=(16,), policies=("sinks",))
 
@@ -69,11 +72,24 @@ def test_stream_memory_reports_each_checkpoint(tiny_lm):
     assert all(x["peak_rss_mb"] >= x["rss_mb"] * 0.5 > 0 for x in readings)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_rss_is_reset_to_cover_streaming_only():
+    big = torch.ones(300 * 2**20 // 4)  # 300 MiB touched, then freed
+    del big
+    before = bench_streams._peak_mb()
+    assert bench_streams._reset_peak()
+    after = bench_streams._peak_mb()
+    assert after <= bench_streams._rss_mb() + 1 and before - after > 250
+
+
 def test_memory_worker_subprocess(monkeypatch):
     r = bench_streams.memory(bench_streams.TINY, [300, 600], sinks=4, window=60, chunk=64, timeout_s=120, threads=1)
     assert [x["tokens"] for x in r["readings"]] == [0, 300, 600]
     first, last = r["readings"][1], r["readings"][2]
     assert r["peak_ratio_last_over_first"] == last["peak_rss_mb"] / first["peak_rss_mb"]
+    start = r["readings"][0]
+    if start["peak_reset_after_load"]:  # the worker's peak is its own, not the parent's (ru_maxrss survives exec)
+        assert abs(start["peak_rss_mb"] - start["rss_mb"]) < 2 and start["peak_rss_mb"] <= start["load_peak_rss_mb"] + 1
     monkeypatch.setattr(bench_streams.sys, "executable", "false")  # a worker that dies at once
     with pytest.raises(RuntimeError, match="memory worker"):
         bench_streams.memory(bench_streams.TINY, [10], timeout_s=120)

@@ -109,3 +109,11 @@ def test_bad_chunk_and_cache_arguments(tiny_lm):
     cache = SinkModel(lm).new_cache(4, 10, max_chunk=4)
     with pytest.raises(ValueError, match=r"chunk length must be in 1..4, got 5"):
         cache.begin(5, torch.device("cpu"))
+
+
+def test_soft_capped_attention_is_refused():
+    from model.attention import AttentionPlan, sink_attention
+
+    q, kv = torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="expected softcap=None, got 50.0"):
+        sink_attention(None, q, kv, kv, None, sink_plan=AttentionPlan(0, None, None, None), softcap=50.0)
