@@ -40,15 +40,23 @@ class AttentionPlan:
     # (C, rotary_dims) float32 cos/sin moving each query to its sink-relative position; None if not needed.
     sink_cos: torch.Tensor | None
     sink_sin: torch.Tensor | None
-    # Additive (C, L) form of `mask` per dtype (0 visible, -inf hidden), built once per forward, shared by layers.
+    # Per-head additive masks of this forward, by (dtype, B, H): built once, reused by every layer.
     _bias: dict = field(default_factory=dict, repr=False)
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """`mask` as an additive float mask in `dtype` (0 where visible, -inf where hidden)."""
-        if dtype not in self._bias:
-            hidden = ~self.mask
-            self._bias[dtype] = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, float("-inf"))
-        return self._bias[dtype]
+    def bias(self, query: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, L) and (B, H, C, L) additive masks for `query` (B, H, C, D): 0 where visible, -inf where hidden.
+
+        Every layer of a forward shares one (B, H, C, L) buffer; the caller overwrites only the sink columns,
+        which differ per layer and head. The columns after them never change, so they are written once.
+        """
+        batch, heads, chunk, _ = query.shape
+        key = (query.dtype, batch, heads)
+        if key not in self._bias:
+            base = torch.zeros(chunk, length, dtype=query.dtype, device=query.device)  # (C, L)
+            if self.mask is not None:
+                base = base.masked_fill(~self.mask, float("-inf"))
+            self._bias[key] = (base, base.expand(batch, heads, chunk, length).clone())
+        return self._bias[key]
 
 
 def sink_attention(
@@ -100,14 +108,8 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.
     q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
     sink_scores = torch.matmul(q_sink, key[:, :, :n].transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
     sink_scores = sink_scores.view(batch, heads, chunk, n)  # (B, H, C, S)
-    if plan.mask is None:
-        bias = torch.zeros(batch, heads, chunk, length, dtype=query.dtype, device=query.device)  # (B, H, C, L)
-        bias[..., :n] = sink_scores
-    else:
-        base = plan.bias(query.dtype)  # (C, L)
-        bias = torch.empty(batch, heads, chunk, length, dtype=query.dtype, device=query.device)  # (B, H, C, L)
-        bias[..., n:] = base[:, n:]
-        bias[..., :n] = sink_scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
+    base, bias = plan.bias(query, length)  # (C, L), (B, H, C, L) shared by the layers of this forward
+    bias[..., :n] = sink_scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
     saved = key[:, :, :n].clone()
     key[:, :, :n] = 0
     try:

@@ -22,7 +22,8 @@ from pipeline.plots import Panel, save_figure
 BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service")
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type for "256,512,1024" (also used by `sinkstream eval`)."""
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -46,14 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
     p.add_argument("--quick", action="store_true", help="fewer sizes, steps and repeats; shorter memory run")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (median is reported)")
-    p.add_argument("--sizes", type=_ints, default=None, help="latency: cache sizes (default 256,512,1024,2048,4096)")
-    p.add_argument("--keys", type=_ints, default=None, help="overhead: key counts (default 256,1024,4096)")
-    p.add_argument("--chunks", type=_ints, default=None, help="ingest: chunk sizes (default 1,16,64,256,512)")
+    p.add_argument("--sizes", type=int_list, default=None, help="latency: cache sizes (default 256,512,1024,2048,4096)")
+    p.add_argument("--keys", type=int_list, default=None, help="overhead: key counts (default 256,1024,4096)")
+    p.add_argument("--chunks", type=int_list, default=None, help="ingest: chunk sizes (default 1,16,64,256,512)")
     p.add_argument("--sinks", type=int, default=4, help="sinks S of the sink caches (default 4)")
     p.add_argument("--window", type=int, default=1020, help="ingest, memory, batch: window W (default 1020)")
-    p.add_argument("--streams", type=_ints, default=None, help="batch: stream counts (default 1,4,16)")
-    p.add_argument("--memory-tokens", type=_ints, default=None, help="memory: checkpoints for --model (default 10000,100000)")
-    p.add_argument("--tiny-tokens", type=_ints, default=None, help="memory: checkpoints for the tiny model (default 10000,100000,1000000)")
+    p.add_argument("--streams", type=int_list, default=None, help="batch: stream counts (default 1,4,16)")
+    p.add_argument("--memory-tokens", type=int_list, default=None, help="memory: checkpoints for --model (default 10000,100000)")
+    p.add_argument("--tiny-tokens", type=int_list, default=None, help="memory: checkpoints for the tiny model (default 10000,100000,1000000)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])

@@ -15,6 +15,7 @@ from typing import Any
 
 from model.loader import DEFAULT_MODEL, load_model
 from pipeline import evaluation as ev
+from pipeline.bench_command import int_list
 from pipeline.plots import Panel, save_figure
 
 EXPERIMENTS = ("length", "sinks", "cache")
@@ -23,13 +24,6 @@ MAX_TOKENS = {"length": 32768, "sinks": 16384, "cache": 16384}
 QUICK_TOKENS = {"length": 8192, "sinks": 4096, "cache": 4096}
 # Tokens the recompute baseline forwards in total when --stride is left at 0 (about 6 min on one core).
 RECOMPUTE_BUDGET = 100_000
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", default=",".join(ev.RUNS), help=f"length: comma-separated subset of {','.join(ev.RUNS)}")
     p.add_argument("--segment", type=int, default=512, help="tokens per perplexity segment (default 512)")
     p.add_argument("--cache", type=int, default=2048, help="sinks: total cache size C (default 2048, as in Table 2)")
-    p.add_argument("--sink-counts", type=_ints, default=[0, 1, 2, 4, 8], help="sinks: sink counts (default 0,1,2,4,8)")
-    p.add_argument("--cache-sizes", type=_ints, default=[256, 512, 1024, 2048], help="cache: sizes (default 256,512,1024,2048)")
+    p.add_argument("--sink-counts", type=int_list, default=[0, 1, 2, 4, 8], help="sinks: sink counts (default 0,1,2,4,8)")
+    p.add_argument("--cache-sizes", type=int_list, default=[256, 512, 1024, 2048], help="cache: sizes (default 256,512,1024,2048)")
     p.add_argument("--quick", action="store_true", help=f"small preset: tokens {QUICK_TOKENS}, recompute budget 25000, sinks cache 1024")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

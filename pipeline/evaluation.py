@@ -280,19 +280,8 @@ def sinks_ablation(
     if any(n < 0 or n >= cache for n in counts):
         raise ValueError(f"expected sink counts in 0..{cache - 1}, got {list(counts)}")
     scored, total = _ablation(lm, ids, [(n, cache - n) for n in counts], chunk, progress)
-    header = ["Cache config", *[s.config for s in scored]]
     rows = [[label, *[s.perplexity() for s in scored]]]
-    return {
-        "experiment": "sinks",
-        "tokens": len(ids),
-        "cache": cache,
-        "counts": list(counts),
-        "segment": segment,
-        "runs": [s.summary() for s in scored],
-        "segments": {s.config: segments(s.indices, s.nlls, segment, total) for s in scored},
-        "table": markdown_table(header, rows),
-        "nll": {s.config: {"indices": s.indices, "nlls": s.nlls} for s in scored},
-    }
+    return _ablation_result("sinks", {"cache": cache, "counts": list(counts)}, scored, rows, len(ids), total, segment)
 
 
 def cache_ablation(
@@ -309,16 +298,19 @@ def cache_ablation(
     if any(c <= sinks for c in sizes):
         raise ValueError(f"expected cache sizes larger than sinks={sinks}, got {list(sizes)}")
     scored, total = _ablation(lm, ids, [(sinks, c - sinks) for c in sizes], chunk, progress)
-    header = ["Cache config", *[s.config for s in scored]]
     rows = [[label, *[s.perplexity() for s in scored]], ["ms/token", *[s.summary()["ms_per_token"] for s in scored]]]
+    return _ablation_result("cache", {"sinks": sinks, "sizes": list(sizes)}, scored, rows, len(ids), total, segment)
+
+
+def _ablation_result(experiment: str, settings: dict[str, Any], scored, rows, tokens: int, total: int, segment: int) -> dict[str, Any]:
+    """The JSON of an ablation: its settings, per-run summaries and segments, the Markdown table, raw NLLs."""
     return {
-        "experiment": "cache",
-        "tokens": len(ids),
-        "sinks": sinks,
-        "sizes": list(sizes),
+        "experiment": experiment,
+        "tokens": tokens,
+        **settings,
         "segment": segment,
         "runs": [s.summary() for s in scored],
         "segments": {s.config: segments(s.indices, s.nlls, segment, total) for s in scored},
-        "table": markdown_table(header, rows),
+        "table": markdown_table(["Cache config", *[s.config for s in scored]], rows),
         "nll": {s.config: {"indices": s.indices, "nlls": s.nlls} for s in scored},
     }

