@@ -214,3 +214,19 @@ def test_large_blobs_are_pipelined_in_batches(store, monkeypatch):
     epoch = store.claim(P)
     doc = store.write_checkpoint(P, epoch, blobs, {"n": 5})
     assert {s: store.read_snapshot(k) for s, k in doc["snapshots"].items()} == blobs
+
+
+def test_blobs_are_stored_as_lists_of_bounded_parts(store, r, monkeypatch):
+    monkeypatch.setattr(redis_store, "BLOB_PART_BYTES", 1000)
+    blobs = {"big": bytes(range(256)) * 10, "exact": b"x" * 2000, "empty": b""}  # 2560, 2000 and 0 bytes
+    epoch = store.claim(P)
+    doc = store.write_checkpoint(P, epoch, blobs, {})
+    keys = doc["snapshots"]
+    assert [r.llen(keys[s]) for s in ("big", "exact", "empty")] == [3, 2, 1]
+    assert all(len(part) <= 1000 for part in r.lrange(keys["big"], 0, -1))
+    assert {s: store.read_snapshot(k) for s, k in keys.items()} == blobs
+
+
+def test_blob_stored_whole_by_an_earlier_version_is_still_read(store, r):
+    r.set("t:snap:legacy", b"old-format-blob")
+    assert store.read_snapshot("t:snap:legacy") == b"old-format-blob"
