@@ -40,8 +40,14 @@ class AttentionPlan:
     # (C, rotary_dims) float32 cos/sin moving each query to its sink-relative position; None if not needed.
     sink_cos: torch.Tensor | None
     sink_sin: torch.Tensor | None
-    # Per-head additive masks of this forward, by (dtype, B, H): built once, reused by every layer.
-    _bias: dict = field(default_factory=dict, repr=False)
+    # What every layer of this forward would otherwise recompute: additive masks by (dtype, B, H), -sink_sin.
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def back_sin(self) -> torch.Tensor:
+        """`-sink_sin`: the decode path rotates the sink keys back instead of the query forward."""
+        if "back_sin" not in self._memo:
+            self._memo["back_sin"] = -self.sink_sin
+        return self._memo["back_sin"]
 
     def bias(self, query: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, L) and (B, H, C, L) additive masks for `query` (B, H, C, D): 0 where visible, -inf where hidden.
@@ -51,12 +57,12 @@ class AttentionPlan:
         """
         batch, heads, chunk, _ = query.shape
         key = (query.dtype, batch, heads)
-        if key not in self._bias:
+        if key not in self._memo:
             base = torch.zeros(chunk, length, dtype=query.dtype, device=query.device)  # (C, L)
             if self.mask is not None:
                 base = base.masked_fill(~self.mask, float("-inf"))
-            self._bias[key] = (base, base.expand(batch, heads, chunk, length).clone())
-        return self._bias[key]
+            self._memo[key] = (base, base.expand(batch, heads, chunk, length).clone())
+        return self._memo[key]
 
 
 def sink_attention(
@@ -94,48 +100,48 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.
 
     Query j's sink scores need the query re-rotated by its own delta, so they cannot come from the shared keys.
     They are computed apart (C x S per head, small), written into the sink columns of a per-head additive mask,
-    and the sink keys are zeroed for the call so that SDPA's own q.k term is exactly 0 there. The buffer is
-    restored right after, as in `_decode`.
+    and the sink keys are zeroed for the call so that SDPA's own q.k term is exactly 0 there.
     """
     batch, heads, chunk, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     n = plan.sink_cols if plan.sink_cos is not None else 0
     if not n:
         mask = None if plan.mask is None else plan.mask[None, None]  # (1, 1, C, L), broadcast over heads
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous()  # (B, C, H, D)
+        return _sdpa(query, key, value, scaling, gqa, mask)
     q_sink = Rotation.apply(query, plan.sink_cos, plan.sink_sin)  # (B, H, C, D)
     q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
     sink_scores = torch.matmul(q_sink, key[:, :, :n].transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
     sink_scores = sink_scores.view(batch, heads, chunk, n)  # (B, H, C, S)
     base, bias = plan.bias(query, length)  # (C, L), (B, H, C, L) shared by the layers of this forward
     bias[..., :n] = sink_scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
-    saved = key[:, :, :n].clone()
-    key[:, :, :n] = 0
-    try:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling, enable_gqa=gqa)
-    finally:
-        key[:, :, :n] = saved
-    return out.transpose(1, 2).contiguous()  # (B, C, H, D)
+    return _sdpa(query, key, value, scaling, gqa, bias, sink_keys=torch.zeros_like(key[:, :, :n]))
 
 
 def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.Tensor:
     """One query over the whole buffer: a single fused SDPA call.
 
     With one query, rotating the query forward by d for the sink part equals rotating the S sink keys back
-    by d (rotations are orthogonal), so the sink keys are moved in place for the call and restored right
-    after. The buffer is left exactly as it was; nothing else reads it in between.
+    by d (rotations are orthogonal), so the sink keys are replaced by their rotated copy for the call.
     """
-    n = plan.sink_cols if plan.sink_cos is not None else 0
+    if not plan.sink_cols or plan.sink_cos is None:
+        return _sdpa(query, key, value, scaling, gqa)
+    sink_keys = Rotation.apply(key[:, :, : plan.sink_cols], plan.sink_cos, plan.back_sin())  # (B, Hkv, S, D)
+    return _sdpa(query, key, value, scaling, gqa, sink_keys=sink_keys)
+
+
+def _sdpa(query, key, value, scaling, gqa, mask=None, sink_keys=None) -> torch.Tensor:
+    """One fused SDPA call -> (B, C, H, D). With `sink_keys` (B, Hkv, S, D), the first S columns of the key
+    buffer hold them for the call only: the buffer is restored right after (nothing else reads it in between)."""
+    n = 0 if sink_keys is None else sink_keys.shape[-2]
     saved = key[:, :, :n].clone() if n else None
     if n:
-        key[:, :, :n] = Rotation.apply(saved, plan.sink_cos, -plan.sink_sin)
+        key[:, :, :n] = sink_keys
     try:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     finally:
         if n:
             key[:, :, :n] = saved
-    return out.transpose(1, 2).contiguous()  # (B, 1, H, D)
+    return out.transpose(1, 2).contiguous()  # (B, C, H, D)
 
 
 def register_attention() -> None:

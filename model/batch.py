@@ -95,7 +95,7 @@ class BatchCache(Cache):
         plan = self.plans[b].attention
         if plan is None or plan.sink_cos is None or not plan.sink_cols:
             return keys
-        sinks = Rotation.apply(keys[..., : plan.sink_cols, :], plan.sink_cos, -plan.sink_sin)
+        sinks = Rotation.apply(keys[..., : plan.sink_cols, :], plan.sink_cos, plan.back_sin())
         return torch.cat([sinks, keys[..., plan.sink_cols :, :]], dim=-2)
 
     def attention_mask(self, device: torch.device) -> torch.Tensor:

@@ -131,25 +131,27 @@ def length_panels(result: dict[str, Any]) -> list[Panel]:
     return panels
 
 
+def _segments_panel(result: dict[str, Any]) -> Panel:
+    """An ablation's per-segment log PPL, one line per cache config."""
+    configs = [r["config"] for r in result["runs"]]
+    return Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}),
+                 markers=False)
+
+
 def sinks_panels(result: dict[str, Any], label: str) -> list[Panel]:
     """Table 2 as a plot: per-segment log PPL per sink count, and perplexity vs sink count."""
     configs = [r["config"] for r in result["runs"]]
     ppl = [r["perplexity"] for r in result["runs"]]
-    return [
-        Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}), markers=False),
-        Panel(f"cache {result['cache']}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
-              xticks=configs),
-    ]
+    return [_segments_panel(result),
+            Panel(f"cache {result['cache']}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
+                  xticks=configs)]
 
 
 def cache_panels(result: dict[str, Any], label: str) -> list[Panel]:
     """Table 6 as a plot: per-segment log PPL per cache size, and perplexity vs cache size."""
-    configs = [r["config"] for r in result["runs"]]
     ppl = [r["perplexity"] for r in result["runs"]]
-    return [
-        Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}), markers=False),
-        Panel("perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (result["sizes"], ppl)}, logx=True),
-    ]
+    return [_segments_panel(result),
+            Panel("perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (result["sizes"], ppl)}, logx=True)]
 
 
 def _length(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:

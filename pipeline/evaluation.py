@@ -209,14 +209,15 @@ def length_experiment(
     scored = [score_run(lm, ids, name, sinks, window, chunk, stride, nl, progress) for name in runs]
     limit = lm.arch.max_positions
     # Dense scores the targets inside the model's positions: the first `limit` tokens hold `limit - 1` targets.
-    ranges = [(f"first {limit} tokens", limit - 1)] if limit and limit - 1 < total else []
-    ranges.append((f"all {len(ids)} tokens", total))
+    # Rows: (title, last target, only these targets or None for all).
+    ranges = [(f"first {limit} tokens", limit - 1, None)] if limit and limit - 1 < total else []
+    ranges.append((f"all {len(ids)} tokens", total, None))
     by_name = {s.name: s for s in scored}
-    # With a strided re-computation, also compare every run on exactly the targets re-computation scored.
-    matched = set(by_name[RECOMPUTE].indices) if RECOMPUTE in by_name and stride > 1 else None
+    if RECOMPUTE in by_name and stride > 1:  # also compare every run on exactly the targets re-computation scored
+        ranges.append((f"all {len(ids)} tokens, every {ordinal(stride)} target", total, set(by_name[RECOMPUTE].indices)))
     header = ["Text", *[s.label for s in scored]]
     rows = []
-    for title, hi, only in [(t, h, None) for t, h in ranges] + ([(f"{ranges[-1][0]}, every {ordinal(stride)} target", total, matched)] if matched else []):
+    for title, hi, only in ranges:
         cells: list[Any] = [title]
         for s in scored:
             covered = s.indices and s.indices[-1] >= hi - max(s.stride, 1)
