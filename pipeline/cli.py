@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline import anomaly_command, bench_command, demo_command, eval_command, run_command, score_command
+from pipeline.datasets import DatasetError, DatasetMissingError
 from pipeline.logs import configure_logging
 from pipeline.settings import sinkstream_home
 
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fmt = args.log_format or ("console" if sys.stderr.isatty() else "json")
     configure_logging(fmt, args.log_level)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, DatasetMissingError) as exc:  # user-facing: what is missing and how to fix it
+        sys.stderr.write(f"sinkstream {args.command}: error: {exc}\n")
+        return 2
 
 
 if __name__ == "__main__":

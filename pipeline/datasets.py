@@ -48,6 +48,10 @@ class DatasetError(RuntimeError):
     """A sample data set could not be fetched or read; the message says what was expected and what arrived."""
 
 
+class DatasetMissingError(FileNotFoundError):
+    """A local sample data set is not where it was looked for; the message says where and how to point to it."""
+
+
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `cmd`, capturing output; never raises on a non-zero exit (callers decide)."""
     log.debug("datasets.run", cmd=cmd, cwd=str(cwd) if cwd else None)
@@ -126,12 +130,12 @@ def loghub_dir() -> Path:
         repo_root = Path(__file__).resolve().parent.parent
         path, origin = repo_root.parent / "shared" / "data" / "loghub", "the repository's ../shared/data/loghub"
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise DatasetMissingError(
             f"expected the Loghub samples in {path} (from {origin}), but that folder does not exist; "
             f"set ${LOGHUB_ENV} to the folder holding BGL_2k.log and the other *_2k.log files"
         )
     if not any(path.glob("*_2k.log")):
-        raise FileNotFoundError(
+        raise DatasetMissingError(
             f"expected *_2k.log files in {path} (from {origin}), found "
             f"{sorted(p.name for p in path.iterdir())[:10]}"
         )

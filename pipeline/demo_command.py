@@ -122,16 +122,26 @@ class _Viewer:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.datasets import bgl_labels, canterbury, loghub_dir
-    from pipeline.stack import create_topics, read_stack, stack_down, stack_up
+    from pipeline.stack import read_stack, stack_down, stack_up
 
     home = sinkstream_home()
+    streams = _streams(args, home)  # read the inputs first: a missing dataset fails before anything starts
     started = read_stack(home) is None
     stack = stack_up(home) if started else read_stack(home)
     sys.stdout.write(f"stack: broker {stack.bootstrap_servers}, redis {stack.redis_url}\n")
-    suffix = time.strftime("%Y%m%d-%H%M%S")
-    topic_in, topic_out = f"demo.input.{suffix}", f"demo.annotations.{suffix}"
-    create_topics(stack.bootstrap_servers, {topic_in: 3, topic_out: 1})
+    try:
+        return _demo(args, stack, streams)
+    finally:  # also on errors and Ctrl-C: a stack this command started must not outlive it
+        if started and not args.keep_stack:
+            stack_down(home)
+            sys.stdout.write("stack stopped (use --keep-stack to keep it)\n")
+        else:
+            sys.stdout.write("stack left running: `sinkstream stack down` stops it\n")
+
+
+def _streams(args: argparse.Namespace, home: Path) -> dict[str, list[bytes]]:
+    """The demo's keyed input records: Loghub logs and, with --prose-lines, Alice in Wonderland."""
+    from pipeline.datasets import bgl_labels, canterbury, loghub_dir
 
     streams = {}
     for key, name in LOGS.items():
@@ -142,9 +152,18 @@ def run(args: argparse.Namespace) -> int:
     if args.prose_lines:
         alice = (canterbury(home) / "alice29.txt").read_text(errors="replace").splitlines()
         streams["alice"] = _records([x for x in alice if x.strip()][: args.prose_lines], per_record=5)
+    return streams
+
+
+def _demo(args: argparse.Namespace, stack, streams: dict[str, list[bytes]]) -> int:
+    """Produce the records, run the service (SIGKILL and restart unless --no-crash), show the annotations."""
+    from pipeline.stack import create_topics
+
+    suffix = time.strftime("%Y%m%d-%H%M%S")
+    topic_in, topic_out = f"demo.input.{suffix}", f"demo.annotations.{suffix}"
+    create_topics(stack.bootstrap_servers, {topic_in: 3, topic_out: 1})
     n = _produce(stack.bootstrap_servers, topic_in, streams)
     sys.stdout.write(f"produced {n} records on {topic_in} as {len(streams)} keyed streams: {', '.join(streams)}\n")
-
     work = Path(tempfile.mkdtemp(prefix="sinkstream-demo-"))
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -156,15 +175,25 @@ def run(args: argparse.Namespace) -> int:
     log = work / "service.log"
     viewer = _Viewer(stack.bootstrap_servers, topic_out)
     sys.stdout.write(f"service log: {log}\n\n")
-    proc = _service(config, log, None if not args.no_crash else 5.0)
-    if not args.no_crash:
-        target = n // 3
-        while len(viewer.seen) < target and proc.poll() is None:
-            viewer.pump(1.0)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        sys.stdout.write(f"\n*** killed the service with SIGKILL after {len(viewer.seen)} annotations; restarting ***\n\n")
-        proc = _service(config, log, 5.0)
+    procs = [_service(config, log, None if not args.no_crash else 5.0)]
+    try:
+        if not args.no_crash:
+            while len(viewer.seen) < n // 3 and procs[-1].poll() is None:
+                viewer.pump(1.0)
+            procs[-1].send_signal(signal.SIGKILL)
+            procs[-1].wait()
+            sys.stdout.write(f"\n*** killed the service with SIGKILL after {len(viewer.seen)} annotations; restarting ***\n\n")
+            procs.append(_service(config, log, 5.0))
+        return _follow(procs[-1], viewer, n, stack.bootstrap_servers, topic_out)
+    finally:  # an error or Ctrl-C while watching: stop the service too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _follow(proc, viewer, n: int, bootstrap: str, topic_out: str) -> int:
+    """Show annotations until the service exits, then the summary."""
     while proc.poll() is None:
         viewer.pump(1.0)
     viewer.pump(2.0)
@@ -179,13 +208,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"\nConsume the output topic with any Kafka client, e.g. Python:\n"
         f"  from kafka import KafkaConsumer\n"
-        f"  for m in KafkaConsumer('{topic_out}', bootstrap_servers='{stack.bootstrap_servers}', "
+        f"  for m in KafkaConsumer('{topic_out}', bootstrap_servers='{bootstrap}', "
         f"auto_offset_reset='earliest'):\n      print(m.key, m.value)\n"
         f"Annotations follow the JSON Schema in pipeline/schemas/annotation.v1.json; drop duplicates by `id`.\n"
     )
-    if started and not args.keep_stack:
-        stack_down(home)
-        sys.stdout.write("stack stopped (use --keep-stack to keep it)\n")
-    else:
-        sys.stdout.write("stack left running: `sinkstream stack down` stops it\n")
     return 0 if proc.returncode == 0 and len(viewer.seen) >= n else 1

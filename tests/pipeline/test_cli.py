@@ -43,3 +43,31 @@ def test_unknown_model_is_refused_with_what_was_expected(tmp_path):
     ids.write_text("[1, 2, 3]")
     with pytest.raises(ValueError, match="expected one of \\['smollm2-135m'\\], a directory containing config.json"):
         main(["score", "--ids", str(ids), "--policy", "sink", "--model", "gpt-5", "--out", str(tmp_path / "o")])
+
+
+def test_demo_without_the_loghub_samples_fails_cleanly_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from pipeline import stack
+
+    monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SINKSTREAM_LOGHUB", str(tmp_path / "no-such-folder"))
+    monkeypatch.setattr(stack, "stack_up", lambda *a, **k: pytest.fail("the stack must not start without input data"))
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert f"sinkstream demo: error: expected the Loghub samples in {tmp_path / 'no-such-folder'}" in err
+    assert "Traceback" not in err
+
+
+def test_demo_stops_the_stack_it_started_when_it_fails(tmp_path, monkeypatch, capsys):
+    from pipeline import demo_command, stack
+
+    calls = []
+    monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path))
+    monkeypatch.setattr(demo_command, "_streams", lambda args, home: {"s": [b"line\n"]})
+    monkeypatch.setattr(stack, "read_stack", lambda home: None)
+    monkeypatch.setattr(stack, "stack_up", lambda home: calls.append("up") or stack.StackInfo("127.0.0.1:1", "redis://127.0.0.1:2/0", {}))
+    monkeypatch.setattr(stack, "stack_down", lambda home: calls.append("down"))
+    monkeypatch.setattr(demo_command, "_demo", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo"])
+    assert calls == ["up", "down"]
+    assert "stack stopped" in capsys.readouterr().out
