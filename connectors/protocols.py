@@ -1,9 +1,15 @@
 """The seams between sinkstream's pipeline and the outside world: where records come from (`Source`), where
 annotations go (`Sink`) and where per-partition state survives a restart (`StateStore`, `SnapshotStore`).
 
-The pipeline is written against these protocols only; `connectors.kafka_source.KafkaSource`,
-`connectors.kafka_sink.KafkaSink` and `connectors.redis_store.RedisStateStore` are the production
-implementations, and tests may substitute in-memory fakes.
+The pipeline is written against these protocols only; `connectors.kafka.source.KafkaSource`,
+`connectors.kafka.sink.KafkaSink` and `connectors.redis_store.RedisStateStore` are the production
+implementations, `connectors.memory` holds in-memory ones for tests and examples. Errors are the classes of
+`connectors.errors`, shared by every implementation.
+
+Rebalance callbacks: a `Source` reports partition ownership changes to the service that consumes it, but the
+service is built after (or with) its source. The service therefore receives a `SourceFactory`: a callable that
+takes the service's `PartitionCallbacks` and returns a subscribed `Source`. `pipeline.service.wiring` builds
+the factory for Kafka from the settings; tests pass `connectors.memory.MemorySource.factory(...)`.
 
 Every method docstring says *when* the pipeline calls it and *what happens on failure*, in the manner of
 quix-streams' `BaseSink.flush`: a failure is always an exception, never a silently dropped record, and the
@@ -17,12 +23,30 @@ partitions that have no checkpoint yet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 TopicPartitionKey = tuple[str, int]
 """`(topic, partition)`: how partitions are named everywhere in sinkstream (no client-specific structs)."""
+
+PartitionCallback = Callable[[list[TopicPartitionKey]], None]
+"""Called with the sorted `[(topic, partition)]` whose ownership changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionCallbacks:
+    """What a `Source` calls when partition ownership changes (all optional).
+
+    `on_assign`: partitions were added; runs before `poll` returns any of their records (the consumer may
+    `seek` in it). `on_revoke`: partitions are taken away; runs before another member gets them (the consumer
+    may checkpoint and `commit` in it). `on_lost`: the membership was lost (commits will fail); when None,
+    `on_revoke` is called instead.
+    """
+
+    on_assign: PartitionCallback | None = None
+    on_revoke: PartitionCallback | None = None
+    on_lost: PartitionCallback | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +76,9 @@ class Record:
 class Source(Protocol):
     """A partitioned, replayable stream of records with consumer-group semantics.
 
-    Partition ownership changes are reported through the `on_assign` / `on_revoke` callbacks given to the
-    implementation's constructor; they run *before* `poll` returns records of a newly assigned partition
-    and *before* a revoked partition is handed to another member.
+    Partition ownership changes are reported through the `PartitionCallbacks` given when the source is built
+    (see `SourceFactory`); they run *before* `poll` returns records of a newly assigned partition and
+    *before* a revoked partition is handed to another member.
     """
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
@@ -211,3 +235,17 @@ class SnapshotStore(Protocol):
         unreachable); the record must not be processed against an empty session.
         """
         ...
+
+
+@runtime_checkable
+class CheckpointStore(StateStore, SnapshotStore, Protocol):
+    """A store that keeps both checkpoints and snapshot blobs: what the service needs (`RedisStateStore`,
+    `connectors.memory.MemoryStore`)."""
+
+
+SourceFactory = Callable[[PartitionCallbacks], Source]
+"""Builds a subscribed `Source` that reports ownership changes to the given callbacks.
+
+When: once, in the service's constructor, after the service has its sink, store and engine (the callbacks
+need them). On failure: raises (broker unreachable); the service is then not started.
+"""

@@ -12,8 +12,7 @@ Layout, for key prefix `P` and partition id `X` (the `{X}` hash tag keeps a part
 
 A blob is a Redis LIST of parts of at most `BLOB_PART_BYTES` (2 MiB), written by pipelined RPUSHes and
 read back with one LRANGE. One 47 MB SET costs Redis with an append-only file about 300 ms on the 2-core
-test machine, the same bytes as 2 MiB parts about 55 ms (`sinkstream bench service` reports the cost). Blobs
-written as plain strings by earlier versions are still read.
+test machine, the same bytes as 2 MiB parts about 55 ms (`sinkstream bench service` reports the cost).
 
 A checkpoint writes its blobs under fresh keys with a TTL (`pending_ttl_s`), so a writer that dies half-way
 leaves only expiring garbage. One Lua script then, atomically: checks that the caller's epoch is still the
@@ -35,13 +34,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import redis
 import structlog
 
-if TYPE_CHECKING:
-    from pipeline.settings import RedisSettings
+from connectors.errors import FencedError, MissingSnapshotError, StateStoreError
 
 log = structlog.get_logger(__name__)
 
@@ -50,29 +48,6 @@ MAX_BLOB_BYTES = 512 * 1024 * 1024  # sanity bound on one stream's snapshot
 BLOB_PART_BYTES = 2 * 1024 * 1024  # one RPUSH per part: Redis' append-only file handles huge values badly
 _PIPELINE_BYTES = 64 * 1024 * 1024  # flush a write pipeline once this many blob bytes are queued
 
-
-class StateStoreError(RuntimeError):
-    """The state store could not do what was asked; the previous checkpoint is intact."""
-
-
-class FencedError(StateStoreError):
-    """Another owner claimed the partition: the caller's epoch is stale and it must stop writing."""
-
-    def __init__(self, partition_id: str, epoch: int, current: int | None, action: str) -> None:
-        self.partition_id, self.epoch, self.current = partition_id, epoch, current
-        super().__init__(
-            f"{action} for partition {partition_id!r} fenced: expected owner epoch {epoch}, "
-            f"but the current epoch is {current if current is not None else 'unset (never claimed)'}; "
-            "another consumer owns this partition now"
-        )
-
-
-class MissingSnapshotError(StateStoreError):
-    """A blob key named by a manifest or the spill index does not exist."""
-
-    def __init__(self, key: str, context: str = "") -> None:
-        self.key = key
-        super().__init__(f"expected a snapshot blob under Redis key {key!r}, found none{context}")
 
 
 # KEYS: epoch, spilled, refs.  Returns {new_epoch, dropped_spill_blobs}.
@@ -136,19 +111,34 @@ return {'ok'}
 """
 
 
-def connect_redis(settings: RedisSettings, url: str | None = None) -> redis.Redis:
-    """A `redis.Redis` for `url` (else `settings.url`) with the settings' password and socket timeout."""
-    target = url or settings.url
-    if not target:
+def connect_redis(url: str, *, password: str | None = None, socket_timeout_s: float = 10.0) -> redis.Redis:
+    """A `redis.Redis` for `url` (`redis://host:port/db`) with `password` and a socket timeout.
+
+    The password is given apart from the URL so it never ends up in a log line; a password inside the URL
+    still wins, as redis-py does. Use `redacted_address(url)` to log where the client points.
+    """
+    if not url:
         raise ValueError(
             "expected a Redis URL ('redis://host:port/db'), got an empty one; set redis.url or start the "
             "embedded stack (`sinkstream stack up`)"
         )
-    timeout = settings.socket_timeout_s
-    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if settings.password is not None:  # a password inside the URL still wins, as redis-py does
-        options["password"] = settings.password.get_secret_value()
-    return redis.Redis.from_url(target, **options)
+    if socket_timeout_s <= 0:
+        raise ValueError(f"expected socket_timeout_s > 0, got {socket_timeout_s}")
+    options: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s}
+    if password is not None:
+        options["password"] = password
+    return redis.Redis.from_url(url, **options)
+
+
+def redacted_address(url: str) -> str:
+    """`host:port` of a Redis URL, for logs: the URL itself may carry a password (`redis://:pw@host`)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname or '?'}:{parts.port or 6379}"
+    except ValueError:
+        return "<unparsable redis url>"
 
 
 def _text(v: Any) -> str:
@@ -160,9 +150,9 @@ class RedisStateStore:
 
     Args:
         client: a connected `redis.Redis` (its `decode_responses` must be False: blobs are bytes).
-        key_prefix: prefix of every key (`RedisSettings.key_prefix`).
+        key_prefix: prefix of every key.
         pace_s: sleep between two blob writes of one checkpoint, so other clients get Redis' attention
-            (`CheckpointSettings.pace_ms / 1000`). 0 pipelines the writes.
+            0 pipelines the writes.
         pending_ttl_s: lifetime of blobs written but not yet referenced by a committed manifest or spill
             index; it bounds the garbage a crashed writer leaves and must exceed a checkpoint's duration
             (the pacing time is added automatically).
@@ -183,10 +173,10 @@ class RedisStateStore:
         self._commit = client.register_script(_COMMIT_LUA)
         self._spill = client.register_script(_SPILL_LUA)
 
-    @classmethod
-    def from_settings(cls, settings: RedisSettings, *, url: str | None = None, pace_ms: float = 0.0) -> RedisStateStore:
-        """Build from `RedisSettings` (+ `CheckpointSettings.pace_ms`); `url` overrides `settings.url`."""
-        return cls(connect_redis(settings, url), settings.key_prefix, pace_s=pace_ms / 1000.0)
+
+    def ping(self) -> None:
+        """Raise `redis.RedisError` when Redis does not answer (used before the service starts)."""
+        self._r.ping()
 
     # ---- keys ------------------------------------------------------------------------------------------
     def _key(self, kind: str, partition_id: str) -> str:
@@ -363,12 +353,7 @@ class RedisStateStore:
 
     def _read_blob(self, key: str | bytes) -> bytes | None:
         """The blob under `key` (parts joined), or None when the key does not exist."""
-        try:
-            parts = self._r.lrange(key, 0, -1)
-        except redis.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
-                raise
-            return cast("bytes | None", self._r.get(key))  # a blob stored whole by an earlier version
+        parts = self._r.lrange(key, 0, -1)
         return b"".join(parts) if parts else None
 
     def _discard(self, keys: list[str]) -> None:
@@ -409,3 +394,14 @@ class RedisStateStore:
         if doc.get("format") != MANIFEST_FORMAT:
             raise StateStoreError(f"manifest {key!r}: expected format {MANIFEST_FORMAT}, got {doc.get('format')!r}")
         return doc
+
+
+def redis_ping(url: str, timeout_s: float = 5.0, *, password: str | None = None) -> None:
+    """PING the Redis at `url`; raises (`redis.RedisError`, or `StateStoreError` on a falsy reply) when it does not
+    answer PONG within `timeout_s`."""
+    client = connect_redis(url, password=password, socket_timeout_s=timeout_s)
+    try:
+        if not client.ping():
+            raise StateStoreError(f"expected PONG from Redis at {redacted_address(url)}, got a falsy reply")
+    finally:
+        client.close()

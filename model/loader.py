@@ -50,9 +50,13 @@ class LoadedModel:
 
 
 def models_home() -> Path:
-    from pipeline.settings import sinkstream_home
+    """Default cache folder for converted models: `$SINKSTREAM_HOME/models` (`~/.cache/sinkstream/models`).
 
-    return sinkstream_home() / "models"
+    Callers that know better (the application's settings) pass `cache_dir` to `resolve_model_dir` /
+    `load_model` instead; this default only keeps library use and tests short.
+    """
+    home = os.environ.get("SINKSTREAM_HOME") or str(Path.home() / ".cache" / "sinkstream")
+    return Path(home).expanduser() / "models"
 
 
 def packaged_gguf(name: str) -> Path:
@@ -70,18 +74,21 @@ def packaged_gguf(name: str) -> Path:
     return path
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
+def resolve_model_dir(name_or_path: str, cache_dir: Path | None = None) -> Path:
     """Return a local Hugging Face directory for `name_or_path`, converting a GGUF file once if needed.
+
+    Converted models are kept under `cache_dir` (default `models_home()`).
 
     Accepts a packaged name (`smollm2-135m`), a directory with `config.json`, or a `.gguf` file. Anything
     else raises ValueError saying which of the three was expected.
     """
+    cache = Path(cache_dir) if cache_dir is not None else models_home()
     if name_or_path in _PACKAGED:
-        return convert_gguf(packaged_gguf(name_or_path), models_home() / name_or_path)
+        return convert_gguf(packaged_gguf(name_or_path), cache / name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
-        return convert_gguf(path, models_home() / f"{path.stem}-{digest}")
+        return convert_gguf(path, cache / f"{path.stem}-{digest}")
     if path.is_dir() and (path / "config.json").exists():
         return path
     raise ValueError(
@@ -149,13 +156,20 @@ def fingerprint(path: Path, dtype: torch.dtype) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
-    """Load a model for streaming: resolved locally, eval mode, sinkstream attention when supported."""
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a model for streaming: resolved locally (converted models cached under `cache_dir`, see
+    `resolve_model_dir`), eval mode, sinkstream attention when supported."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads > 0:
         torch.set_num_threads(threads)
-    path = resolve_model_dir(name_or_path)
+    path = resolve_model_dir(name_or_path, cache_dir)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     config_json = json.loads((path / "config.json").read_text())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,11 +78,15 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = 30000
     # Maximum time between polls before the member is evicted, in milliseconds.
     max_poll_interval_ms: int = 300000
-    # SASL/PLAIN credentials, if the cluster needs them.
+    # SASL credentials, if the cluster needs them (used with SASL_PLAINTEXT / SASL_SSL).
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512` or `OAUTHBEARER`.
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = "PLAIN"
     # `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
-    security_protocol: str = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # CA bundle (PEM file) that signs the brokers' certificates, for SSL / SASL_SSL; empty uses the system's.
+    ssl_cafile: str | None = None
 
 
 class RedisSettings(_Section):
@@ -189,3 +193,19 @@ def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Se
         return Settings(**overrides)
     finally:
         _YAML_FILE.reset(token)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line for a settings `ValidationError`: each field (dotted path), what was expected and what arrived."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(x) for x in err["loc"]) or "settings"
+        arrived = err.get("input")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown key (misspelled?), got {arrived!r}")
+        elif err["type"] == "missing":
+            parts.append(f"{field}: required, got nothing")
+        else:
+            expected = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{field}: {expected}; got {arrived!r}")
+    return f"invalid settings: {'; '.join(parts)}"

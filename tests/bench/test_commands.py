@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline import bench_command, eval_command
-from pipeline.cli import main
+from pipeline.cli import bench as bench_command
+from pipeline.cli import eval as eval_command
+from pipeline.cli.main import main
 from tests.model.conftest import VOCAB
 
 
@@ -70,7 +71,7 @@ def test_bench_cli_writes_json_and_plot(tiny_cli, tmp_path, capsys, name, args):
 
 def test_bench_memory_cli(tiny_cli, tmp_path, capsys, monkeypatch):
     """The CLI around the memory worker (the worker itself runs in test_benchmarks): in-process here."""
-    from pipeline import bench_streams
+    from pipeline.bench import streams as bench_streams
 
     def in_process(model, checkpoints, sinks, window, threads=0, progress=None, **_):
         readings = []

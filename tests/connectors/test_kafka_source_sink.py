@@ -14,10 +14,10 @@ import time
 import confluent_kafka as ck
 import pytest
 
-from connectors.kafka_sink import KafkaSink, SinkError
-from connectors.kafka_source import CRC32C_ACCELERATED, KafkaSource, SourceError
+from connectors.kafka.sink import KafkaSink, SinkError
+from connectors.kafka.source import CRC32C_ACCELERATED, KafkaSource, SourceError
 from connectors.protocols import Record, Sink, Source
-from pipeline.stack import start_tansu
+from pipeline.devstack.processes import start_tansu
 
 pytestmark = pytest.mark.integration
 

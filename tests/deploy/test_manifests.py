@@ -23,7 +23,7 @@ K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30.0"  # oldest Kubernetes release the manifests must be valid for
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 EXAMPLE_ONLY = {"secret.example.yaml"}
-# SINKSTREAM_* variables that are read outside Settings (see pipeline.settings / pipeline.datasets).
+# SINKSTREAM_* variables that are read outside Settings (see pipeline.settings / pipeline.evaluation.datasets).
 NON_SETTINGS_ENV = {"SINKSTREAM_HOME", "SINKSTREAM_CONFIG", "SINKSTREAM_LOGHUB"}
 
 

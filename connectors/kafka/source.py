@@ -1,0 +1,282 @@
+"""`KafkaSource`: the pipeline's `Source` on kafka-python 3 (`KafkaConsumer`).
+
+Group semantics:
+  * manual commits only (`enable_auto_commit=False`): offsets are committed by the pipeline after its
+    checkpoint is durable;
+  * KIP-429 incremental cooperative rebalancing (`CooperativeStickyAssignor`, shipped by kafka-python 3):
+    a rebalance revokes only the partitions that move, the others keep being processed;
+  * KIP-345 static membership: `group_instance_id` defaults to `$POD_NAME` when set, so a pod restart
+    within the session timeout gets its partitions back without a rebalance.
+
+Rebalance callbacks: kafka-python 3 runs listeners on its IO thread, where a blocking consumer call (commit)
+would dead-lock. `KafkaSource` therefore runs `on_assign` / `on_revoke` / `on_lost` on a short-lived helper
+thread while the IO loop keeps serving the network, and waits for them to finish. They run only inside
+`poll()` or `close()` (the calling thread is blocked meanwhile), so they never race with the caller's own
+processing, and they may call `seek()` and `commit()`. An exception in a callback makes that `poll()` raise.
+
+Record checksums use the `crc32c` C extension when it is importable (kafka-python picks it up by itself);
+`CRC32C_ACCELERATED` tells whether it did, and a warning is logged once when it did not.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import structlog
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.net.selector import KernelEvent
+from kafka.record import util as _record_util
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from connectors.errors import SourceError
+from connectors.kafka.config import KafkaClientConfig, client_config
+from connectors.protocols import PartitionCallback, PartitionCallbacks, Record, TopicPartitionKey
+
+log = structlog.get_logger(__name__)
+
+
+
+try:
+    import crc32c as _crc32c_module
+
+    CRC32C_ACCELERATED = _record_util._crc32c is _crc32c_module.crc32c
+except ImportError:  # pragma: no cover - crc32c is a declared dependency
+    CRC32C_ACCELERATED = False
+if not CRC32C_ACCELERATED:  # pragma: no cover
+    log.warning("kafka.crc32c_pure_python", hint="pip install crc32c; record CRC checks are much slower without it")
+
+_FROM_ENV: Any = object()  # sentinel: group_instance_id defaults to $POD_NAME
+
+
+
+
+def _loop_sleep(delay_s: float) -> Any:
+    """An awaitable that suspends the calling coroutine on kafka-python's own IO loop (not asyncio)."""
+    return KernelEvent("_sleep", delay_s)
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Runs the user's callbacks on a helper thread so they may block and call consumer methods."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._run("assign", self._source._on_assign, assigned)
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._run("revoke", self._source._on_revoke, revoked)
+
+    async def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        await self._run("lost", self._source._on_lost or self._source._on_revoke, lost)
+
+    async def _run(self, what: str, callback: PartitionCallback | None, tps: Iterable[TopicPartition]) -> None:
+        partitions = sorted((tp.topic, tp.partition) for tp in tps)
+        log.info("kafka.rebalance", change=what, partitions=partitions, group=self._source.group_id)
+        if callback is None or not partitions:
+            return
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            self._source._in_callback.active = True
+            try:
+                callback(partitions)
+            except BaseException as exc:  # noqa: BLE001 - handed back to the IO loop below
+                failure.append(exc)
+            finally:
+                self._source._in_callback.active = False
+                done.set()
+
+        threading.Thread(target=work, name=f"sinkstream-rebalance-{what}", daemon=True).start()
+        while not done.is_set():
+            await _loop_sleep(0.005)
+        if failure:
+            log.error("kafka.rebalance_callback_failed", change=what, partitions=partitions, error=repr(failure[0]))
+            raise failure[0]
+
+
+class KafkaSource:
+    """Consumer-group reader of one or more topics; see the module docstring for the group semantics.
+
+    Args:
+        topics: topic name(s) to subscribe to.
+        bootstrap_servers: a `KafkaClientConfig` (brokers + security), or a plain `host:port[,host:port]`.
+        group_id: consumer group shared by all replicas.
+        callbacks: `PartitionCallbacks` with `on_assign` / `on_revoke` / `on_lost`, each called with sorted
+            `[(topic, partition)]` when partitions are added / taken away (revocation happens before another
+            member gets them). `on_lost` is called instead of `on_revoke` when the membership was lost
+            (commits will fail then); defaults to `on_revoke`. The service hands its callbacks over through
+            a `SourceFactory` (see `connectors.protocols`), so it never names this class.
+        on_assign / on_revoke / on_lost: the same callbacks one by one (used when `callbacks` is None).
+        group_instance_id: static member id; defaults to `$POD_NAME` when set, else dynamic membership.
+            Pass None to force dynamic membership.
+        consumer_config: extra `KafkaConsumer` options (override the ones set here).
+    """
+
+    def __init__(
+        self,
+        topics: str | Sequence[str],
+        *,
+        bootstrap_servers: KafkaClientConfig | str,
+        group_id: str,
+        callbacks: PartitionCallbacks | None = None,
+        on_assign: PartitionCallback | None = None,
+        on_revoke: PartitionCallback | None = None,
+        on_lost: PartitionCallback | None = None,
+        group_instance_id: str | None = _FROM_ENV,
+        auto_offset_reset: str = "earliest",
+        max_poll_records: int = 500,
+        session_timeout_ms: int = 30000,
+        max_poll_interval_ms: int = 300000,
+        **consumer_config: Any,
+    ) -> None:
+        raw = [topics] if isinstance(topics, str) else list(topics)
+        topic_list = [part.strip() for t in raw for part in t.split(",") if part.strip()]
+        if not topic_list:
+            raise ValueError(f"expected at least one topic name, got {topics!r}")
+        if not group_id:
+            raise ValueError("expected a consumer group id, got an empty one (manual commits need a group)")
+        if group_instance_id is _FROM_ENV:
+            group_instance_id = os.environ.get("POD_NAME") or None
+        self.group_id = group_id
+        self.group_instance_id: str | None = group_instance_id
+        self.topics = topic_list
+        if callbacks is not None:
+            on_assign, on_revoke, on_lost = callbacks.on_assign, callbacks.on_revoke, callbacks.on_lost
+        self._on_assign, self._on_revoke, self._on_lost = on_assign, on_revoke, on_lost
+        client = client_config(bootstrap_servers)
+        self._in_callback = threading.local()
+        self._closed = False
+        config: dict[str, Any] = {
+            **client.options(),
+            "group_id": group_id,
+            "group_instance_id": group_instance_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset,
+            "partition_assignment_strategy": [CooperativeStickyAssignor],
+            "isolation_level": "read_committed",
+            "max_poll_records": max_poll_records,
+            "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": max(100, min(3000, session_timeout_ms // 3)),
+            "max_poll_interval_ms": max_poll_interval_ms,
+            **consumer_config,
+        }
+        try:
+            self._consumer = KafkaConsumer(**config)
+        except KafkaTimeoutError as exc:  # raised by kafka-python 3 when bootstrap fails
+            raise SourceError(
+                f"expected a Kafka broker at {client.bootstrap_servers}, none answered within "
+                f"{config.get('bootstrap_timeout_ms', 30000)} ms: {exc}"
+            ) from exc
+        self._consumer.subscribe(topics=topic_list, listener=_Listener(self))
+        log.info("kafka.source_started", topics=topic_list, group=group_id, instance=group_instance_id)
+
+
+    # ---- Source ------------------------------------------------------------------------------------------
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Up to `max_records` records, in offset order per partition; [] after `timeout_s` without data."""
+        self._check_open("poll")
+        if getattr(self._in_callback, "active", False):
+            raise SourceError("poll() was called from inside a rebalance callback; expected it from the main loop only")
+        if not isinstance(max_records, int) or max_records < 1:
+            raise ValueError(f"expected max_records >= 1, got {max_records!r}")
+        if timeout_s < 0:
+            raise ValueError(f"expected timeout_s >= 0, got {timeout_s!r}")
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            if exc.__cause__ is not None and "rebalance callback" in str(exc):
+                raise SourceError(f"poll: a rebalance callback raised {exc.__cause__!r}") from exc.__cause__
+            raise
+        out: list[Record] = []
+        for tp, recs in batches.items():
+            last = -1
+            for r in recs:
+                if r.offset <= last:
+                    raise SourceError(
+                        f"{tp.topic}[{tp.partition}]: expected offsets to increase, got {r.offset} after {last}"
+                    )
+                last = r.offset
+                out.append(
+                    Record(
+                        topic=r.topic,
+                        partition=r.partition,
+                        offset=r.offset,
+                        key=r.key,
+                        value=r.value if r.value is not None else b"",
+                        headers={k: (v if v is not None else b"") for k, v in (r.headers or [])},
+                        timestamp_ms=r.timestamp if r.timestamp is not None else -1,
+                    )
+                )
+        return out
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Next `poll` returns `(topic, partition)` from `offset`; the partition must be assigned."""
+        self._check_open("seek")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"seek {topic}[{partition}]: expected an offset int >= 0, got {offset!r}")
+        tp = TopicPartition(topic, partition)
+        assigned = self._consumer.assignment()
+        if tp not in assigned:
+            raise ValueError(
+                f"seek: expected {topic}[{partition}] to be assigned to this consumer; assigned are "
+                f"{sorted((t.topic, t.partition) for t in assigned)}"
+            )
+        self._consumer.seek(tp, offset)
+
+    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        """Synchronously commit `{(topic, partition): next_offset}`; raises SourceError when the broker refuses."""
+        self._check_open("commit")
+        payload: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp_key, offset in offsets.items():
+            if not (isinstance(tp_key, tuple) and len(tp_key) == 2):
+                raise TypeError(f"commit: expected (topic, partition) keys, got {tp_key!r}")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"commit {tp_key}: expected a next offset int >= 0, got {offset!r}")
+            payload[TopicPartition(*tp_key)] = OffsetAndMetadata(offset, "", -1)
+        if not payload:
+            return
+        try:
+            self._consumer.commit(offsets=payload)
+        except KafkaError as exc:
+            raise SourceError(f"commit of {dict(offsets)} for group {self.group_id!r} failed: {exc!r}") from exc
+        log.debug("kafka.committed", offsets={f"{t}[{p}]": o for (t, p), o in offsets.items()})
+
+    def close(self) -> None:
+        """Leave the group (fires `on_revoke` for owned partitions) and close sockets. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._consumer.close(autocommit=False)  # on_revoke runs in here and may still commit
+        except Exception as exc:  # noqa: BLE001 - closing must not mask the caller's own error
+            log.warning("kafka.source_close_failed", error=repr(exc.__cause__ or exc))
+        finally:
+            self._closed = True
+        log.info("kafka.source_closed", group=self.group_id)
+
+    # ---- extras ------------------------------------------------------------------------------------------
+    def assignment(self) -> list[TopicPartitionKey]:
+        """The partitions currently assigned to this consumer, sorted."""
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed next offset for a partition, None when nothing was committed."""
+        self._check_open("committed")
+        return self._consumer.committed(TopicPartition(topic, partition))
+
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise SourceError(f"{op}: expected an open KafkaSource, got a closed one")
+
+    def __enter__(self) -> KafkaSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

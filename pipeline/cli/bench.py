@@ -1,0 +1,171 @@
+"""`sinkstream bench`: latency, overhead, ingest, memory and multi-stream benchmarks, each as JSON + PNG.
+
+Every benchmark writes `<out>/bench_<name>.json` (with the machine description) and `<out>/bench_<name>.png`,
+and prints a short summary to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from model.loader import load_model
+from pipeline.bench import streams as bench_streams
+from pipeline.bench import common as benchmarks
+from pipeline.cli.common import add_model_options, int_list, non_negative_int, positive_int
+from pipeline.evaluation.plots import Panel, save_figure
+from pipeline.settings import sinkstream_home
+
+BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service")
+
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: latency vs cache size, overhead vs DynamicCache, ingest, memory, batched streams",
+        description=(
+            "latency: per-token decode latency vs cache size for sink/window/dense/recompute (paper Fig. 10). "
+            "overhead: sink decode step vs DynamicCache over the same keys. ingest: chunked tokens/s vs a raw "
+            "forward at the same span. memory: peak RSS after N streamed tokens (subprocess). batch: B streams "
+            "in one forward vs one by one. service: end-to-end tokens/s through the embedded broker and Redis vs "
+            "model-only, and the cost of checkpointing one full stream. Writes bench_<name>.json/.png under --out."
+        ),
+    )
+    p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "all"], default="all")
+    p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes, steps and repeats; shorter memory run")
+    p.add_argument("--repeats", type=positive_int, default=None, help="repeats per measurement (median is reported)")
+    p.add_argument("--sizes", type=int_list, default=None, help="latency: cache sizes (default 256,512,1024,2048,4096)")
+    p.add_argument("--keys", type=int_list, default=None, help="overhead: key counts (default 256,1024,4096)")
+    p.add_argument("--chunks", type=int_list, default=None, help="ingest: chunk sizes (default 1,16,64,256,512)")
+    p.add_argument("--sinks", type=non_negative_int, default=4, help="sinks S of the sink caches (default 4)")
+    p.add_argument("--window", type=positive_int, default=1020, help="ingest, memory, batch: window W (default 1020)")
+    p.add_argument("--streams", type=int_list, default=None, help="batch: stream counts (default 1,4,16)")
+    p.add_argument("--memory-tokens", type=int_list, default=None, help="memory: checkpoints for --model (default 10000,100000)")
+    p.add_argument("--tiny-tokens", type=int_list, default=None, help="memory: checkpoints for the tiny model (default 10000,100000,1000000)")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def _pick(value, full, quick, is_quick):
+    return value if value is not None else (quick if is_quick else full)
+
+
+def _latency(lm, args, note):
+    sizes = _pick(args.sizes, [256, 512, 1024, 2048, 4096], [256, 1024, 2048], args.quick)
+    r = benchmarks.latency(lm, sizes, sinks=args.sinks, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    ms = r["ms_per_token"]
+    series = {p: (sizes, [ms[p][s] for s in sizes]) for p in ms}
+    speed, cpu_speed = r["speedup_sink_over_recompute"], r["cpu_speedup_sink_over_recompute"]
+    panels = [Panel("per-token decode latency (wall)", "cache size (tokens)", "ms / token", series, logx=True, logy=True),
+              Panel("speedup of sink over recompute", "cache size (tokens)", "x",
+                    {"wall time": (sizes, [speed.get(s) for s in sizes]), "CPU time": (sizes, [cpu_speed.get(s) for s in sizes])},
+                    logx=True, logy=True, hlines={"paper: 22.2x": 22.2})]
+    lines = [f"cache {s}: " + ", ".join(f"{p} {ms[p][s]:.1f} ms" for p in ms)
+             + (f"; sink {speed[s]:.1f}x faster than recompute ({cpu_speed[s]:.1f}x in CPU time)" if speed else "") for s in sizes]
+    return r, panels, lines
+
+
+def _overhead(lm, args, note):
+    keys = _pick(args.keys, [256, 1024, 4096], [1024], args.quick)
+    r = benchmarks.overhead(lm, keys, sinks=args.sinks, repeats=_pick(args.repeats, 5, 3, args.quick), progress=note)
+    rows = r["rows"]
+    panels = [Panel("decode step over the same keys", "keys attended", "ms / step",
+                    {"sink cache step": (keys, [x["sink_ms"] for x in rows]), "DynamicCache step": (keys, [x["dynamic_ms"] for x in rows])}, logx=True),
+              Panel("sink / DynamicCache", "keys attended", "time ratio", {"ratio": (keys, [x["ratio"] for x in rows])}, logx=True,
+                    hlines={"goal 1.05": 1.05})]
+    lines = [f"{x['keys']} keys: sink {x['sink_ms']:.2f} ms, DynamicCache {x['dynamic_ms']:.2f} ms, ratio {x['ratio']:.3f} "
+             f"(CPU time {x['cpu_ratio']:.3f}; goal <= 1.05)" for x in rows]
+    return r, panels, lines
+
+
+def _ingest(lm, args, note):
+    chunks = _pick(args.chunks, [1, 16, 64, 256, 512], [1, 64, 256], args.quick)
+    r = benchmarks.ingest(lm, chunks, args.sinks, args.window, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    rows = r["rows"]
+    panels = [Panel(f"ingest at span {r['span']}", "chunk (tokens per forward)", "tokens / s",
+                    {"sink cache": (chunks, [x["sink_tokens_per_s"] for x in rows]), "raw forward": (chunks, [x["raw_tokens_per_s"] for x in rows])},
+                    logx=True, logy=True),
+              Panel("sink / raw throughput", "chunk", "ratio", {"ratio": (chunks, [x["ratio"] for x in rows])}, logx=True, hlines={"goal 0.9": 0.9})]
+    lines = [f"chunk {x['chunk']}: sink {x['sink_tokens_per_s']:.0f} tok/s, raw {x['raw_tokens_per_s']:.0f} tok/s, ratio {x['ratio']:.3f} "
+             f"(CPU time {x['cpu_ratio']:.3f}; goal >= 0.9)" for x in rows]
+    return r, panels, lines
+
+
+def _memory(lm, args, note):
+    real_cp = _pick(args.memory_tokens, [10_000, 100_000], [2_000, 10_000], args.quick)
+    tiny_cp = _pick(args.tiny_tokens, [10_000, 100_000, 1_000_000], [10_000, 100_000, 1_000_000], args.quick)
+    runs = {}
+    for model, cps in ((args.model, real_cp), (bench_streams.TINY, tiny_cp)):
+        with tqdm(total=max(cps), desc=f"memory {model}", unit="tok", file=sys.stderr) as bar:
+            runs[model] = bench_streams.memory(model, cps, args.sinks, args.window, threads=args.threads,
+                                               progress=lambda rd, bar=bar: bar.update(rd["tokens"] - bar.n))
+    r = {"benchmark": "memory", "runs": runs, "goal_ratio_max": 1.02}
+    panels = [Panel(f"RSS while streaming ({args.sinks}+{args.window} cache)", "tokens streamed", "MiB",
+                    {f"{m} peak": ([x["tokens"] for x in v["readings"][1:]], [x["peak_rss_mb"] for x in v["readings"][1:]]) for m, v in runs.items()}
+                    | {f"{m} current": ([x["tokens"] for x in v["readings"][1:]], [x["rss_mb"] for x in v["readings"][1:]]) for m, v in runs.items()},
+                    logx=True, logy=True)]
+    lines = [f"{m}: " + ", ".join(f"{x['tokens']} tok peak {x['peak_rss_mb']:.0f} MiB" for x in v["readings"][1:])
+             + f"; peak ratio last/first {v['peak_ratio_last_over_first']:.4f} (goal <= 1.02)" for m, v in runs.items()]
+    return r, panels, lines
+
+
+def _batch(lm, args, note):
+    streams = _pick(args.streams, [1, 4, 16], [1, 4, 16], args.quick)
+    r = bench_streams.batch(lm, streams, args.sinks, args.window, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    rows = r["rows"]
+    panels = [Panel("B streams, one token each", "streams B", "tokens / s",
+                    {"batched step_many": (streams, [x["batched_tokens_per_s"] for x in rows]),
+                     "one by one": (streams, [x["sequential_tokens_per_s"] for x in rows])}, logx=True)]
+    lines = [f"B={x['streams']}: batched {x['batched_tokens_per_s']:.1f} tok/s, one by one {x['sequential_tokens_per_s']:.1f} tok/s, "
+             f"speedup {x['speedup']:.2f}x (CPU time {x['cpu_speedup']:.2f}x), max |logit diff| {x['max_abs_logit_diff']:.2e}" for x in rows]
+    return r, panels, lines
+
+
+def _service(lm, args, note):
+    from pipeline.bench.service import bench_service, plot_service
+
+    note("service")
+    values = {"cache": {"sinks": args.sinks, "window": args.window}, "model": {"name": args.model}}
+    r = bench_service(lm, values, quick=args.quick)
+    cp = r["checkpoint"]
+    lines = [
+        f"model only {r['model_only']['tokens_per_s']:.0f} tok/s, session {r['session']['tokens_per_s']:.0f} tok/s, "
+        f"end to end {r['end_to_end']['tokens_per_s']:.0f} tok/s: {r['ratio_end_to_end_vs_model_only']:.2f}x of model-only (goal >= 0.9x)",
+        f"checkpoint of one stream ({cp['tokens_in_cache']} tokens, {cp['bytes'] / 1e6:.1f} MB): snapshot {cp['snapshot_ms']:.0f} ms + "
+        f"Redis {cp['redis_write_ms']:.0f} ms = {cp['checkpoint_ms']:.0f} ms (goal < 150 ms); restore {cp['restore_ms']:.0f} ms",
+    ]
+    return r, lambda path: plot_service(r, path), lines
+
+
+def run(args: argparse.Namespace) -> int:
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+                    cache_dir=sinkstream_home() / "models")
+    names = BENCHES if args.benchmark == "all" else (args.benchmark,)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = benchmarks.machine(lm)
+    sys.stdout.write(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads\n")
+    for name in names:
+        load_at_start = benchmarks.machine()["load_average"]
+        started = time.perf_counter()
+        with tqdm(desc=f"bench {name}", file=sys.stderr, bar_format="{desc} [{elapsed}]") as bar:
+            result, panels, lines = globals()[f"_{name}"](lm, args, lambda text, bar=bar: bar.set_description_str(f"bench {text}"))
+        result: dict[str, Any] = {**result, "model": args.model, "quick": args.quick, "machine": benchmarks.machine(lm),
+                                  "load_average_at_start": load_at_start,
+                                  "seconds": time.perf_counter() - started}
+        path = args.out / f"bench_{name}.json"
+        path.write_text(json.dumps(result, indent=1))
+        if callable(panels):  # a benchmark with its own figure
+            panels(path.with_suffix(".png"))
+        else:
+            save_figure(path.with_suffix(".png"), panels, f"sinkstream bench {name}: {args.model}, {info['cpu']}, {info['torch_threads']} threads")
+        sys.stdout.write(f"\n## bench {name} ({result['seconds']:.0f} s)\n" + "\n".join(lines) + f"\nwrote {path} and .png\n")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,74 @@
+"""Every subcommand explains itself with --help, and bad arguments fail with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli.main import build_parser, main
+
+COMMANDS = ["score", "run", "eval", "bench", "anomaly", "demo", "stack", "model"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sinkstream {command}") and len(out) > 200
+
+
+def test_top_level_help_lists_every_command():
+    text = build_parser().format_help()
+    assert all(command in text for command in COMMANDS)
+    assert "Evicted text is gone" in text
+
+
+def test_score_rejects_an_unknown_policy(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "--ids", "x.json", "--policy", "lru", "--out", "-"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'lru'" in capsys.readouterr().err
+
+
+def test_score_rejects_ids_that_are_not_a_list_of_integers(tmp_path, capsys):
+    bad = tmp_path / "ids.json"
+    bad.write_text('{"ids": [1, 2]}')
+    with pytest.raises(SystemExit, match="expected a JSON list of integers, got dict"):
+        main(["score", "--ids", str(bad), "--policy", "sink", "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_unknown_model_is_refused_with_what_was_expected(tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="expected one of \\['smollm2-135m'\\], a directory containing config.json"):
+        main(["score", "--ids", str(ids), "--policy", "sink", "--model", "gpt-5", "--out", str(tmp_path / "o")])
+
+
+def test_demo_without_the_loghub_samples_fails_cleanly_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from pipeline.devstack import stack
+
+    monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SINKSTREAM_LOGHUB", str(tmp_path / "no-such-folder"))
+    monkeypatch.setattr(stack, "stack_up", lambda *a, **k: pytest.fail("the stack must not start without input data"))
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert f"sinkstream: error: expected the Loghub samples in {tmp_path / 'no-such-folder'}" in err
+    assert "Traceback" not in err
+
+
+def test_demo_stops_the_stack_it_started_when_it_fails(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import demo as demo_command
+    from pipeline.devstack import stack
+
+    calls = []
+    monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path))
+    monkeypatch.setattr(demo_command, "_streams", lambda args, home: {"s": [b"line\n"]})
+    monkeypatch.setattr(stack, "read_stack", lambda home: None)
+    monkeypatch.setattr(stack, "stack_up", lambda home: calls.append("up") or stack.StackInfo(bootstrap_servers="127.0.0.1:1", redis_url="redis://127.0.0.1:2/0", pids={}))
+    monkeypatch.setattr(stack, "stack_down", lambda home: calls.append("down"))
+    monkeypatch.setattr(demo_command, "_demo", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo"])
+    assert calls == ["up", "down"]
+    assert "stack stopped" in capsys.readouterr().out

@@ -1,0 +1,99 @@
+"""The checkpoint commit order and fencing, with recording fakes for the producer and the consumer."""
+
+from __future__ import annotations
+
+import pytest
+
+from connectors.protocols import Record
+from connectors.redis_store import RedisStateStore
+from pipeline.service.checkpoint import Checkpointer
+from pipeline.service.partition import PartitionState, Residency
+from pipeline.service.session import Engine
+from pipeline.settings import load_settings
+
+
+class Journal(list):
+    """Shared, ordered log of what the fakes and the store were asked to do."""
+
+
+class FakeSink:
+    def __init__(self, journal):
+        self.journal = journal
+
+    def flush(self, timeout_s):
+        self.journal.append("flush")
+
+
+class FakeSource:
+    def __init__(self, journal):
+        self.journal = journal
+
+    def commit(self, offsets):
+        self.journal.append(("commit", dict(offsets)))
+
+
+class JournalStore(RedisStateStore):
+    def __init__(self, client, journal):
+        super().__init__(client, key_prefix="t")
+        self.journal = journal
+
+    def write_checkpoint(self, partition_id, epoch, snapshots, manifest, *, reuse=()):
+        self.journal.append(("write", sorted(snapshots), sorted(reuse), manifest["next_offset"]))
+        return super().write_checkpoint(partition_id, epoch, snapshots, manifest, reuse=reuse)
+
+
+@pytest.fixture
+def setup(text_lm, fake_redis):
+    def make(max_resident=8):
+        journal = Journal()
+        store = JournalStore(fake_redis(), journal)
+        settings = load_settings(None, cache={"sinks": 4, "window": 32, "chunk": 16},
+                                 service={"max_resident_streams": max_resident})
+        engine = Engine(text_lm, settings)
+        epoch = store.claim("in:0")
+        part = PartitionState("in", 0, epoch, engine, store, Residency(max_resident), store.read_manifest("in:0"))
+        return journal, store, engine, part, Checkpointer(FakeSource(journal), FakeSink(journal), store)
+
+    return make
+
+
+def _feed(part, start, keys):
+    for i, key in enumerate(keys):
+        part.process(Record("in", 0, start + i, key.encode(), f"line {start + i} of {key}\n".encode(), {}, 0))
+
+
+def test_commit_order_and_only_changed_streams_are_rewritten(setup):
+    journal, store, engine, part, cp = setup()
+    _feed(part, 0, ["a", "b", "a"])
+    assert cp.checkpoint(part, "test")
+    assert journal == ["flush", ("write", ["a", "b"], [], 3), ("commit", {("in", 0): 3})]
+    journal.clear()
+    _feed(part, 3, ["b"])
+    assert cp.checkpoint(part, "test")
+    assert journal == ["flush", ("write", ["b"], ["a"], 4), ("commit", {("in", 0): 4})]
+    doc = store.read_manifest("in:0")
+    assert doc["manifest"]["next_offset"] == 4 and sorted(doc["snapshots"]) == ["a", "b"]
+
+
+def test_nothing_new_means_no_checkpoint(setup):
+    journal, _, _, part, cp = setup()
+    assert cp.checkpoint(part, "test") and journal == []
+
+
+def test_fenced_owner_is_told_to_drop_the_partition(setup):
+    journal, store, engine, part, cp = setup()
+    _feed(part, 0, ["a"])
+    store.claim("in:0")  # another process took the partition over
+    assert cp.checkpoint(part, "test") is False and part.fenced
+    assert store.read_manifest("in:0") is None  # nothing of the zombie's became visible
+    assert ("commit", {("in", 0): 1}) not in journal
+
+
+def test_spilled_sessions_come_back_and_are_checkpointed(setup):
+    journal, store, engine, part, cp = setup(max_resident=1)
+    _feed(part, 0, ["a", "b", "c", "a"])  # residency 1: every switch spills the previous stream
+    assert set(part.sessions) == {"a"} and part.spilled == {"a", "b", "c"}
+    assert part.sessions["a"].counters.lines_seen == 2  # "a" came back from its spill with its history
+    assert cp.checkpoint(part, "test")
+    assert journal[1] == ("write", ["a"], ["b", "c"], 4)
+    assert sorted(store.read_manifest("in:0")["snapshots"]) == ["a", "b", "c"]

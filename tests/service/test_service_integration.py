@@ -1,0 +1,144 @@
+"""The service against the real broker (tansu) and the real Redis, seen through an independent client.
+
+Producers and consumers here are confluent-kafka (librdkafka), which shares no code with the service.
+The expected output is an uninterrupted run computed offline with the same model; crashes (SIGKILL at
+random points), restarts, rebalances and a paused zombie owner must not change a single byte of it after
+duplicates are dropped by annotation id.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from collections import defaultdict
+
+import pytest
+
+from model.loader import load_model
+from tests.helpers.service import (
+    ServiceProcess,
+    baseline,
+    input_records,
+    load,
+    service_settings,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
+    """Factory: a fresh input topic filled with keyed log streams, its output topic and the expected output."""
+
+    def make(partitions: int, per_partition: int):
+        topic = kafka_stack.make_topic("in", partitions)
+        out_topic = kafka_stack.make_topic("out", 1)
+        config = service_settings(kafka_stack.bootstrap, redis_server.url, topic, out_topic,
+                                  kafka_stack.group("svc"), redis_server.unique_prefix("svc"))
+        records = input_records(partitions, per_partition)
+        for p, items in records.items():
+            produce(kafka_stack.bootstrap, topic, items, partition=p)
+        expected = baseline(load(config), real_model, topic, records)
+        return config, out_topic, expected
+
+    return make
+
+
+def _check_output(messages: list[dict], expected: dict[str, bytes]) -> int:
+    """Every expected id is there; every copy of every id is byte-identical to the baseline."""
+    copies: dict[str, list[bytes]] = defaultdict(list)
+    for m in messages:
+        assert m["headers"]["sinkstream-id"].decode() == m["value"]["id"]
+        assert m["key"].decode() == m["value"]["stream"]
+        copies[m["value"]["id"]].append(m["raw"])
+    assert set(copies) == set(expected), (sorted(set(expected) - set(copies))[:5], sorted(set(copies) - set(expected))[:5])
+    for aid, blobs in copies.items():
+        assert all(b == expected[aid] for b in blobs), aid
+    return sum(len(b) for b in copies.values()) - len(copies)
+
+
+def _have_all(expected):
+    return lambda got: {m["value"]["id"] for m in got} >= set(expected)
+
+
+def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
+    scenario, read_topic, kafka_stack, redis_server, tmp_path
+):
+    config, out_topic, expected = scenario(partitions=2, per_partition=24)
+    rng = random.Random(20231105)
+    bootstrap = kafka_stack.bootstrap
+    for attempt in range(3):
+        svc = ServiceProcess.start(config, tmp_path, f"crash{attempt}")
+        svc.wait_for_log('"partition.assigned"')
+        seen = len(read_topic(bootstrap, out_topic, 1, until=lambda g: False, timeout_s=1.0))
+        target = seen + rng.randint(3, 9)
+        read_topic(bootstrap, out_topic, 1, until=lambda g: len(g) >= target, timeout_s=90)
+        svc.kill(signal.SIGKILL)  # no shutdown hook, no final checkpoint
+        assert svc.proc.returncode == -signal.SIGKILL
+    final = ServiceProcess.start(config, tmp_path, "final", idle_exit_s=4)
+    assert final.wait(300) == 0, final.log()[-3000:]
+    messages = read_topic(bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60)
+    duplicates = _check_output(messages, expected)
+    assert duplicates > 0, "the kills should have caused replays; the test did not exercise the resume path"
+    for p in range(2):  # the last run left a checkpoint at the end of every partition
+        assert _manifest(redis_server, config, p)["manifest"]["next_offset"] == 24
+
+
+def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(scenario, read_topic, kafka_stack, redis_server, tmp_path):
+    config, out_topic, expected = scenario(partitions=4, per_partition=24)
+    bootstrap = kafka_stack.bootstrap
+    first = ServiceProcess.start(config, tmp_path, "p1")
+    first.wait_for_log('"partition.assigned"')
+    second = ServiceProcess.start(config, tmp_path, "p2")
+    second.wait_for_log('"partition.assigned"')
+    first.wait_for_log('"partition.revoked"')  # cooperative rebalance handed some partitions over
+    owned_by_second = _assigned(second.log())
+    assert owned_by_second and len(owned_by_second) < 4, owned_by_second
+    read_topic(bootstrap, out_topic, 1, until=lambda g: len(g) >= 16, timeout_s=120)
+
+    first.kill(signal.SIGSTOP)  # a zombie: alive, but silent past its session timeout
+    before = len(second.log())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_assigned(second.log()[before:])) == 0:
+        time.sleep(0.5)
+    taken_over = _assigned(second.log()[before:])
+    assert taken_over - owned_by_second, f"the survivor never took over the zombie's partitions: {second.log()[-2000:]}"
+    first.kill(signal.SIGCONT)  # the zombie wakes up and tries to go on with its stale state
+    read_topic(bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=300)
+    second.kill(signal.SIGTERM)
+    assert second.proc.returncode == 0, second.log()[-3000:]
+    first.kill(signal.SIGTERM)
+
+    messages = read_topic(bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=30)
+    _check_output(messages, expected)
+    # No stale owner overwrote state: every manifest is at the end of its partition, written under an epoch
+    # no newer than the current one (a zombie's writes are refused by the compare-and-set).
+    store = redis_server.client()
+    for p in range(4):
+        doc = _manifest(redis_server, config, p)
+        assert doc["manifest"]["next_offset"] == 24
+        assert doc["epoch"] <= int(store.get(f"{config['redis']['key_prefix']}:epoch:{{{config['kafka']['input_topic']}:{p}}}"))
+    zombie = first.log()
+    assert '"checkpoint.fenced"' in zombie or '"partition.lost"' in zombie, zombie[-3000:]
+
+
+def _assigned(log: str) -> set[str]:
+    parts = set()
+    for line in log.splitlines():
+        if '"partition.assigned"' in line:
+            parts.add(json.loads(line)["partition"])
+    return parts
+
+
+def _manifest(redis_server, config: dict, partition: int) -> dict:
+    key = f"{config['redis']['key_prefix']}:manifest:{{{config['kafka']['input_topic']}:{partition}}}"
+    raw = redis_server.client().get(key)
+    assert raw is not None, f"no manifest at {key}"
+    return json.loads(raw)
