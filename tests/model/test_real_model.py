@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.policies import score_ids, summarize
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 pytestmark = pytest.mark.slow
