@@ -74,9 +74,19 @@ def sink_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sink_plan: AttentionPlan | None = None,
+    pool_plan=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over a sink cache buffer; query (B, H, C, D), key/value (B, Hkv, L, D) -> (B, C, H, D)."""
+    """Attention over a sink cache buffer; query (B, H, C, D), key/value (B, Hkv, L, D) -> (B, C, H, D).
+
+    With `pool_plan` (a `model.pool_step.PoolPlan`), query is a packed ragged batch (1, H, N, D) and key/value
+    are a `model.pool.KVPool` layer (slots, Hkv, S + R, D); the plan attends each stream over its own slot.
+    """
+    if pool_plan is not None:
+        if kwargs.get("softcap"):
+            raise ValueError(f"sinkstream attention supports no logit soft-capping: expected softcap=None, got {kwargs['softcap']}")
+        dim = query.shape[-1]
+        return pool_plan.attend(query, key, value, dim**-0.5 if scaling is None else scaling), None
     if sink_plan is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
