@@ -1,0 +1,309 @@
+"""The pooled KV cache and the batched ragged step: exactness, batch-composition independence, snapshots,
+rollback and generation, on every architecture with exact chunking (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.pool import KVPool, bytes_per_slot, serialize_slot
+from model.pool_step import PoolStepper
+from model.snapshot import SnapshotError, dump_cache, load_cache, read_header
+from model.stepper import SinkModel
+from tests.model.conftest import EXACT, FALLBACK, VOCAB
+from tests.model.reference import reference_logits
+
+S, W, C = 4, 12, 8
+
+
+def _ids(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _ragged(ids: list[int], seed: int = 0, most: int = C) -> list[list[int]]:
+    """Split ids into chunks of random lengths 1..most."""
+    g = torch.Generator().manual_seed(seed)
+    out, i = [], 0
+    while i < len(ids):
+        n = int(torch.randint(1, most + 1, (1,), generator=g))
+        out.append(ids[i : i + n])
+        i += n
+    return out
+
+
+def _feed_chunks(stepper: PoolStepper, slot: int, chunks: list[list[int]], prev=None) -> tuple[torch.Tensor, torch.Tensor]:
+    nll = []
+    for chunk in chunks:
+        (res,) = stepper.step([slot], [chunk], [prev])
+        nll.append(res.nll)
+        prev = res.last_logits
+    return torch.cat(nll), prev
+
+
+def _nll_from_logits(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    lp = torch.log_softmax(logits.float(), -1)
+    return -lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def _slot_copy(pool: KVPool, slot: int):
+    return [(k[slot].clone(), v[slot].clone()) for k, v in zip(pool.keys, pool.values)], pool.seen[slot], pool.base[slot]
+
+
+def _same_slot(pool: KVPool, slot: int, saved) -> bool:
+    tensors, seen, base = saved
+    return (pool.seen[slot], pool.base[slot]) == (seen, base) and all(
+        torch.equal(k[slot], k0) and torch.equal(v[slot], v0) for (k, v), (k0, v0) in zip(zip(pool.keys, pool.values), tensors)
+    )
+
+
+@pytest.mark.parametrize("arch", EXACT)
+def test_pool_matches_sink_cache_and_reference(tiny_lm, arch):
+    """One slot fed ragged chunks == SinkModel one token at a time (1e-4) == the independent reference (1e-4)."""
+    lm = tiny_lm(arch)
+    ids = _ids(90 if arch != "gpt2" else 60)
+    pool = KVPool(lm, 2, S, W, max_chunk=C)
+    stepper = PoolStepper(pool)
+    slot = pool.allocate()
+    ours, _ = _feed_chunks(stepper, slot, _ragged(ids))
+    runner = SinkModel(lm)
+    single, _ = runner.nll(runner.new_cache(S, W, max_chunk=1), ids)
+    assert (ours[1:] - single[1:]).abs().max() < 1e-4
+    ref = _nll_from_logits(reference_logits(lm, torch.tensor(ids), S, W), ids)
+    assert (ours[1:] - ref).abs().max() < 1e-4
+    assert pool.seen[slot] == len(ids)
+    if lm.arch.positions == "rope":
+        assert pool.base[slot] > 0  # frames moved along the way
+
+
+@pytest.mark.parametrize("mode", ["auto", "loop", "batched"])
+@pytest.mark.parametrize("arch", EXACT)
+def test_batch_composition_independence(tiny_lm, arch, mode):
+    """A stream stepped inside a ragged batch gives the same NLLs (<= 1e-5) as stepped alone: streams before the
+    sinks fill, before and after eviction, with frame moves inside the batch, slots out of order and with gaps."""
+    lm = tiny_lm(arch)
+    histories = [0, 2, 9, 15, 26, 40]
+    pool = KVPool(lm, 2 * len(histories) + 1, S, W, max_chunk=C)
+    stepper = PoolStepper(pool, mode=mode)
+    batch_slots, alone_slots, prev_b, prev_a = [], [], [], []
+    for k, n in enumerate(histories):
+        hist = _ids(n, seed=10 + k)
+        a, b = pool.allocate(), pool.allocate()  # interleaved: the batch's slots have gaps
+        pa = pb = None
+        if n:
+            pa = stepper.feed(a, hist).last_logits
+            pb = stepper.feed(b, hist).last_logits
+        batch_slots.append(a)
+        alone_slots.append(b)
+        prev_b.append(pa)
+        prev_a.append(pb)
+    order = [3, 0, 5, 1, 4, 2]  # callers' order differs from slot order
+    g = torch.Generator().manual_seed(7)
+    moved = 0
+    worst = 0.0
+    for rnd in range(12):
+        lengths = [1] * len(order) if rnd == 4 else torch.randint(1, C + 1, (len(order),), generator=g).tolist()
+        chunks = [_ids(n, seed=100 * rnd + k) for k, n in zip(order, lengths)]
+        bases = [pool.base[batch_slots[k]] for k in order]
+        batched = stepper.step([batch_slots[k] for k in order], chunks, [prev_b[k] for k in order])
+        moved += sum(pool.base[batch_slots[k]] != b0 for k, b0 in zip(order, bases))
+        for k, chunk, res in zip(order, chunks, batched):
+            (alone,) = stepper.step([alone_slots[k]], [chunk], [prev_a[k]])
+            assert pool.seen[batch_slots[k]] == pool.seen[alone_slots[k]]
+            assert pool.base[batch_slots[k]] == pool.base[alone_slots[k]]
+            both = ~torch.isnan(alone.nll)
+            assert torch.equal(both, ~torch.isnan(res.nll))
+            worst = max(worst, float((res.nll[both] - alone.nll[both]).abs().max()) if both.any() else 0.0)
+            worst = max(worst, float((res.last_logits - alone.last_logits).abs().max()))
+            prev_b[k], prev_a[k] = res.last_logits, alone.last_logits
+    assert worst <= 1e-5, worst
+    if lm.arch.positions == "rope":
+        assert moved >= 3  # frame moves happened inside batched steps
+
+
+def test_batched_path_gathers_scattered_slots(tiny_lm):
+    """Slots far apart (span > 2x the batch) take the gather branch of the batched path; same results."""
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 12, S, W, max_chunk=C)
+    slots = [pool.allocate() for _ in range(12)]
+    loop, batched = PoolStepper(pool, mode="loop"), PoolStepper(pool, mode="batched")
+    hist = _ids(30, seed=3)
+    for s in slots:
+        loop.feed(s, hist)
+    chunks = [_ids(5, seed=4), _ids(3, seed=5)]
+    a = batched.step([slots[0], slots[11]], chunks)
+    assert batched.plan([slots[1], slots[10]], [5, 3])[0]._rows(pool.keys[0])[0] == "gather"
+    b = loop.step([slots[1], slots[10]], chunks)
+    for x, y in zip(a, b):
+        assert (x.nll[1:] - y.nll[1:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
+def test_slot_snapshot_round_trip_is_bit_exact(tiny_lm, arch):
+    lm = tiny_lm(arch)
+    pool = KVPool(lm, 3, S, W, max_chunk=C)
+    stepper = PoolStepper(pool)
+    slot = pool.allocate()
+    ids = _ids(70 if arch != "gpt2" else 45)
+    _feed_chunks(stepper, slot, _ragged(ids[:37], seed=2))
+    blob = pool.snapshot(slot, extra={"offset": 37}, tensors={"last": torch.arange(3.0)})
+    header = read_header(blob)
+    assert (header["seen"], header["base"], header["sinks"], header["window"]) == (37, pool.base[slot], S, W)
+    twin, extra, tensors = pool.restore(blob)
+    assert twin != slot and extra == {"offset": 37} and torch.equal(tensors["last"], torch.arange(3.0))
+    a, b = pool.slot_tensors(slot), pool.slot_tensors(twin)
+    assert all(torch.equal(x, y) for la, lb in zip(a.layers, b.layers) for x, y in zip(la, lb))
+    rest = _ragged(ids[37:], seed=3)
+    straight, _ = _feed_chunks(stepper, slot, rest)
+    resumed, _ = _feed_chunks(stepper, twin, rest)
+    assert torch.equal(straight[1:], resumed[1:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sink_cache_snapshots_and_slots_are_interchangeable(tiny_lm, arch):
+    """A SinkCache snapshot restores into a slot and a slot snapshot into a SinkCache, tensors bit for bit."""
+    lm = tiny_lm(arch)
+    runner = SinkModel(lm)
+    ids = _ids(60 if arch != "gpt2" else 45, seed=9)
+    cache = runner.new_cache(S, W, max_chunk=C)
+    runner.step(cache, ids[:33])
+    pool = KVPool(lm, 2, S, W, max_chunk=C)
+    stepper = PoolStepper(pool)
+    slot, _, _ = pool.restore(dump_cache(cache))
+    trimmed = [layer.trimmed() for layer in cache.layers]
+    state = pool.slot_tensors(slot)
+    assert (state.seen, state.base) == (cache.seen, cache.base)
+    assert all(torch.equal(x, y) for lt, ls in zip(trimmed, state.layers) for x, y in zip(lt, ls))
+    back, _, _ = load_cache(lm, serialize_slot(lm, state))
+    assert all(torch.equal(x, y) for lb, ls in zip(back.layers, state.layers) for x, y in zip((lb.keys, lb.values), ls))
+    rest = ids[33:]
+    ours, _ = _feed_chunks(stepper, slot, _ragged(rest, seed=4))
+    theirs, _ = runner.nll(cache, rest)
+    assert (ours[1:] - theirs[1:]).abs().max() < 1e-5
+
+
+def test_restore_refuses_other_geometry(tiny_lm):
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 2, S, W, max_chunk=C)
+    slot = pool.allocate()
+    PoolStepper(pool).feed(slot, _ids(20))
+    other = KVPool(lm, 1, S, W - 2, max_chunk=C)
+    with pytest.raises(SnapshotError, match=r"sinks=4, window=12; this pool has sinks=4, window=10"):
+        other.restore(pool.snapshot(slot))
+    assert other.free_slots == 1  # nothing allocated by the failed restore
+    blob = bytearray(pool.snapshot(slot))
+    blob[-10] ^= 0xFF
+    with pytest.raises(SnapshotError, match="corrupt"):
+        pool.restore(bytes(blob))
+
+
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_failed_step_leaves_every_slot_untouched(tiny_lm, mode):
+    """A forward that raises mid-way (after layer 0 wrote keys and moved a frame) restores every slot."""
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 4, S, W, max_chunk=C)
+    stepper = PoolStepper(pool, mode=mode)
+    slots = [pool.allocate() for _ in range(3)]
+    for s, n in zip(slots, (3, 20, 27)):
+        stepper.feed(s, _ids(n, seed=s))
+    chunks = [_ids(2, seed=1), _ids(5, seed=2), _ids(8, seed=3)]
+    plan, _ = stepper.plan(slots, [len(c) for c in chunks])
+    assert plan.shifts  # the step moves a frame: re-rotated keys must be restored too
+    before = [_slot_copy(pool, s) for s in slots]
+    layer1 = lm.model.base_model.layers[1]
+
+    def boom(module, args):
+        raise RuntimeError("injected failure in layer 1")
+
+    handle = layer1.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            stepper.step(slots, chunks)
+    finally:
+        handle.remove()
+    assert all(_same_slot(pool, s, b) for s, b in zip(slots, before))
+    with pytest.raises(IndexError):  # out-of-vocabulary id fails inside the model, before any layer
+        stepper.step(slots, [chunks[0], chunks[1], [1, VOCAB + 5]])
+    assert all(_same_slot(pool, s, b) for s, b in zip(slots, before))
+    # and the slots still step exactly like untouched twins
+    twins = [pool.fork(slots[0])]
+    a = stepper.step([slots[0]], [chunks[0]])[0]
+    b = stepper.step([twins[0]], [chunks[0]])[0]
+    assert torch.equal(a.nll[1:], b.nll[1:])
+
+
+def test_generation_leaves_the_slot_bit_identical(tiny_lm):
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 3, S, W, max_chunk=C)
+    stepper = PoolStepper(pool)
+    slot = pool.allocate()
+    ids = _ids(50)
+    last = stepper.feed(slot, ids[:30]).last_logits
+    saved = _slot_copy(pool, slot)
+    free = pool.free_slots
+    generated = stepper.generate(slot, prompt=[1, 2, 3], max_new_tokens=20)
+    assert len(generated) == 20 and all(0 <= g < VOCAB for g in generated)
+    assert _same_slot(pool, slot, saved) and pool.free_slots == free
+    runner = SinkModel(lm)
+    cache = runner.new_cache(S, W, max_chunk=C)
+    runner.step(cache, ids[:30])
+    assert generated == runner.generate(cache, [1, 2, 3], 20)
+    assert stepper.generate(slot, [], 5, last_logits=last)[0] == int(last.argmax())
+    stop_at = generated[2]
+    assert stepper.generate(slot, [1, 2, 3], 20, stop=lambda t: t == stop_at)[-1] == stop_at
+
+
+@pytest.mark.parametrize("arch", FALLBACK)
+def test_falcon_and_mpt_keep_the_one_stream_path(tiny_lm, arch):
+    with pytest.raises(ValueError, match="computes attention in its own code; use the one-stream SinkCache path"):
+        KVPool(tiny_lm(arch), 2, S, W)
+
+
+def test_slots_capacity_and_sizing(tiny_lm):
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 3, S, W, max_chunk=C)
+    per_slot = sum(t.nbytes for t in pool.keys + pool.values) // pool.capacity
+    assert bytes_per_slot(lm, S, W, C) == per_slot == 2 * 2 * 2 * (S + W + C - 1) * 16 * 4
+    assert bytes_per_slot(lm, S, W, C, torch.bfloat16) == per_slot // 2
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    assert (a, b, c) == (0, 1, 2)
+    with pytest.raises(RuntimeError, match="all 3 slots are in use"):
+        pool.allocate()
+    pool.free(b)
+    assert pool.allocate() == 1
+    with pytest.raises(ValueError, match="expected an allocated slot"):
+        pool.free(7)
+    with pytest.raises(ValueError, match="bounded window"):
+        KVPool(lm, 1, S, None)
+
+
+def test_step_arguments_are_checked(tiny_lm):
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 3, S, W, max_chunk=C)
+    stepper = PoolStepper(pool)
+    a, b = pool.allocate(), pool.allocate()
+    with pytest.raises(ValueError, match="distinct slots"):
+        stepper.step([a, a], [[1], [2]])
+    with pytest.raises(ValueError, match=r"chunk length must be in 1..8, got 9"):
+        stepper.step([a], [list(range(9))])
+    with pytest.raises(ValueError, match="expected an allocated slot"):
+        stepper.step([2], [[1]])
+    with pytest.raises(ValueError, match="one id list per slot"):
+        stepper.step([a, b], [[1]])
+
+
+def test_sliced_logits_equal_full_logits(tiny_lm):
+    """NLLs come from lm_head slices; any slice size gives the same numbers as the full logits."""
+    lm = tiny_lm("qwen2")
+    ids = [_ids(n, seed=n) for n in (7, 3, 8)]
+    results = {}
+    for rows in (2, 256):
+        pool = KVPool(lm, 3, S, W, max_chunk=C)
+        stepper = PoolStepper(pool, slice_rows=rows)
+        slots = [pool.allocate() for _ in ids]
+        for s in slots:
+            stepper.feed(s, _ids(25, seed=s))
+        results[rows] = stepper.step(slots, ids, full_logits=rows == 256)
+    for small, full, chunk in zip(results[2], results[256], ids):
+        torch.testing.assert_close(small.nll, full.nll, atol=1e-6, rtol=0, equal_nan=True)
+        torch.testing.assert_close(full.nll[1:], _nll_from_logits(full.logits, chunk), atol=1e-6, rtol=0)
+        assert torch.equal(full.logits[-1], full.last_logits)
