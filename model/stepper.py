@@ -62,20 +62,36 @@ class SinkModel:
 
     @torch.inference_mode()
     def nll(self, cache: SinkCache, ids: Sequence[int], prev_logits: torch.Tensor | None = None):
-        """Feed ids; return (nll, logits): nll[j] = -log p(ids[j] | everything before it) in nats.
+        """Feed ids; return (nll, last_logits): nll[j] = -log p(ids[j] | everything before it) in nats.
 
         `prev_logits` (vocab,) are the logits after the token before `ids[0]`; without them `nll[0]` is NaN
-        (the first token of a stream has no prediction). `logits[-1]` predicts the next, unseen token.
+        (the first token of a stream has no prediction). `last_logits` (vocab,) predict the next, unseen token
+        (None when `ids` is empty).
+
+        Memory is bounded by one forward pass: each chunk's logits are reduced to NLLs before the next chunk
+        runs, so a record of any length never holds a (tokens, vocab) tensor. The per-chunk split is the one
+        `step` makes, so the values equal scoring `step(cache, ids)` in one piece (the softmax is per row).
+        If a forward pass raises, the cache is rolled back as in `step`.
         """
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
-        logits = self.step(cache, ids_t)
-        logprobs = torch.log_softmax(logits, dim=-1)
         out = torch.full((ids_t.numel(),), float("nan"))
-        if ids_t.numel() > 1:
-            out[1:] = -logprobs[:-1].gather(1, ids_t[1:, None])[:, 0].cpu()
-        if prev_logits is not None and ids_t.numel():
-            out[0] = -torch.log_softmax(prev_logits.float(), -1)[ids_t[0]].cpu()
-        return out, logits
+        last = prev_logits
+        before = cache.state()
+        try:
+            for start in range(0, ids_t.numel(), cache.max_chunk):
+                piece = ids_t[start : start + cache.max_chunk]
+                logits = self._forward(cache, piece)  # (C, vocab) float32
+                if last is not None:  # the token before the chunk predicts its first token
+                    out[start] = -torch.log_softmax(last.float(), -1)[piece[0]].cpu()
+                if piece.numel() > 1:
+                    logprobs = torch.log_softmax(logits[:-1], dim=-1)  # (C - 1, vocab)
+                    out[start + 1 : start + piece.numel()] = -logprobs.gather(1, piece[1:, None])[:, 0].cpu()
+                last = logits[-1]
+        except BaseException:
+            cache.abort()
+            cache.restore(before)
+            raise
+        return out, (None if last is prev_logits else last)
 
     @torch.inference_mode()
     def generate(
