@@ -59,6 +59,23 @@ class CacheSettings(_Section):
     chunk: int = Field(64, ge=1)
 
 
+    # Dedicated sink token (issue 13; Xiao et al. 2023, sec. 3.3), off (null) by default: an id (int) or the
+    # token's text (str, e.g. "<|sink|>", which must map to exactly one token). It is fed first into every new
+    # stream's cache (also after `sinkstream-reset`), never scored, and kept as a sink; use `sinks: 1` with a
+    # model pre-trained with that token (`sinkstream pretrain`). See pipeline/service/sink_token.py.
+    sink_token: int | str | None = None
+
+    @field_validator("sink_token")
+    @classmethod
+    def _sink_token(cls, v: int | str | None) -> int | str | None:
+        # Environment variables arrive as text: a decimal string is a token id, anything else the token's text.
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"expected a token id >= 0 or the token's text, got {v}")
+        if isinstance(v, str) and not v:
+            raise ValueError("expected a token id or the token's text, got an empty string (use null for off)")
+        return v
 class KafkaSettings(_Section):
     # Comma-separated `host:port` list. Empty means: use the embedded stack from `sinkstream stack up`.
     bootstrap_servers: str = ""

@@ -34,15 +34,15 @@ class StudyConfig(BaseModel):
     seq_len: int = Field(256, ge=8)  # text tokens per training sample (the sink variant adds one input position)
     batch_size: int = Field(16, ge=1)
     # optimisation: AdamW, linear warm-up then cosine decay to `min_lr_ratio * lr`
-    steps: int = Field(700, ge=1)
+    steps: int = Field(450, ge=1)
     lr: float = Field(2e-3, gt=0.0)
-    warmup: int = Field(70, ge=0)
+    warmup: int = Field(45, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.1, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     seed: int = 0
     # bookkeeping: checkpoint every `save_every` steps; validation loss and attention share `probes` times
-    save_every: int = Field(100, ge=1)
+    save_every: int = Field(50, ge=1)
     probes: int = Field(8, ge=1)
     probe_samples: int = Field(16, ge=1)
     # evaluation: total cache W (sinks + window = W), tokens per held-out stream, chunk per forward pass

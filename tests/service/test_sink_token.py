@@ -1,0 +1,97 @@
+"""`cache.sink_token`: resolving the setting and priming a new stream's cache with it (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from model.loader import wrap_model
+from model.snapshot import dump_cache, load_cache
+from model.stepper import SinkModel
+from pipeline.service.sink_token import SinkTokenError, prime_sink_token, resolve_sink_token
+from pipeline.settings import CacheSettings
+from pipeline.training.tokenizer import SINK_TOKEN, train_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog\n" * 20 + "2025-01-01 12:00:00 INFO worker 7 started\n" * 20
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = train_tokenizer([TEXT], 300)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # sharpen attention so that which keys are visible matters
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name:
+                p.mul_(3.0)
+    return wrap_model(model, tokenizer)
+
+
+def test_setting_accepts_ids_text_and_off() -> None:
+    assert CacheSettings().sink_token is None
+    assert CacheSettings(sink_token=3).sink_token == 3
+    assert CacheSettings(sink_token="7").sink_token == 7  # environment variables arrive as text
+    assert CacheSettings(sink_token="<|sink|>").sink_token == "<|sink|>"
+    with pytest.raises(ValueError, match="token id >= 0"):
+        CacheSettings(sink_token=-1)
+
+
+def test_resolve(tiny) -> None:
+    vocab = len(tiny.tokenizer)
+    sink = tiny.tokenizer.convert_tokens_to_ids(SINK_TOKEN)
+    assert resolve_sink_token(tiny.tokenizer, None, vocab) is None
+    assert resolve_sink_token(tiny.tokenizer, SINK_TOKEN, vocab) == sink
+    assert resolve_sink_token(tiny.tokenizer, 5, vocab) == 5
+    with pytest.raises(SinkTokenError, match="exactly one token"):
+        resolve_sink_token(tiny.tokenizer, "the quick brown fox", vocab)
+    with pytest.raises(SinkTokenError, match=f"0..{vocab - 1}"):
+        resolve_sink_token(tiny.tokenizer, vocab, vocab)
+    with pytest.raises(SinkTokenError):
+        resolve_sink_token(tiny.tokenizer, True, vocab)
+
+
+def test_primed_stream_keeps_the_sink_token_and_scores_as_if_it_were_the_first_token(tiny) -> None:
+    runner = SinkModel(tiny)
+    sink = resolve_sink_token(tiny.tokenizer, SINK_TOKEN, len(tiny.tokenizer))
+    ids = tiny.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:120]
+    primed = runner.new_cache(sinks=1, window=16, max_chunk=8)
+    prime_sink_token(runner, primed, sink)
+    assert primed.seen == 1
+    sink_keys = [layer.keys[..., :1, :].clone() for layer in primed.layers]
+    nll, _ = runner.nll(primed, ids)
+    assert torch.isnan(nll[0]), "the stream's first text token stays unscored, as without a sink token"
+    # the same stream fed in one piece with the sink token in front: identical NLLs for the text tokens
+    whole = runner.new_cache(sinks=1, window=16, max_chunk=8)
+    reference, _ = runner.nll(whole, [sink] + ids)
+    torch.testing.assert_close(nll[1:], reference[2:], rtol=0, atol=1e-5)
+    # after 120 tokens through a 1 + 16 cache the sink token is still the cache's first entry, unchanged
+    assert primed.seen == 121
+    for layer, keys in zip(primed.layers, sink_keys):
+        torch.testing.assert_close(layer.keys[..., :1, :], keys, rtol=0, atol=0)
+    # and it matters: without it (plain window of 17) the same text scores differently
+    plain = runner.new_cache(sinks=0, window=17, max_chunk=8)
+    other, _ = runner.nll(plain, ids)
+    assert not torch.allclose(other[40:], nll[40:], atol=1e-3)
+
+
+def test_sink_token_survives_a_snapshot(tiny) -> None:
+    runner = SinkModel(tiny)
+    ids = tiny.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:80]
+    cache = runner.new_cache(sinks=1, window=16, max_chunk=8)
+    prime_sink_token(runner, cache, 1)
+    runner.nll(cache, ids[:50])
+    restored, _, _ = load_cache(tiny, dump_cache(cache))
+    a, _ = runner.nll(cache, ids[50:])
+    b, _ = runner.nll(restored, ids[50:])
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_priming_needs_a_new_cache(tiny) -> None:
+    runner = SinkModel(tiny)
+    cache = runner.new_cache(sinks=1, window=16)
+    runner.step(cache, [3, 4])
+    with pytest.raises(ValueError, match="new cache"):
+        prime_sink_token(runner, cache, 1)
