@@ -1,5 +1,6 @@
-"""Offline checks of deploy/: Kubernetes schemas (kubernetes-validate, strict), yamllint, and consistency of
-the manifests with each other, with pipeline.settings and with the Dockerfile."""
+"""Offline checks of the rendered chart's core objects (StatefulSet, Service, PDB, ConfigMap): Kubernetes schemas
+(kubernetes-validate, strict), yamllint, and consistency with each other, with pipeline.settings and with the
+Dockerfile. tests/deploy/test_chart.py covers the variants, the CRD objects, monitoring and broken values."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from pipeline.settings import Settings, load_settings
+from tests.deploy.rendering import CHART, DEPLOY, VARIANTS, by_kind, consumer, container, embedded_config, rendered
+from tests.deploy.rendering import rendered_text
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30.0"  # oldest Kubernetes release the manifests must be valid for
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-EXAMPLE_ONLY = {"secret.example.yaml"}
+EXAMPLE_SECRET = DEPLOY / "examples" / "secret.example.yaml"
 # SINKSTREAM_* variables that are read outside Settings (see pipeline.settings / pipeline.evaluation.datasets).
 NON_SETTINGS_ENV = {"SINKSTREAM_HOME", "SINKSTREAM_CONFIG", "SINKSTREAM_LOGHUB"}
+# YAML files that are Go templates, not YAML: they are linted after rendering instead.
+TEMPLATES = CHART / "templates"
+PLAIN_YAML = sorted(p for p in DEPLOY.rglob("*.yaml") if TEMPLATES not in p.parents)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -33,20 +36,12 @@ def _load(path: Path) -> dict[str, Any]:
     return docs[0]
 
 
-def _by_kind(kind: str) -> dict[str, Any]:
-    found = [doc for doc in map(_load, MANIFESTS) if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind} in deploy/k8s, got {len(found)}"
-    return found[0]
-
-
 def _container() -> dict[str, Any]:
-    containers = _by_kind("StatefulSet")["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1, f"expected one container, got {[c['name'] for c in containers]}"
-    return containers[0]
+    return container("default")
 
 
 def _embedded_config() -> str:
-    return _by_kind("ConfigMap")["data"]["config.yaml"]
+    return embedded_config("default")
 
 
 @pytest.fixture
@@ -60,9 +55,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def _settings_from_configmap(tmp_path: Path) -> Settings:
+def _settings_from_configmap(tmp_path: Path, variant: str = "default") -> Settings:
     path = tmp_path / "config.yaml"
-    path.write_text(_embedded_config())
+    path.write_text(embedded_config(variant))
     return load_settings(path)
 
 
@@ -93,23 +88,34 @@ def settings_field_for_env(name: str) -> str:
 # --- syntax and schema ---------------------------------------------------------------------------------
 
 
-def test_manifest_set_is_complete() -> None:
-    names = {p.name for p in K8S.glob("*.yaml")}
-    expected = {"configmap.yaml", "secret.example.yaml", "statefulset.yaml", "service.yaml", "pdb.yaml",
-                "kustomization.yaml"}
-    assert expected <= names, f"missing {sorted(expected - names)}"
+def test_chart_renders_the_core_objects() -> None:
+    kinds = sorted(d["kind"] for d in rendered("default"))
+    assert kinds == ["ConfigMap", "PodDisruptionBudget", "Service", "StatefulSet"], kinds
+    assert "namespace" not in rendered_text("default"), "manifests must stay namespace-agnostic"
 
 
-@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.yaml")) + [DEPLOY / ".yamllint"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PLAIN_YAML + [DEPLOY / ".yamllint"], ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_yamllint_clean(path: Path) -> None:
     conf = YamlLintConfig(file=str(DEPLOY / ".yamllint"))
     problems = list(linter.run(path.read_text(), conf, str(path)))
     assert problems == [], "\n".join(f"{path.name}:{p.line}:{p.column} {p.desc} ({p.rule})" for p in problems)
 
 
-def test_yamllint_embedded_config_clean() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_yamllint_rendered_clean(variant: str) -> None:
+    """Whitespace mistakes in templates show up only in the output: lint what Kubernetes will read."""
     conf = YamlLintConfig(file=str(DEPLOY / ".yamllint"))
-    problems = list(linter.run(_embedded_config(), conf))
+    text = rendered_text(variant)
+    problems = list(linter.run(text, conf))
+    lines = text.splitlines()
+    assert problems == [], "\n".join(f"{variant}:{p.line}:{p.column} {p.desc} ({p.rule}): {lines[p.line - 1]!r}"
+                                      for p in problems)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_yamllint_embedded_config_clean(variant: str) -> None:
+    conf = YamlLintConfig(file=str(DEPLOY / ".yamllint"))
+    problems = list(linter.run(embedded_config(variant), conf))
     assert problems == [], "\n".join(f"config.yaml:{p.line}:{p.column} {p.desc}" for p in problems)
 
 
@@ -118,11 +124,6 @@ def test_yamllint_config_catches_problems() -> None:
     bad = "key: yes\nkey: 1\nlist:\n- a\n  -  b\n" + "x: " + "y" * 130 + "\n"
     rules = {p.rule for p in linter.run(bad, conf)}
     assert {"truthy", "key-duplicates", "line-length"} <= rules
-
-
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_matches_kubernetes_schema_strict(path: Path) -> None:
-    assert kubernetes_validate.validate(_load(path), K8S_VERSION, strict=True) == "1.30"
 
 
 @pytest.mark.parametrize(
@@ -135,24 +136,17 @@ def test_manifest_matches_kubernetes_schema_strict(path: Path) -> None:
     ids=["unknown-field", "wrong-type", "missing-required"],
 )
 def test_schema_validation_can_fail(mutate: Any) -> None:
-    doc = copy.deepcopy(_by_kind("StatefulSet"))
+    doc = copy.deepcopy(consumer("default"))
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     mutate(doc)
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
-    kustomization = _load(K8S / "kustomization.yaml")
-    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
-    assert kustomization["kind"] == "Kustomization"
-    assert "namespace" not in kustomization, "manifests must stay namespace-agnostic"
-    resources = kustomization["resources"]
-    assert len(resources) == len(set(resources))
-    assert all((K8S / r).is_file() for r in resources), resources
-    assert set(resources) == {p.name for p in MANIFESTS} - EXAMPLE_ONLY
-    assert not any("namespace" in _load(p)["metadata"] for p in MANIFESTS)
-    image_names = {entry["name"] for entry in kustomization["images"]}
-    assert _container()["image"].split(":")[0] in image_names
+def test_example_secret_is_valid_and_not_rendered() -> None:
+    assert kubernetes_validate.validate(_load(EXAMPLE_SECRET), K8S_VERSION, strict=True) == "1.30"
+    for variant in VARIANTS:
+        assert all(d["kind"] != "Secret" for d in rendered(variant)), f"{variant}: the chart must never own Secrets"
 
 
 # --- config and settings -------------------------------------------------------------------------------
@@ -164,6 +158,7 @@ def test_configmap_config_loads_into_settings(clean_env: pytest.MonkeyPatch, tmp
     assert settings.service.metrics_port == 9108
     assert settings.kafka.bootstrap_servers and "localhost" not in settings.kafka.bootstrap_servers
     assert settings.redis.url.startswith("redis://") and "localhost" not in settings.redis.url
+    assert settings.service.metrics_host == "0.0.0.0", "the pod must listen on its pod IP (NetworkPolicy guards it)"
     # Secrets come from the Secret via env vars, never from the ConfigMap.
     assert settings.redis.password is None
     assert settings.kafka.sasl_password is None
@@ -188,8 +183,9 @@ def unknown_config_keys(config: dict[str, Any]) -> list[str]:
     return unknown
 
 
-def test_configmap_config_has_no_unknown_keys() -> None:
-    assert unknown_config_keys(yaml.safe_load(_embedded_config())) == []
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_configmap_config_has_no_unknown_keys(variant: str) -> None:
+    assert unknown_config_keys(yaml.safe_load(embedded_config(variant))) == []
 
 
 def test_config_key_check_can_fail(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -201,8 +197,9 @@ def test_config_key_check_can_fail(clean_env: pytest.MonkeyPatch, tmp_path: Path
         load_settings(path)
 
 
-def test_statefulset_env_vars_are_settings_fields() -> None:
-    names = [e["name"] for e in _container()["env"]]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_statefulset_env_vars_are_settings_fields(variant: str) -> None:
+    names = [e["name"] for e in container(variant)["env"]]
     assert "SINKSTREAM_KAFKA__GROUP_INSTANCE_ID" in names
     assert "POD_NAME" in names
     for name in names:
@@ -224,9 +221,10 @@ def test_env_name_check_accepts_real_fields() -> None:
     assert settings_field_for_env("SINKSTREAM_SERVICE__METRICS_PORT") == "service.metrics_port"
 
 
-def test_pod_environment_loads_with_configmap(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["default", "prod"])
+def test_pod_environment_loads_with_configmap(variant: str, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Set the variables as the kubelet would (downward API, Secret) and load the mounted config."""
-    for env in _container()["env"]:
+    for env in container(variant)["env"]:
         source = env.get("valueFrom", {})
         if "fieldRef" in source:
             assert source["fieldRef"]["fieldPath"] == "metadata.name"
@@ -236,18 +234,24 @@ def test_pod_environment_loads_with_configmap(clean_env: pytest.MonkeyPatch, tmp
         else:
             value = env["value"]
         clean_env.setenv(env["name"], value)
-    settings = _settings_from_configmap(tmp_path)
+    settings = _settings_from_configmap(tmp_path, variant)
     assert settings.kafka.group_instance_id == "sinkstream-0"
     assert settings.redis.password is not None
     assert settings.redis.password.get_secret_value() == "secret-redis-password"
-    assert settings.kafka.sasl_password is not None
-    assert settings.kafka.sasl_password.get_secret_value() == "secret-kafka-sasl-password"
+    if variant == "prod":  # SASL_SSL: the password arrives only where SASL is on
+        assert settings.kafka.sasl_password is not None
+        assert settings.kafka.sasl_password.get_secret_value() == "secret-kafka-sasl-password"
+        assert settings.kafka.ssl_cafile == "/etc/sinkstream-secrets/kafka/ca.crt"
+        assert settings.redis.ssl_ca_certs == "/etc/sinkstream-secrets/redis/ca.crt"
+    else:
+        assert settings.kafka.sasl_password is None
 
 
-def test_secret_refs_exist_in_example_secret() -> None:
-    secret = _by_kind("Secret")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_secret_refs_exist_in_example_secret(variant: str) -> None:
+    secret = _load(EXAMPLE_SECRET)
     assert all(v.startswith("CHANGE-ME") for v in secret["stringData"].values()), "example must hold placeholders"
-    for env in _container()["env"]:
+    for env in container(variant)["env"]:
         ref = env.get("valueFrom", {}).get("secretKeyRef")
         if ref:
             assert ref["name"] == secret["metadata"]["name"]
@@ -265,14 +269,15 @@ def test_container_port_equals_config_metrics_port(clean_env: pytest.MonkeyPatch
     for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path and get["port"] in ("metrics", port), f"{probe}: {get}"
-    annotations = _by_kind("StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    annotations = consumer("default")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(port)
-    service_ports = _by_kind("Service")["spec"]["ports"]
+    service_ports = by_kind("default", "Service", "sinkstream")["spec"]["ports"]
     assert [(p["port"], p["targetPort"]) for p in service_ports] == [(port, "metrics")]
 
 
 def test_selectors_and_names_line_up() -> None:
-    sts, service, pdb = _by_kind("StatefulSet"), _by_kind("Service"), _by_kind("PodDisruptionBudget")
+    sts, service = consumer("default"), by_kind("default", "Service", "sinkstream")
+    pdb = by_kind("default", "PodDisruptionBudget")
     labels = sts["spec"]["template"]["metadata"]["labels"]
     for selector in (sts["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
                      pdb["spec"]["selector"]["matchLabels"]):
@@ -280,7 +285,7 @@ def test_selectors_and_names_line_up() -> None:
     assert sts["spec"]["serviceName"] == service["metadata"]["name"]
     assert service["spec"]["clusterIP"] == "None", "the StatefulSet's governing Service must be headless"
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["config"]["configMap"]["name"] == _by_kind("ConfigMap")["metadata"]["name"]
+    assert volumes["config"]["configMap"]["name"] == by_kind("default", "ConfigMap")["metadata"]["name"]
     mount = {m["name"]: m["mountPath"] for m in _container()["volumeMounts"]}
     config_file = f"{mount['config']}/{volumes['config']['configMap']['items'][0]['path']}"
     args = _container()["args"]
@@ -288,7 +293,7 @@ def test_selectors_and_names_line_up() -> None:
 
 
 def test_pod_is_locked_down_and_gets_a_gpu() -> None:
-    pod = _by_kind("StatefulSet")["spec"]["template"]["spec"]
+    pod = consumer("default")["spec"]["template"]["spec"]
     container = _container()
     assert pod["terminationGracePeriodSeconds"] >= 60, "SIGTERM handling checkpoints before exit; give it time"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -331,7 +336,7 @@ def test_dockerfile_matches_the_manifests(clean_env: pytest.MonkeyPatch, tmp_pat
     assert "sinkstream model prepare" in runs
     assert any("SINKSTREAM_HOME=/opt/sinkstream" in a for i, a in steps if i == "ENV")
     user = [a for i, a in steps if i == "USER"][-1]
-    run_as = _by_kind("StatefulSet")["spec"]["template"]["spec"]["securityContext"]
+    run_as = consumer("default")["spec"]["template"]["spec"]["securityContext"]
     assert user == f"{run_as['runAsUser']}:{run_as['runAsGroup']}"
     exposed = [a for i, a in steps if i == "EXPOSE"]
     assert exposed == [str(_settings_from_configmap(tmp_path).service.metrics_port)]
