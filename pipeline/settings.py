@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pipeline.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -47,7 +49,7 @@ class ModelSettings(_Section):
     # `auto`: bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU threads for torch; 0 keeps torch's default.
-    threads: int = 0
+    threads: int = Field(0, ge=0)
 
 
 class CacheSettings(_Section):
@@ -57,8 +59,6 @@ class CacheSettings(_Section):
     window: int = Field(1020, ge=1)
     # Tokens fed to the model per forward pass; results do not depend on it (exact chunked feed).
     chunk: int = Field(64, ge=1)
-
-
     # Dedicated sink token (issue 13; Xiao et al. 2023, sec. 3.3), off (null) by default: an id (int) or the
     # token's text (str, e.g. "<|sink|>", which must map to exactly one token). It is fed first into every new
     # stream's cache (also after `sinkstream-reset`), never scored, and kept as a sink; use `sinks: 1` with a
@@ -76,15 +76,17 @@ class CacheSettings(_Section):
         if isinstance(v, str) and not v:
             raise ValueError("expected a token id or the token's text, got an empty string (use null for off)")
         return v
+
+
 class KafkaSettings(_Section):
     # Comma-separated `host:port` list. Empty means: use the embedded stack from `sinkstream stack up`.
     bootstrap_servers: str = ""
     # Topic(s) to read text from (comma-separated).
-    input_topic: str = "sinkstream.input"
+    input_topic: str = Field("sinkstream.input", min_length=1)
     # Topic annotations are published to; the record key is the stream key.
-    output_topic: str = "sinkstream.annotations"
+    output_topic: str = Field("sinkstream.annotations", min_length=1)
     # Consumer group; all replicas of the service share it.
-    group_id: str = "sinkstream"
+    group_id: str = Field("sinkstream", min_length=1)
     # Static membership id. Defaults to the pod name (`$POD_NAME`) when set, so restarts do not rebalance.
     group_instance_id: str | None = None
     # Where a partition with no checkpoint and no committed offset starts.
@@ -92,9 +94,9 @@ class KafkaSettings(_Section):
     # Most records returned by one poll; chunking never depends on it.
     max_poll_records: int = Field(256, ge=1)
     # Session timeout of the consumer group, in milliseconds.
-    session_timeout_ms: int = 30000
+    session_timeout_ms: int = Field(30000, gt=0)
     # Maximum time between polls before the member is evicted, in milliseconds.
-    max_poll_interval_ms: int = 300000
+    max_poll_interval_ms: int = Field(300000, gt=0)
     # SASL credentials, if the cluster needs them (used with SASL_PLAINTEXT / SASL_SSL).
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
@@ -104,6 +106,19 @@ class KafkaSettings(_Section):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     # CA bundle (PEM file) that signs the brokers' certificates, for SSL / SASL_SSL; empty uses the system's.
     ssl_cafile: str | None = None
+    # Topic that also receives a copy of every record that got an `error` annotation (with the reasons in the
+    # `sinkstream-reason` header); empty turns the dead-letter copy off.
+    dead_letter_topic: str = ""
+
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        for server in (s.strip() for s in v.split(",") if s.strip()):
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected 'host:port[,host:port]' with ports 1-65535, got {server!r} in it")
+        return v
 
 
 class RedisSettings(_Section):
@@ -112,9 +127,17 @@ class RedisSettings(_Section):
     # Password, if Redis requires one (kept out of the URL so it never gets logged).
     password: SecretStr | None = None
     # Prefix for every key sinkstream writes.
-    key_prefix: str = "sinkstream"
+    key_prefix: str = Field("sinkstream", min_length=1)
     # Socket timeout for Redis calls, in seconds.
-    socket_timeout_s: float = 10.0
+    socket_timeout_s: float = Field(10.0, gt=0)
+
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a URL starting with redis://, rediss:// or unix:// (or empty for the embedded stack)")
+        return v
 
 
 class CheckpointSettings(_Section):
@@ -124,6 +147,13 @@ class CheckpointSettings(_Section):
     every_seconds: float = Field(30.0, gt=0)
     # Sleep between snapshot writes of one checkpoint, in milliseconds, so large values do not stall Redis.
     pace_ms: float = Field(0.0, ge=0)
+    # First retry delay after a failed checkpoint (store down), in seconds; doubles per failure ...
+    retry_initial_s: float = Field(0.5, gt=0)
+    # ... up to this cap.
+    retry_max_s: float = Field(15.0, gt=0)
+    # While checkpoints fail, a partition keeps processing until it holds this many records not covered by a
+    # checkpoint, then pauses until one goes through (bounds replay work and memory during a Redis outage).
+    max_uncheckpointed_records: int = Field(2000, ge=1)
 
 
 class ScoreSettings(_Section):
@@ -150,9 +180,26 @@ class ServiceSettings(_Section):
     # Most stream sessions kept in memory; colder ones are spilled to Redis and reloaded on demand.
     max_resident_streams: int = Field(64, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
-    metrics_port: int = 0
+    metrics_port: int = Field(0, ge=0, le=65535)
     # Bytes of an unterminated line kept before it is scored anyway (guards against endless lines).
-    max_pending_bytes: int = Field(65536, ge=1)
+    max_pending_bytes: int = Field(65536, ge=4)
+    # Address the metrics/health/status HTTP endpoint binds to: 0.0.0.0 in a pod, 127.0.0.1 on a laptop.
+    metrics_host: str = "127.0.0.1"
+    # Tokens the model steps per group of records (many streams together); the service checks SIGTERM,
+    # checkpoint cadence and poll age between groups. Larger groups batch better; smaller answer faster.
+    batch_tokens: int = Field(2048, ge=1, le=1_048_576)
+    # Bytes of one record that are read; the rest is skipped and reported in an `error` annotation.
+    max_record_bytes: int = Field(1_048_576, ge=1)
+    # Tokens of one record that are scored; lines past the budget are skipped and reported (`error`).
+    max_record_tokens: int = Field(8192, ge=1)
+    # Largest annotation published; a `score` annotation's per-line list is cut to fit (`lines_omitted`).
+    # Keep it below the producer's and the topic's message size limit (1 MiB by default).
+    max_annotation_bytes: int = Field(900_000, ge=4096, le=100 * 1024 * 1024)
+    # A stream whose model step failed this many records in a row is quarantined (its records get `error`
+    # annotations without touching the model) until the service restarts.
+    quarantine_after: int = Field(3, ge=1)
+    # Longest wait for one partition's final checkpoint on revoke or shutdown, in seconds.
+    shutdown_checkpoint_s: float = Field(30.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -162,7 +209,7 @@ class Settings(BaseSettings):
 
     # `json` for production log collectors, `console` for humans.
     log_format: Literal["json", "console"] = "json"
-    # Log level name.
+    # Log level name: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     log_level: str = "INFO"
     model: ModelSettings = ModelSettings()
     cache: CacheSettings = CacheSettings()
@@ -195,12 +242,50 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+class UnknownSettingError(UserError, ValueError):
+    """A `SINKSTREAM_*` environment variable names no setting."""
+
+
+ENV_PREFIX = "SINKSTREAM_"
+# SINKSTREAM_* variables read outside `Settings`: the settings file, the home folder, the Loghub samples.
+NON_SETTINGS_ENV = frozenset({"SINKSTREAM_CONFIG", "SINKSTREAM_HOME", "SINKSTREAM_LOGHUB"})
+
+
+def settings_env_names() -> set[str]:
+    """Every `SINKSTREAM_*` variable that sets a field (`SINKSTREAM_LOG_LEVEL`, `SINKSTREAM_CACHE__WINDOW`, ...)."""
+    names = set()
+    for name, info in Settings.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names.add(f"{ENV_PREFIX}{name.upper()}")  # a whole section as JSON
+            names.update(f"{ENV_PREFIX}{name.upper()}__{field.upper()}" for field in section.model_fields)
+        else:
+            names.add(f"{ENV_PREFIX}{name.upper()}")
+    return names
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Raise `UnknownSettingError` naming every `SINKSTREAM_*` variable that matches no setting (a typo would
+    otherwise be silently ignored and the default used)."""
+    environ = os.environ if environ is None else environ
+    known = settings_env_names() | NON_SETTINGS_ENV
+    unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if unknown:
+        raise UnknownSettingError(
+            f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: expected "
+            f"SINKSTREAM_<FIELD> or SINKSTREAM_<SECTION>__<FIELD> naming a setting (see config.yaml), or one of "
+            f"{', '.join(sorted(NON_SETTINGS_ENV))}"
+        )
+
+
 def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
     """Load settings from a YAML file (see module docstring for precedence) plus environment variables.
 
-    Raises FileNotFoundError when an explicitly named file is missing. Field errors come from pydantic and
-    name the field, the expected type and the value that arrived.
+    Raises FileNotFoundError when an explicitly named file is missing, `UnknownSettingError` for a
+    `SINKSTREAM_*` variable that names no setting, and pydantic's ValidationError for a bad value or an
+    unknown key in the file (`describe_validation_error` makes one line of it).
     """
+    check_environment()
     explicit = path or os.environ.get("SINKSTREAM_CONFIG")
     candidate = Path(explicit) if explicit else Path("config.yaml")
     if explicit and not candidate.exists():

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.loader import load_model
-from pipeline.cli.common import add_model_options, non_negative_int, positive_int
+from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation import anomaly_report as ar
 from pipeline.service.session import Engine
-from pipeline.settings import Settings, load_settings, sinkstream_home
+from pipeline.settings import Settings, load_settings
 
 NORMALIZE_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
 
@@ -95,8 +94,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     lines = [text for text, _ in labelled]
     first = _settings(args, False)
     started = time.perf_counter()
-    lm = load_model(first.model.name, first.model.device, first.model.dtype, first.model.threads,
-                    cache_dir=sinkstream_home() / "models")
+    lm = load_model_for_cli(first.model.name, first.model.device, first.model.dtype, first.model.threads)
     passes: list[ar.PassResult] = []
     for normalize in NORMALIZE_CHOICES[args.normalize]:
         engine = Engine(lm, _settings(args, normalize))

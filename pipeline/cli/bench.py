@@ -15,12 +15,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from model.loader import load_model
 from pipeline.bench import streams as bench_streams
 from pipeline.bench import common as benchmarks
-from pipeline.cli.common import add_model_options, int_list, non_negative_int, positive_int
+from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation.plots import Panel, save_figure
-from pipeline.settings import sinkstream_home
 
 BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service")
 
@@ -146,8 +144,7 @@ def _service(lm, args, note):
 
 
 def run(args: argparse.Namespace) -> int:
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
-                    cache_dir=sinkstream_home() / "models")
+    lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
     args.out.mkdir(parents=True, exist_ok=True)
     info = benchmarks.machine(lm)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from model.loader import DEFAULT_MODEL
+from model.loader import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_dir
+from pipeline.errors import UserError
+from pipeline.settings import sinkstream_home
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -74,3 +76,14 @@ def add_model_options(
     if device_and_dtype:
         p.add_argument("--device", default="auto", choices=DEVICES)
         p.add_argument("--dtype", default="auto", choices=DTYPES)
+
+
+def load_model_for_cli(name: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
+    """Load `name` with the converted-model cache under `$SINKSTREAM_HOME/models`; an unknown name, a missing
+    file or a missing model wheel is a `UserError` (one line, exit 2), not a traceback."""
+    cache_dir = sinkstream_home() / "models"
+    try:
+        path = resolve_model_dir(name, cache_dir=cache_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from exc
+    return load_model(str(path), device=device, dtype=dtype, threads=threads, cache_dir=cache_dir)

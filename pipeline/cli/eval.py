@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.loader import load_model
 from pipeline.evaluation import perplexity as ev
-from pipeline.cli.common import add_model_options, int_list, non_negative_int, non_negative_int_list, positive_int
+from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, non_negative_int_list, positive_int
 from pipeline.evaluation.plots import Panel, save_figure
 from pipeline.settings import sinkstream_home
 
@@ -69,7 +68,6 @@ def read_ids(args: argparse.Namespace, tokenizer: Any) -> tuple[list[int], str]:
     path = args.text
     if path is None:
         from pipeline.evaluation.datasets import canterbury
-        from pipeline.settings import sinkstream_home
 
         path = canterbury(sinkstream_home()) / "plrabn12.txt"
     if tokenizer is None:
@@ -171,8 +169,7 @@ def _cache(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
-                    cache_dir=sinkstream_home() / "models")
+    lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     all_ids, source = read_ids(args, lm.tokenizer)
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     args.out.mkdir(parents=True, exist_ok=True)

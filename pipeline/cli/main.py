@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -22,8 +23,16 @@ from pipeline.settings import describe_validation_error
 COMMANDS = (score, model, stack, run, eval, bench, anomaly, demo, pretrain)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`sinkstream score: error: argument --window: ...`), exit 2;
+    the usage stays available through --help. Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sinkstream",
         description=(
             "Run a long-lived language model over endless text streams with a StreamingLLM "

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model.loader import load_model
 from model.policies import POLICIES, score_ids, summarize
-from pipeline.cli.common import add_model_options, non_negative_int, positive_int
-from pipeline.settings import sinkstream_home
+from pipeline.errors import UserError
+from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,16 +49,16 @@ def read_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     if args.ids is not None:
         ids = json.loads(args.ids.read_text())
         if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids):
-            raise SystemExit(f"--ids {args.ids}: expected a JSON list of integers, got {type(ids).__name__}")
+            raise UserError(f"--ids {args.ids}: expected a JSON list of integers, got {type(ids).__name__}")
     else:
         ids = tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     return ids[: args.max_tokens] if args.max_tokens else ids
 
 
 def run(args: argparse.Namespace) -> int:
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
-                    cache_dir=sinkstream_home() / "models")
-    ids = read_ids(args, lm.tokenizer)
+    given = read_ids(args, None) if args.ids is not None else None  # a bad ids file fails before the model loads
+    lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    ids = given if given is not None else read_ids(args, lm.tokenizer)
     out = sys.stdout if str(args.out) == "-" else open(args.out, "w")
     nlls: list[float] = []
     start = time.perf_counter()

@@ -34,15 +34,17 @@ def test_score_rejects_an_unknown_policy(capsys):
 def test_score_rejects_ids_that_are_not_a_list_of_integers(tmp_path, capsys):
     bad = tmp_path / "ids.json"
     bad.write_text('{"ids": [1, 2]}')
-    with pytest.raises(SystemExit, match="expected a JSON list of integers, got dict"):
-        main(["score", "--ids", str(bad), "--policy", "sink", "--out", str(tmp_path / "o.jsonl")])
+    assert main(["score", "--ids", str(bad), "--policy", "sink", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"sinkstream: error: --ids {bad}: expected a JSON list of integers, got dict\n"
 
 
-def test_unknown_model_is_refused_with_what_was_expected(tmp_path):
+def test_unknown_model_is_one_line_with_what_was_expected(tmp_path, capsys):
     ids = tmp_path / "ids.json"
     ids.write_text("[1, 2, 3]")
-    with pytest.raises(ValueError, match="expected one of \\['smollm2-135m'\\], a directory containing config.json"):
-        main(["score", "--ids", str(ids), "--policy", "sink", "--model", "gpt-5", "--out", str(tmp_path / "o")])
+    assert main(["score", "--ids", str(ids), "--policy", "sink", "--model", "gpt-5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sinkstream: error: --model: expected one of ['smollm2-135m'], a directory containing "
+                          "config.json, or a .gguf file; got 'gpt-5'") and err.count("\n") == 1
 
 
 def test_demo_without_the_loghub_samples_fails_cleanly_before_starting_anything(tmp_path, monkeypatch, capsys):
