@@ -52,6 +52,11 @@ class FencedError(StateStoreError):
         )
 
 
+class CorruptStateError(StateStoreError):
+    """Stored state exists but cannot be read (a manifest that is not the expected document). The caller
+    starts the partition afresh and says so; retrying would not help."""
+
+
 class MissingSnapshotError(StateStoreError):
     """A blob key named by a manifest or the spill index does not exist."""
 

@@ -15,8 +15,10 @@ Nothing is thread-safe beyond what the service needs (one polling thread).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,7 @@ class MemorySource:
         self.callbacks = callbacks or PartitionCallbacks()
         self.committed: dict[TopicPartitionKey, int] = {}
         self.positions: dict[TopicPartitionKey, int] = {}
+        self.paused: set[TopicPartitionKey] = set()
         self._closed = False
         self._assigned = False
 
@@ -88,6 +91,8 @@ class MemorySource:
                 self.callbacks.on_assign(self._all())
         out: list[Record] = []
         for tp in sorted(self.positions):
+            if tp in self.paused:
+                continue
             log = self.topics[tp[0]].partitions[tp[1]]
             take = log[self.positions[tp] : self.positions[tp] + max_records - len(out)]
             out.extend(take)
@@ -108,6 +113,19 @@ class MemorySource:
             raise ValueError(f"seek {topic}[{partition}]: expected an offset >= 0, got {offset}")
         self.positions[(topic, partition)] = offset
 
+    def pause(self, partitions: list[TopicPartitionKey]) -> None:
+        """`poll` skips `partitions` until `resume`."""
+        self._check_open("pause")
+        self.paused.update(partitions)
+
+    def resume(self, partitions: list[TopicPartitionKey]) -> None:
+        self._check_open("resume")
+        self.paused.difference_update(partitions)
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """The partition's end offset (the log length)."""
+        return len(self.topics[topic].partitions[partition])
+
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Record `{(topic, partition): next_offset}` in `committed`."""
         self._check_open("commit")
@@ -118,6 +136,7 @@ class MemorySource:
         if self._assigned and self.callbacks.on_revoke is not None:
             self.callbacks.on_revoke(sorted(self.positions))
         self.positions.clear()
+        self.paused.clear()
         self._assigned = False
 
     def close(self) -> None:
@@ -186,18 +205,35 @@ class MemorySink:
         return [json.loads(r.value) for r in self.sent if topic is None or r.topic == topic]
 
 
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a store method under the store's lock, refusing it while the store is `down`."""
+
+    @functools.wraps(method)
+    def wrapped(self: MemoryStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._check_up(method.__name__)
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
 class MemoryStore:
     """A `CheckpointStore` (`StateStore` + `SnapshotStore`) in dictionaries, with the Redis store's contracts:
     increasing owner epochs, fencing of stale epochs, blobs written once under fresh keys, atomic manifest switch,
-    spilled sessions of a previous owner dropped by `claim`."""
+    spilled sessions of a previous owner dropped by `claim`. Thread-safe (the service writes checkpoints from a
+    background thread). Set `down = True` to make every call raise `StateStoreError`, as an unreachable Redis
+    does (tests of outages)."""
 
     def __init__(self) -> None:
+        self.down = False
+        self._lock = threading.RLock()
         self.epochs: dict[str, int] = {}
         self.manifests: dict[str, dict[str, Any]] = {}
         self.blobs: dict[str, bytes] = {}
         self.spilled: dict[str, dict[str, str]] = {}
         self._seq = 0
 
+    @_guarded
     def claim(self, partition_id: str) -> int:
         """Increment and return the partition's owner epoch; drop the previous owner's spilled sessions."""
         self.epochs[partition_id] = self.epochs.get(partition_id, 0) + 1
@@ -207,6 +243,7 @@ class MemoryStore:
                 self.blobs.pop(key, None)
         return self.epochs[partition_id]
 
+    @_guarded
     def read_manifest(self, partition_id: str) -> dict[str, Any] | None:
         """A copy of the last committed manifest document, or None."""
         doc = self.manifests.get(partition_id)
@@ -216,14 +253,16 @@ class MemoryStore:
         self,
         partition_id: str,
         epoch: int,
-        snapshots: Mapping[str, bytes],
+        snapshots: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
         manifest: Mapping[str, Any],
         *,
         reuse: Iterable[str] = (),
     ) -> dict[str, Any]:
-        """Store `snapshots` under fresh keys and switch the manifest if `epoch` is current (else `FencedError`)."""
+        """Store `snapshots` (a mapping or `(stream, blob)` pairs) under fresh keys and switch the manifest if
+        `epoch` is current (else `FencedError`)."""
         self._fence(partition_id, epoch, "checkpoint")
         reuse = list(reuse)
+        snapshots = dict(snapshots.items() if isinstance(snapshots, Mapping) else snapshots)
         both = sorted(set(reuse) & set(snapshots))
         if both:
             raise ValueError(f"streams {both} are both in snapshots and in reuse; expected each in at most one")
@@ -255,6 +294,7 @@ class MemoryStore:
         self.manifests[partition_id] = doc
         return json.loads(json.dumps(doc))
 
+    @_guarded
     def read_snapshot(self, key: str) -> bytes:
         """The blob under `key`; `MissingSnapshotError` when there is none."""
         try:
@@ -262,6 +302,7 @@ class MemoryStore:
         except KeyError:
             raise MissingSnapshotError(key) from None
 
+    @_guarded
     def spill(self, partition_id: str, epoch: int, stream_key: str, blob: bytes) -> str:
         """Store an evicted session's blob for this epoch; fenced like `write_checkpoint`."""
         self._fence(partition_id, epoch, "spill")
@@ -271,6 +312,7 @@ class MemoryStore:
         self.spilled.setdefault(partition_id, {})[stream_key] = key
         return key
 
+    @_guarded
     def load_spilled(self, partition_id: str, stream_key: str) -> bytes | None:
         """The blob last spilled for `stream_key` in the current epoch, or None."""
         key = self.spilled.get(partition_id, {}).get(stream_key)
@@ -279,6 +321,10 @@ class MemoryStore:
         if key not in self.blobs:
             raise StateStoreError(f"spill index of {partition_id!r} names {key!r}, expected its blob, found none")
         return self.blobs[key]
+
+    def _check_up(self, op: str) -> None:
+        if self.down:
+            raise StateStoreError(f"{op}: expected the store to answer, it is down")
 
     def _fence(self, partition_id: str, epoch: int, action: str) -> None:
         current = self.epochs.get(partition_id)

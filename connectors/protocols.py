@@ -104,6 +104,26 @@ class Source(Protocol):
         """
         ...
 
+    def pause(self, partitions: list[TopicPartitionKey]) -> None:
+        """Stop returning records of `partitions` from `poll` (they stay assigned) until `resume`.
+
+        When: flow control — a partition whose state cannot be checkpointed (store down) or read waits while
+        the others go on. A `seek` on a paused partition takes effect when it is resumed.
+        On failure: raises like `seek` for a partition that is not assigned.
+        """
+        ...
+
+    def resume(self, partitions: list[TopicPartitionKey]) -> None:
+        """Return records of `partitions` again, from their current position. When/failure: as `pause`."""
+        ...
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """The partition's end offset as this consumer last saw it, None when it has not seen one yet.
+
+        When: for the lag metric, between groups. On failure: None (monitoring never stops processing).
+        """
+        ...
+
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Synchronously commit `{(topic, partition): next_offset}` for the consumer group.
 

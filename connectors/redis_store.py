@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import redis
 import structlog
 
-from connectors.errors import FencedError, MissingSnapshotError, StateStoreError
+from connectors.errors import CorruptStateError, FencedError, MissingSnapshotError, StateStoreError
 
 log = structlog.get_logger(__name__)
 
@@ -141,6 +142,31 @@ def redacted_address(url: str) -> str:
         return "<unparsable redis url>"
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# RPUSH the first part of a blob and give the key its pending TTL in one atomic step, so that a writer that
+# dies at any point leaves only keys that expire. KEYS: blob key. ARGV: first part, ttl ms.
+_START_BLOB_LUA = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def _store_errors(method: _F) -> _F:
+    """Report Redis' own failures (connection refused, timeout, loading, read-only replica...) as
+    `StateStoreError`, the connectors' shared error: the service reacts to it without importing redis."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise StateStoreError(f"{method.__name__}: Redis did not answer as expected: {type(exc).__name__}: {exc}") from exc
+
+    return wrapped  # type: ignore[return-value]
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -172,6 +198,7 @@ class RedisStateStore:
         self._claim = client.register_script(_CLAIM_LUA)
         self._commit = client.register_script(_COMMIT_LUA)
         self._spill = client.register_script(_SPILL_LUA)
+        self._start_blob = client.register_script(_START_BLOB_LUA)
 
 
     def ping(self) -> None:
@@ -188,6 +215,7 @@ class RedisStateStore:
         return f"{self._key(kind, partition_id)}:{stream_key}:{epoch}:{seq}"
 
     # ---- StateStore --------------------------------------------------------------------------------------
+    @_store_errors
     def claim(self, partition_id: str) -> int:
         """Increment and return the partition's owner epoch; drop the previous owner's spilled sessions."""
         epoch, dropped = self._claim(
@@ -201,6 +229,7 @@ class RedisStateStore:
         raw = self._r.get(self._key("epoch", partition_id))
         return None if raw is None else int(raw)
 
+    @_store_errors
     def read_manifest(self, partition_id: str) -> dict[str, Any] | None:
         """The last committed manifest document (see module docstring), or None before the first checkpoint."""
         key = self._key("manifest", partition_id)
@@ -211,23 +240,23 @@ class RedisStateStore:
         self,
         partition_id: str,
         epoch: int,
-        snapshots: Mapping[str, bytes],
+        snapshots: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
         manifest: Mapping[str, Any],
         *,
         reuse: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Write `snapshots` under new keys, then switch the manifest if `epoch` is still current.
 
-        `reuse` names streams whose blob is carried over unchanged: the stream's spilled blob of this epoch
-        if there is one, else the blob the previous manifest references. Streams neither in `snapshots` nor
-        in `reuse` are not part of the new checkpoint (their old blobs are garbage-collected).
-        Returns the stored manifest document. Raises `FencedError`, `StateStoreError`, `ValueError`.
+        `snapshots` is a mapping or an iterable of `(stream, blob)` pairs; an iterable is consumed one blob at a
+        time (each is written and dropped before the next is asked for), so a caller that serializes lazily
+        never holds more than one blob plus the bounded write pipeline. `reuse` names streams whose blob is
+        carried over unchanged: the stream's spilled blob of this epoch if there is one, else the blob the
+        previous manifest references. Streams neither in `snapshots` nor in `reuse` are not part of the new
+        checkpoint (their old blobs are garbage-collected). A previous manifest that cannot be parsed is
+        replaced (nothing of it is reused). Returns the stored manifest document. Raises `FencedError`,
+        `StateStoreError`, `ValueError`.
         """
         reuse = list(reuse)
-        self._check_blobs(snapshots)
-        both = sorted(set(reuse) & set(snapshots))
-        if both:
-            raise ValueError(f"streams {both} are both in snapshots and in reuse; expected each in at most one")
         try:
             user_manifest = json.loads(json.dumps(dict(manifest), allow_nan=False))
         except (TypeError, ValueError) as exc:
@@ -235,7 +264,11 @@ class RedisStateStore:
         keys = [self._key(k, partition_id) for k in ("epoch", "manifest", "refs", "spilled")]
         self._ensure_epoch(partition_id, epoch, "checkpoint")
         old_raw = self._r.get(keys[1])
-        old_doc = self._parse_manifest(keys[1], old_raw) if old_raw is not None else None
+        try:
+            old_doc = self._parse_manifest(keys[1], old_raw) if old_raw is not None else None
+        except CorruptStateError as exc:
+            log.warning("state.manifest_replaced", partition=partition_id, error=str(exc))
+            old_doc = None
         refs: dict[str, str] = {}
         for stream in reuse:
             found = self._r.hget(keys[3], stream)
@@ -248,9 +281,25 @@ class RedisStateStore:
                 )
             refs[stream] = _text(found)
         seq = int(self._r.incr(self._key("seq", partition_id)))
-        written = self._write_blobs(
-            {s: (self._blob_key("snap", partition_id, s, epoch, seq), b) for s, b in snapshots.items()}
-        )
+        pairs = snapshots.items() if isinstance(snapshots, Mapping) else snapshots
+        written: dict[str, str] = {}
+        total = 0
+
+        def checked() -> Iterable[tuple[str, tuple[str, bytes]]]:
+            nonlocal total
+            for stream, blob in pairs:
+                self._check_blob(stream, blob)
+                if stream in refs or stream in written:
+                    raise ValueError(f"stream {stream!r} is in snapshots twice or also in reuse; expected it once")
+                total += len(blob)
+                yield stream, (self._blob_key("snap", partition_id, stream, epoch, seq), blob)
+
+        try:
+            self._write_blobs(checked(), written)
+        except BaseException:
+            self._discard(list(written.values()))
+            raise
+        fresh = list(written)
         refs.update(written)
         doc = {
             "format": MANIFEST_FORMAT,
@@ -263,7 +312,7 @@ class RedisStateStore:
         }
         blob_keys = list(dict.fromkeys(refs.values()))
         argv: list[Any] = [epoch, "1" if old_raw is not None else "0", old_raw or b"", json.dumps(doc)]
-        argv += [len(blob_keys), *blob_keys, *snapshots.keys()]
+        argv += [len(blob_keys), *blob_keys, *fresh]
         result = self._commit(keys=keys, args=argv)
         status = _text(result[0])
         if status != "ok":
@@ -271,11 +320,12 @@ class RedisStateStore:
             self._raise_for(status, result, partition_id, epoch, "checkpoint")
         log.info(
             "state.checkpoint", partition=partition_id, epoch=epoch, seq=seq, written=len(written),
-            reused=len(reuse), bytes=sum(len(b) for b in snapshots.values()), gc=int(result[1]),
+            reused=len(reuse), bytes=total, gc=int(result[1]),
         )
         return doc
 
     # ---- SnapshotStore -----------------------------------------------------------------------------------
+    @_store_errors
     def read_snapshot(self, key: str) -> bytes:
         """The blob under `key`; raises `MissingSnapshotError` when it does not exist."""
         blob = self._read_blob(key)
@@ -283,13 +333,19 @@ class RedisStateStore:
             raise MissingSnapshotError(key)
         return blob
 
+    @_store_errors
     def spill(self, partition_id: str, epoch: int, stream_key: str, blob: bytes) -> str:
         """Store an evicted session's blob for this epoch; returns its key. Fenced like `write_checkpoint`."""
-        self._check_blobs({stream_key: blob})
+        self._check_blob(stream_key, blob)
         self._ensure_epoch(partition_id, epoch, "spill")
         seq = int(self._r.incr(self._key("seq", partition_id)))
         key = self._blob_key("spill", partition_id, stream_key, epoch, seq)
-        self._write_blobs({stream_key: (key, blob)})
+        written: dict[str, str] = {}
+        try:
+            self._write_blobs([(stream_key, (key, blob))], written)
+        except BaseException:
+            self._discard([key])
+            raise
         keys = [self._key("epoch", partition_id), self._key("spilled", partition_id), self._key("refs", partition_id)]
         result = self._spill(keys=keys, args=[epoch, stream_key, key])
         status = _text(result[0])
@@ -299,6 +355,7 @@ class RedisStateStore:
         log.debug("state.spilled", partition=partition_id, epoch=epoch, stream=stream_key, bytes=len(blob))
         return key
 
+    @_store_errors
     def load_spilled(self, partition_id: str, stream_key: str) -> bytes | None:
         """The blob last spilled for `stream_key` in the current epoch, or None."""
         key = self._r.hget(self._key("spilled", partition_id), stream_key)
@@ -311,16 +368,13 @@ class RedisStateStore:
 
     # ---- helpers -----------------------------------------------------------------------------------------
     @staticmethod
-    def _check_blobs(blobs: Mapping[str, bytes]) -> None:
-        for stream, blob in blobs.items():
-            if not isinstance(stream, str) or not stream:
-                raise ValueError(f"expected a non-empty str stream key, got {stream!r}")
-            if not isinstance(blob, (bytes, bytearray, memoryview)):
-                raise TypeError(f"snapshot of stream {stream!r}: expected bytes, got {type(blob).__name__}")
-            if len(blob) > MAX_BLOB_BYTES:
-                raise ValueError(
-                    f"snapshot of stream {stream!r}: expected at most {MAX_BLOB_BYTES} bytes, got {len(blob)}"
-                )
+    def _check_blob(stream: str, blob: bytes) -> None:
+        if not isinstance(stream, str) or not stream:
+            raise ValueError(f"expected a non-empty str stream key, got {stream!r}")
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise TypeError(f"snapshot of stream {stream!r}: expected bytes, got {type(blob).__name__}")
+        if len(blob) > MAX_BLOB_BYTES:
+            raise ValueError(f"snapshot of stream {stream!r}: expected at most {MAX_BLOB_BYTES} bytes, got {len(blob)}")
 
     def _ensure_epoch(self, partition_id: str, epoch: int, action: str) -> None:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
@@ -329,27 +383,27 @@ class RedisStateStore:
         if current != epoch:
             raise FencedError(partition_id, epoch, current, action)
 
-    def _write_blobs(self, blobs: Mapping[str, tuple[str, bytes]]) -> dict[str, str]:
-        """RPUSH each blob in parts and give it the pending TTL; pipelined in bounded batches, or one blob at a
-        time when paced. Keys are fresh (unique seq), so nothing is appended to an existing list."""
-        ttl_ms = int((self._pending_ttl_s + self._pace_s * len(blobs)) * 1000)
-        written: dict[str, str] = {}
+    def _write_blobs(self, blobs: Iterable[tuple[str, tuple[str, bytes]]], written: dict[str, str]) -> None:
+        """RPUSH each blob in parts, pipelined in bounded batches (one blob at a time when paced); record each
+        stream's key in `written` as soon as its first part is queued. The first part and the pending TTL go in
+        one atomic script, so a key never exists without its expiry, whatever point a failure hits. Keys are
+        fresh (unique seq), so nothing is appended to an existing list."""
         pipe = self._r.pipeline(transaction=False)
         queued = 0
-        for i, (stream, (key, blob)) in enumerate(sorted(blobs.items())):
+        for i, (stream, (key, blob)) in enumerate(blobs):
             if self._pace_s and i:
                 time.sleep(self._pace_s)
+            ttl_ms = int((self._pending_ttl_s + self._pace_s * (i + 1)) * 1000)
             view = memoryview(blob)
-            for start in range(0, max(1, len(view)), BLOB_PART_BYTES):
+            self._start_blob(keys=[key], args=[view[:BLOB_PART_BYTES], ttl_ms], client=pipe)
+            for start in range(BLOB_PART_BYTES, len(view), BLOB_PART_BYTES):
                 pipe.rpush(key, view[start : start + BLOB_PART_BYTES])
-            pipe.pexpire(key, ttl_ms)
             written[stream] = key
             queued += len(blob)
             if self._pace_s or queued >= _PIPELINE_BYTES:
                 pipe.execute()
                 queued = 0
         pipe.execute()
-        return written
 
     def _read_blob(self, key: str | bytes) -> bytes | None:
         """The blob under `key` (parts joined), or None when the key does not exist."""
@@ -386,13 +440,13 @@ class RedisStateStore:
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
-            raise StateStoreError(f"manifest {key!r}: expected JSON, got {bytes(raw[:80])!r}: {exc}") from exc
+            raise CorruptStateError(f"manifest {key!r}: expected JSON, got {bytes(raw[:80])!r}: {exc}") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("snapshots"), dict) or "manifest" not in doc:
-            raise StateStoreError(
+            raise CorruptStateError(
                 f"manifest {key!r}: expected an object with 'snapshots' and 'manifest', got {str(doc)[:120]}"
             )
         if doc.get("format") != MANIFEST_FORMAT:
-            raise StateStoreError(f"manifest {key!r}: expected format {MANIFEST_FORMAT}, got {doc.get('format')!r}")
+            raise CorruptStateError(f"manifest {key!r}: expected format {MANIFEST_FORMAT}, got {doc.get('format')!r}")
         return doc
 
 

@@ -194,7 +194,7 @@ class KafkaSource:
         except KafkaError as exc:
             if exc.__cause__ is not None and "rebalance callback" in str(exc):
                 raise SourceError(f"poll: a rebalance callback raised {exc.__cause__!r}") from exc.__cause__
-            raise
+            raise SourceError(f"poll: expected records or an empty batch from the broker, got {exc!r}") from exc
         out: list[Record] = []
         for tp, recs in batches.items():
             last = -1
@@ -230,6 +230,21 @@ class KafkaSource:
                 f"{sorted((t.topic, t.partition) for t in assigned)}"
             )
         self._consumer.seek(tp, offset)
+
+    def pause(self, partitions: list[TopicPartitionKey]) -> None:
+        """Stop fetching `partitions` (still assigned, still in the group) until `resume`."""
+        self._check_open("pause")
+        self._consumer.pause(*[TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: list[TopicPartitionKey]) -> None:
+        """Fetch `partitions` again after `pause`."""
+        self._check_open("resume")
+        self._consumer.resume(*[TopicPartition(t, p) for t, p in partitions])
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """The partition's end offset as of the last fetch response (None before one arrived)."""
+        self._check_open("highwater")
+        return self._consumer.highwater(TopicPartition(topic, partition))
 
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Synchronously commit `{(topic, partition): next_offset}`; raises SourceError when the broker refuses."""

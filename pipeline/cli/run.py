@@ -40,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
         configure_logging(settings.log_format, settings.log_level)
     service = build_service(settings)
     if settings.service.metrics_port:
-        metrics.serve(settings.service.metrics_port, service.health)
+        metrics.serve(settings.service.metrics_host, settings.service.metrics_port, service.health)
     return service.run(idle_exit_s=args.exit_when_idle)

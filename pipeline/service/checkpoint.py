@@ -7,67 +7,217 @@ published again with the same ids and the same values, and subscribers drop them
 
 The commit order (each step only starts once the one before it succeeded):
 
-1. Flush the producer: all annotations of records before N are acknowledged by the broker.
+1. Flush the producer: all annotations of records before N are acknowledged by the broker. (Model thread.)
 2. Write the snapshots of streams that changed since the last checkpoint, under new keys (the last good
-   checkpoint stays intact if we die here).
+   checkpoint stays intact if we die here). The model thread only captures the sessions (references to
+   tensors that are never written in place); the writer thread serializes and writes them one at a time, so
+   at most one serialized snapshot (plus the store's bounded write pipeline) is in host memory at once.
 3. Write the manifest: a compare-and-set on the owner epoch switches the pointer to the new snapshots and
-   offset N. A zombie that lost the partition is refused here (`FencedError`).
+   offset N. A zombie that lost the partition is refused here (`FencedError`). (Writer thread.)
 4. Commit N to Kafka. For monitoring only: the manifest in Redis is the source of truth (as in Flink and
-   Bytewax), which also sidesteps tansu's dropped commit metadata.
+   Bytewax), which also sidesteps tansu's dropped commit metadata. (Model thread: the consumer is not
+   thread-safe, so the writer hands the result back and `collect()` commits.)
+
+A failed checkpoint changes nothing durable: the previous manifest stays, the partition keeps its dirty
+streams, and the next attempt waits a capped exponential backoff (`checkpoint.retry_initial_s` doubling up
+to `checkpoint.retry_max_s`). While the store is down the service keeps processing until a partition holds
+`checkpoint.max_uncheckpointed_records`, then pauses that partition (see `pipeline.service.service`).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
-from connectors.errors import FencedError
+from connectors.errors import ConnectorError, FencedError
+from connectors.protocols import CheckpointStore, Sink, Source
 from pipeline.service import metrics
-from pipeline.service.partition import PartitionState
+from pipeline.service.partition import CheckpointTicket, PartitionState
+from pipeline.service.session import SessionCapture
+from pipeline.settings import CheckpointSettings
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass
+class _Job:
+    part: PartitionState
+    reason: str
+    captures: list[tuple[str, SessionCapture]]
+    reuse: list[str]
+    manifest: dict[str, Any]
+    ticket: CheckpointTicket
+    done: threading.Event = field(default_factory=threading.Event)
+    doc: dict[str, Any] | None = None
+    error: BaseException | None = None
+    written_bytes: int = 0
+
+
 class Checkpointer:
-    """Runs the commit order for partitions; one per service process."""
+    """Runs the commit order for partitions; one per service process, with one background writer thread."""
 
-    def __init__(self, source, sink, store, flush_timeout_s: float = 30.0):
+    def __init__(self, source: Source, sink: Sink, store: CheckpointStore, settings: CheckpointSettings,
+                 flush_timeout_s: float = 30.0):
         self.source, self.sink, self.store = source, sink, store
+        self.settings = settings
         self.flush_timeout_s = flush_timeout_s
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._finished: queue.Queue[_Job] = queue.Queue()
+        self._backoff: dict[str, tuple[float, float]] = {}  # partition -> (retry at, current delay)
+        self.store_down_since: float | None = None
+        self._thread = threading.Thread(target=self._writer, name="checkpoint-writer", daemon=True)
+        self._thread.start()
 
-    def checkpoint(self, part: PartitionState, reason: str) -> bool:
-        """Checkpoint `part`; returns False when it was fenced (the caller must drop the partition).
+    # ---- model thread -------------------------------------------------------------------------------------
+    def ready_to_retry(self, part: PartitionState) -> bool:
+        at = self._backoff.get(part.id)
+        return at is None or time.monotonic() >= at[0]
 
-        Raises on producer or store failures other than fencing: nothing is lost then (the previous
-        checkpoint stays valid), and the runner stops so that a restart replays from it.
+    def start(self, part: PartitionState, reason: str) -> bool:
+        """Begin a checkpoint of `part` (steps 1 and the capture of 2); False when there was nothing to start.
+
+        Raises `SinkError` (a `ConnectorError`) when the flush failed: the caller must re-process the
+        partition from its last checkpoint, since annotations after it may be lost.
         """
-        if part.fenced or part.next_offset is None or not part.records_since_checkpoint:
-            return not part.fenced
-        start = time.perf_counter()
+        if part.fenced or part.tainted or part.in_flight is not None or part.next_offset is None:
+            return False
+        if not part.records_since_checkpoint:
+            return False
         # Step 1: flush the producer.
         self.sink.flush(self.flush_timeout_s)
-        # Step 2: write the snapshots (inside write_checkpoint, under new keys, before the pointer switch).
-        snapshots, reuse, manifest = part.checkpoint_payload()
+        # Step 2 (capture): references to the dirty sessions' state as of now.
+        captures, reuse, manifest, ticket = part.capture()
+        part.in_flight = ticket
+        self._jobs.put(_Job(part, reason, captures, reuse, manifest, ticket))
+        return True
+
+    def collect(self, wait_for: PartitionState | None = None, timeout_s: float | None = None) -> list[PartitionState]:
+        """Finish completed checkpoints (step 4 and bookkeeping); return the partitions found fenced.
+
+        With `wait_for`, block until that partition's in-flight checkpoint is done (or `timeout_s` passed).
+        """
+        fenced: list[PartitionState] = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                waiting = wait_for is not None and wait_for.in_flight is not None
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                job = self._finished.get(block=waiting, timeout=left if waiting else None)
+            except queue.Empty:
+                return fenced
+            self._complete(job, fenced)
+
+    def wait_idle(self, timeout_s: float | None = None) -> list[PartitionState]:
+        """Block until every queued checkpoint finished, then `collect()`."""
+        fenced: list[PartitionState] = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._jobs.unfinished_tasks:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                self._complete(self._finished.get(timeout=left if left is not None else 1.0), fenced)
+            except queue.Empty:
+                continue
+        fenced += self.collect()
+        return fenced
+
+    def checkpoint_now(self, part: PartitionState, reason: str, timeout_s: float) -> bool:
+        """Start and wait for a checkpoint of `part` (revoke, shutdown); True when its manifest was written
+        (or there was nothing to write). Never raises for store or sink failures: they are logged."""
         try:
-            # Step 3: write the manifest (compare-and-set on the owner epoch).
-            doc = self.store.write_checkpoint(part.id, part.epoch, snapshots, manifest, reuse=reuse)
-        except FencedError as exc:
-            part.fenced = True
-            log.error("checkpoint.fenced", partition=part.id, epoch=part.epoch, error=str(exc))
-            metrics.FENCED.inc()
+            self.collect(wait_for=part, timeout_s=timeout_s)
+            if part.in_flight is None:
+                self.start(part, reason)
+            self.collect(wait_for=part, timeout_s=timeout_s)
+        except ConnectorError as exc:
+            log.error("checkpoint.failed", partition=part.id, reason=reason, error=str(exc),
+                      resume_offset=part.restored_offset)
+            metrics.CHECKPOINT_FAILURES.labels("sink" if "flush" in str(exc) else "store").inc()
             return False
-        part.checkpointed(doc)
+        return part.in_flight is None and not part.records_since_checkpoint and not part.fenced
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+    def _complete(self, job: _Job, fenced: list[PartitionState]) -> None:
+        part = job.part
+        part.in_flight = None
+        if isinstance(job.error, FencedError):
+            part.fenced = True
+            log.error("checkpoint.fenced", partition=part.id, epoch=part.epoch, error=str(job.error))
+            metrics.ERRORS.labels("fenced").inc()
+            metrics.CHECKPOINT_FAILURES.labels("fenced").inc()
+            fenced.append(part)
+            return
+        if job.error is not None:
+            self._failed(job)
+            return
+        assert job.doc is not None
+        part.checkpointed(job.ticket, job.doc)
+        self._backoff.pop(part.id, None)
+        if self.store_down_since is not None:
+            log.warning("redis.available", down_s=round(time.monotonic() - self.store_down_since, 1))
+            self.store_down_since = None
+        metrics.REDIS_UP.set(1)
         # Step 4: commit offsets to Kafka (monitoring only).
         try:
-            self.source.commit({(part.topic, part.partition): part.next_offset})
-        except Exception as exc:  # a failed commit loses nothing: the manifest already holds the offset
+            self.source.commit({(part.topic, part.partition): job.ticket.offset})
+        except Exception as exc:  # noqa: BLE001 - a failed commit loses nothing: the manifest holds the offset
             log.warning("checkpoint.commit_failed", partition=part.id, error=str(exc))
-        seconds = time.perf_counter() - start
+        seconds = time.monotonic() - job.ticket.started
         metrics.CHECKPOINT_SECONDS.observe(seconds)
-        metrics.CHECKPOINT_BYTES.inc(sum(len(b) for b in snapshots.values()))
+        metrics.CHECKPOINT_SIZE.observe(job.written_bytes)
+        metrics.CHECKPOINT_AGE.labels(part.id).set(0)
         log.info(
-            "checkpoint.done", partition=part.id, reason=reason, offset=part.next_offset,
-            streams_written=len(snapshots), streams_reused=len(reuse), ms=round(1000 * seconds, 1),
+            "checkpoint.done", partition=part.id, reason=job.reason, offset=job.ticket.offset,
+            streams_written=len(job.captures), streams_reused=len(job.reuse), bytes=job.written_bytes,
+            ms=round(1000 * seconds, 1),
         )
-        return True
+
+    def _failed(self, job: _Job) -> None:
+        part, exc = job.part, job.error
+        _, delay = self._backoff.get(part.id, (0.0, self.settings.retry_initial_s / 2))
+        delay = min(self.settings.retry_max_s, delay * 2)
+        self._backoff[part.id] = (time.monotonic() + delay, delay)
+        metrics.CHECKPOINT_FAILURES.labels("store").inc()
+        metrics.ERRORS.labels("redis").inc()
+        metrics.REDIS_UP.set(0)
+        if self.store_down_since is None:
+            self.store_down_since = time.monotonic()
+            log.error("redis.unavailable", partition=part.id, error=f"{type(exc).__name__}: {exc}")
+        log.warning("checkpoint.failed", partition=part.id, reason=job.reason, retry_in_s=round(delay, 2),
+                    uncheckpointed_records=part.records_since_checkpoint, error=f"{type(exc).__name__}: {exc}")
+
+    # ---- writer thread ------------------------------------------------------------------------------------
+    def _writer(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                self._jobs.task_done()
+                return
+            try:
+                # Step 2 (write) and Step 3 (manifest compare-and-set), inside write_checkpoint.
+                job.doc = self.store.write_checkpoint(
+                    job.part.id, job.part.epoch, self._serialized(job), job.manifest, reuse=job.reuse
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed back to the model thread
+                job.error = exc
+            finally:
+                job.captures = []  # drop the references: the tensors may be freed now
+                self._finished.put(job)
+                self._jobs.task_done()
+
+    @staticmethod
+    def _serialized(job: _Job) -> Iterator[tuple[str, bytes]]:
+        for key, capture in job.captures:
+            blob = capture.serialize()
+            job.written_bytes += len(blob)
+            yield key, blob

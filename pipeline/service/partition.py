@@ -3,20 +3,45 @@
 Sessions are created on demand when a record of a new stream arrives, restored lazily from the partition's
 manifest when a known stream shows up again, and spilled to the state store when more than
 `service.max_resident_streams` sessions are in memory across all partitions (least recently used first).
+
+Offsets: `next_offset` is the offset after the last record whose annotations were accepted by the sink. It is
+the only offset a checkpoint may claim, and it moves only in `published()`.
+
+Broken state never stops a partition: a stored blob that is missing, damaged, foreign (another model) or of
+another dtype is refused with a log line and a metric, the stream starts afresh, and `context_resets` holds
+the reason until the stream's next record carries it in an `error` annotation.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from connectors.protocols import Record
-from pipeline.service.session import Engine, StreamSession, stream_key
+from connectors.errors import MissingSnapshotError, StateStoreError
+from connectors.protocols import CheckpointStore
+from model.snapshot import SnapshotError
+from pipeline.service import metrics
+from pipeline.service.session import Engine, SessionCapture, StreamSession
 
 log = structlog.get_logger(__name__)
+
+
+class StoreUnavailable(RuntimeError):
+    """The state store did not answer while a session had to be read or written; retry later."""
+
+
+@dataclass
+class CheckpointTicket:
+    """What an in-flight checkpoint covers, so that its completion clears exactly that (see `checkpointed`)."""
+
+    offset: int
+    records: int  # records_since_checkpoint at capture time
+    changes: dict[str, int]  # stream -> change number captured
+    started: float  # monotonic time of the capture
 
 
 class Residency:
@@ -26,15 +51,19 @@ class Residency:
         self.limit = limit
         self._lru: OrderedDict[tuple[str, str], PartitionState] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._lru)
+
     def touch(self, part: PartitionState, key: str) -> None:
         self._lru[(part.id, key)] = part
         self._lru.move_to_end((part.id, key))
-        while len(self._lru) > self.limit:
-            (pid, cold_key), owner = next(iter(self._lru.items()))
-            if (pid, cold_key) == (part.id, key):
+        # Spill the coldest sessions; one that cannot be spilled now (store down) stays resident and the LRU
+        # is over its limit until the store answers again.
+        for (pid, cold_key), owner in list(self._lru.items()):
+            if len(self._lru) <= self.limit or (pid, cold_key) == (part.id, key):
                 break
-            del self._lru[(pid, cold_key)]
-            owner.spill(cold_key)
+            if owner.spill(cold_key):
+                del self._lru[(pid, cold_key)]
 
     def forget(self, part_id: str) -> None:
         for entry in [e for e in self._lru if e[0] == part_id]:
@@ -45,75 +74,141 @@ class PartitionState:
     """One input partition owned by this process under `epoch`."""
 
     def __init__(
-        self, topic: str, partition: int, epoch: int, engine: Engine, store, residency: Residency,
-        manifest: dict[str, Any] | None,
+        self, topic: str, partition: int, epoch: int, engine: Engine, store: CheckpointStore,
+        residency: Residency, manifest: dict[str, Any] | None, *, manifest_problem: str | None = None,
     ):
         self.topic, self.partition, self.epoch = topic, partition, epoch
         self.id = f"{topic}:{partition}"
         self.engine, self.store, self.residency = engine, store, residency
         self.sessions: dict[str, StreamSession] = {}
-        # Streams with a stored blob (previous manifest or spilled in this epoch) that are not in memory.
+        # Streams with a stored blob (previous manifest) that are not in memory, and those spilled this epoch.
         self.stored: dict[str, str] = dict((manifest or {}).get("snapshots", {}))
         self.spilled: set[str] = set()
-        self.dirty: set[str] = set()
+        # Stream -> change number of its last change not yet covered by a completed checkpoint.
+        self.dirty: dict[str, int] = {}
+        self._changes = 0
         user = (manifest or {}).get("manifest", {})
         self.restored_offset: int | None = user.get("next_offset")
         self.next_offset: int | None = self.restored_offset
         self.records_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.fenced = False
+        # A group of records failed part-way: sessions and offset may disagree, so never checkpoint this state.
+        self.tainted = False
+        self.in_flight: CheckpointTicket | None = None
+        self.paused = False
+        # Why streams lost their context (broken state); reported on their next record. "*": the whole partition.
+        self.context_resets: dict[str, str] = {}
+        if manifest_problem:
+            self.context_resets["*"] = manifest_problem
 
+    # ---- sessions ---------------------------------------------------------------------------------------
     def session(self, key: str) -> StreamSession:
-        """The session of stream `key`: resident, else reloaded (spill, then manifest), else a new one."""
+        """The session of stream `key`: resident, else reloaded (spill, then manifest), else a new one.
+
+        Raises `StoreUnavailable` when the store does not answer (the record must wait: never process a
+        record against an empty session because Redis was down).
+        """
         session = self.sessions.get(key)
         if session is None:
-            blob = self.store.load_spilled(self.id, key) if key in self.spilled else None
-            if blob is None and key in self.stored:
-                blob = self.store.read_snapshot(self.stored[key])
-            session = StreamSession.restore(self.engine, blob) if blob is not None else StreamSession(self.engine, key)
+            session = self._load(key)
             self.sessions[key] = session
         self.residency.touch(self, key)
         return session
 
-    def process(self, record: Record) -> list[tuple[str, dict[str, Any]]]:
-        """Fold a record into its stream; return (stream key, annotation) pairs to publish."""
-        key = stream_key(record)
-        session = self.session(key)
-        annotations = session.process(record)
-        self.dirty.add(key)
-        self.next_offset = record.offset + 1
-        self.records_since_checkpoint += 1
-        return [(key, a) for a in annotations]
+    def _load(self, key: str) -> StreamSession:
+        try:
+            blob = self.store.load_spilled(self.id, key) if key in self.spilled else None
+            if blob is None and key in self.stored:
+                blob = self.store.read_snapshot(self.stored[key])
+        except MissingSnapshotError as exc:
+            return self._fresh(key, "snapshot_missing", str(exc))
+        except StateStoreError as exc:
+            raise StoreUnavailable(f"reading the state of stream {key!r} of {self.id}: {exc}") from exc
+        if blob is None:
+            return StreamSession(self.engine, key)
+        try:
+            session = StreamSession.restore(self.engine, blob)
+        except (SnapshotError, KeyError, TypeError, ValueError) as exc:
+            return self._fresh(key, "snapshot_refused", f"{type(exc).__name__}: {exc}")
+        metrics.STREAMS_RELOADED.inc()
+        return session
 
-    def spill(self, key: str) -> None:
-        """Move a cold session out of memory. Clean sessions are dropped (their stored blob is current)."""
-        session = self.sessions.pop(key, None)
+    def _fresh(self, key: str, reason: str, detail: str) -> StreamSession:
+        log.error("session.state_refused", partition=self.id, stream=key, reason=reason, error=detail)
+        metrics.ERRORS.labels("snapshot_refused").inc()
+        self.context_resets[key] = f"{reason}: the stream's stored state was refused ({detail}); its context was reset"
+        self.stored.pop(key, None)
+        self.spilled.discard(key)
+        self.changed(key)  # the fresh session must replace the refused blob at the next checkpoint
+        return StreamSession(self.engine, key)
+
+    def take_reset_notice(self, key: str) -> str | None:
+        """The reason this stream's (or partition's) context was reset, once; None when it was not."""
+        return self.context_resets.pop(key, None) or self.context_resets.pop("*", None)
+
+    def spill(self, key: str) -> bool:
+        """Move a cold session out of memory; False when it must stay (store down, checkpoint in flight).
+
+        Clean sessions are dropped (their stored blob is current). A dirty one is written first.
+        """
+        session = self.sessions.get(key)
         if session is None:
-            return
-        if key in self.dirty or key not in self.stored and key not in self.spilled:
-            self.store.spill(self.id, self.epoch, key, session.snapshot())
+            return True
+        if self.in_flight is not None:  # the in-flight checkpoint may still read this stream's spill slot
+            return False
+        if key in self.dirty or (key not in self.stored and key not in self.spilled):
+            try:
+                self.store.spill(self.id, self.epoch, key, session.snapshot())
+            except StateStoreError as exc:
+                log.warning("session.spill_failed", partition=self.id, stream=key, error=str(exc))
+                return False
             self.spilled.add(key)
+            self.dirty.pop(key, None)
+        del self.sessions[key]
+        metrics.STREAMS_SPILLED.inc()
         log.debug("session.spilled", partition=self.id, stream=key)
+        return True
+
+    # ---- offsets and checkpoints --------------------------------------------------------------------------
+    def changed(self, key: str) -> None:
+        self._changes += 1
+        self.dirty[key] = self._changes
+
+    def published(self, key: str | None, offset: int) -> None:
+        """The record at `offset` is done: its annotations were accepted by the sink (or it was a replay)."""
+        if key is not None:
+            self.changed(key)
+        self.next_offset = offset + 1
+        self.records_since_checkpoint += 1
 
     def due(self, every_records: int, every_seconds: float) -> bool:
-        if self.fenced or not self.records_since_checkpoint:
+        if self.fenced or self.tainted or self.in_flight is not None or not self.records_since_checkpoint:
             return False
         return (
             self.records_since_checkpoint >= every_records
             or time.monotonic() - self.last_checkpoint >= every_seconds
         )
 
-    def checkpoint_payload(self) -> tuple[dict[str, bytes], list[str], dict[str, Any]]:
-        """(snapshots of resident dirty sessions, streams whose stored blob is reused, user manifest)."""
-        snapshots = {k: s.snapshot() for k, s in self.sessions.items() if k in self.dirty}
+    def capture(self) -> tuple[list[tuple[str, SessionCapture]], list[str], dict[str, Any], CheckpointTicket]:
+        """On the model thread: (captures of resident dirty sessions, streams whose stored blob is reused,
+        user manifest, ticket). Captures are references; serializing them happens on the writer thread."""
+        captures = [(k, s.capture()) for k, s in sorted(self.sessions.items()) if k in self.dirty]
+        captured = {k for k, _ in captures}
         known = set(self.stored) | self.spilled | set(self.sessions)
-        reuse = sorted(k for k in known if k not in snapshots)
+        reuse = sorted(k for k in known if k not in captured)
+        assert self.next_offset is not None
         manifest = {"next_offset": self.next_offset, "topic": self.topic, "partition": self.partition}
-        return snapshots, reuse, manifest
+        ticket = CheckpointTicket(
+            self.next_offset, self.records_since_checkpoint, {k: self.dirty[k] for k in captured}, time.monotonic()
+        )
+        return captures, reuse, manifest, ticket
 
-    def checkpointed(self, doc: dict[str, Any]) -> None:
-        """Bookkeeping after the manifest switched to `doc`."""
+    def checkpointed(self, ticket: CheckpointTicket, doc: dict[str, Any]) -> None:
+        """Bookkeeping after the manifest switched to `doc` (covering what `ticket` captured)."""
         self.stored = dict(doc["snapshots"])
-        self.dirty.clear()
-        self.records_since_checkpoint = 0
-        self.last_checkpoint = time.monotonic()
+        for key, change in ticket.changes.items():
+            if self.dirty.get(key) == change:  # not changed again while the checkpoint was written
+                del self.dirty[key]
+        self.records_since_checkpoint -= ticket.records
+        self.last_checkpoint = ticket.started

@@ -1,29 +1,17 @@
-"""Annotations: what the service publishes to the output topic, and the per-line scoring behind them.
-
-Every annotation is one JSON object (schema: `pipeline/service/schemas/annotation.v1.json`, id
-`sinkstream.annotation/v1`) keyed by the stream key. Its `id` is `topic/partition/offset/kind`: a replay
-after a crash re-publishes the same ids with the same values, so subscribers drop duplicates by id.
-Nothing time-dependent is inside an annotation; the Kafka record timestamp says when it was produced.
-"""
+"""Per-line scoring: token NLLs of a line -> mean NLL, perplexity, z-score against the stream's running
+statistics, anomaly flag and the most surprising tokens. The documents built from it live in
+`pipeline.service.annotations`."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import torch
 
-SCHEMA_ID = "sinkstream.annotation/v1"
 # Longest line text carried in an annotation (characters); the offset locates the full record.
 MAX_TEXT = 240
-
-
-def schema() -> dict[str, Any]:
-    """The published JSON Schema of annotations."""
-    return json.loads(resources.files("pipeline.service").joinpath("schemas/annotation.v1.json").read_text())
 
 
 @dataclass
@@ -112,55 +100,3 @@ class LineScorer:
                     for i in best.indices.tolist()
                 ]
         return line
-
-
-def score_annotation(
-    record_id: dict[str, Any], stream: str, lines: list[LineScore], tokens_seen: int, meta: dict[str, Any]
-) -> dict[str, Any]:
-    """The `score` annotation of one input record (lines completed inside it; possibly none)."""
-    scored = [line.scored for line in lines if line.scored.numel()]
-    all_nll = torch.cat(scored) if scored else torch.empty(0)
-    mean = float(all_nll.double().mean()) if all_nll.numel() else None
-    zs = [line.z for line in lines if line.z is not None]
-    return {
-        "schema": SCHEMA_ID,
-        "id": _id(record_id, "score"),
-        "kind": "score",
-        "stream": stream,
-        "source": record_id,
-        **meta,
-        "tokens_seen": tokens_seen,
-        "score": {
-            "tokens": sum(len(line.token_ids) for line in lines),
-            "mean_nll": mean,
-            "perplexity": math.exp(mean) if mean is not None else None,
-            "max_z": max(zs) if zs else None,
-            "anomaly": any(line.anomaly for line in lines),
-            "lines": [line.to_json() for line in lines],
-        },
-    }
-
-
-def note_annotation(
-    record_id: dict[str, Any], stream: str, prompt: str, text: str, generated: int, tokens_seen: int, meta: dict[str, Any]
-) -> dict[str, Any]:
-    """The `note` annotation: generated text about the stream's recent context (context rolled back after)."""
-    return {
-        "schema": SCHEMA_ID,
-        "id": _id(record_id, "note"),
-        "kind": "note",
-        "stream": stream,
-        "source": record_id,
-        **meta,
-        "tokens_seen": tokens_seen,
-        "note": {"prompt": prompt, "text": text, "tokens_generated": generated},
-    }
-
-
-def _id(record_id: dict[str, Any], kind: str) -> str:
-    return f"{record_id['topic']}/{record_id['partition']}/{record_id['offset']}/{kind}"
-
-
-def encode(annotation: dict[str, Any]) -> bytes:
-    """Canonical bytes of an annotation: sorted keys, no whitespace, so replays are byte-identical."""
-    return json.dumps(annotation, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

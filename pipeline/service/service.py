@@ -1,11 +1,29 @@
 """The service: a poll loop from the input topic through stream sessions to the output topic, with checkpoints.
 
 One process owns some partitions of the input topic (consumer group, cooperative sticky assignment, static
-membership from the pod name). For each record: find the partition, the stream session, fold the record in,
-publish its annotations. Checkpoints (see `pipeline.service.checkpoint`) run every N records or T seconds per
-partition, when a partition is revoked, and on shutdown.
+membership from the pod name). The loop, once per poll:
 
-Shutdown (SIGTERM or SIGINT): the current batch is finished, every partition is checkpointed, offsets are
+1. Poll up to `kafka.max_poll_records` records.
+2. Cut them, in input order, into groups of about `service.batch_tokens` tokens. For each record of a group:
+   find its partition and stream session, fold the record's bytes into the session's chunker and tokenize its
+   complete lines within the record limits (`StreamSession.prepare`).
+3. Run the model over the group (`Batcher`): every stream's tokens, in order, through its own cache; a stream
+   whose step fails is rolled back and only its records get `error` annotations.
+4. Publish each record's annotations in input order (so per partition in offset order), and only then move
+   the partition's `next_offset` past the record. A checkpoint can therefore never claim a record whose
+   results were not handed to the producer (and step 1 of the commit order makes sure they were delivered).
+5. Between groups: finish and start checkpoints (every N records or T seconds per partition, in the
+   background, see `pipeline.service.checkpoint`), pause partitions that hold too many un-checkpointed
+   records while the store is down, and stop early on SIGTERM or when the poll is getting old; records not
+   processed yet are sought back and come again with the next poll.
+
+Faults: a Redis outage never stops the process (checkpoints are retried with backoff, partitions pause at a
+bound, readiness turns false); a record that cannot be handled gets an `error` annotation (or also a
+dead-letter record) and the partition goes on; broken state resets the stream with an `error` annotation. An
+exception that is none of these is a bug: the partitions of the group it hit are not checkpointed (their
+sessions may be ahead of their offsets), the others are, and the process exits with the traceback.
+
+Shutdown (SIGTERM or SIGINT): the current group is finished, every partition is checkpointed, offsets are
 committed, the consumer leaves the group and the process exits 0.
 
 The service only knows the protocols of `connectors.protocols`: it receives its sink and state store, and a
@@ -18,19 +36,24 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import deque
 from typing import Any
 
 import structlog
 
+from connectors.errors import ConnectorError, CorruptStateError, StateStoreError
 from connectors.protocols import CheckpointStore, PartitionCallbacks, Record, Sink, SourceFactory
+from pipeline.service import annotations as ann
 from pipeline.service import metrics
-from pipeline.service.scoring import encode
+from pipeline.service.batcher import Batcher
 from pipeline.service.checkpoint import Checkpointer
-from pipeline.service.partition import PartitionState, Residency
-from pipeline.service.session import Engine
+from pipeline.service.partition import PartitionState, Residency, StoreUnavailable
+from pipeline.service.session import Engine, RecordWork, SessionMark, StreamSession, stream_key
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+TopicPartition = tuple[str, int]
 
 
 class Service:
@@ -49,43 +72,80 @@ class Service:
         self.engine = engine
         self.store = store
         self.sink = sink
-        self.parts: dict[tuple[str, int], PartitionState] = {}
+        self.parts: dict[TopicPartition, PartitionState] = {}
         self.residency = Residency(settings.service.max_resident_streams)
         self.health = metrics.Health(stall_after_s=settings.kafka.max_poll_interval_ms / 1000.0)
         self.stop_requested = False
         # Records and tokens handled, with the monotonic times of the first and the last (for throughput).
         self.progress: dict[str, float] = {"records": 0, "tokens": 0, "first": 0.0, "last": 0.0}
+        # Assigned partitions whose claim failed (store down): paused, claimed again later.
+        self.unclaimed: dict[TopicPartition, float] = {}
+        # Partitions blocked because a session could not be read (store down): retry time and delay.
+        self.blocked: dict[TopicPartition, tuple[float, float]] = {}
+        self._rewind_to: dict[TopicPartition, int] = {}
+        self.batcher = Batcher()
         self.source = source_factory(PartitionCallbacks(on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost))
-        self.checkpointer = Checkpointer(self.source, self.sink, self.store)
-        self.health.ready = True
-        log.info("service.started", model=settings.model.name, fingerprint=self.engine.lm.fingerprint)
+        self.checkpointer = Checkpointer(self.source, self.sink, self.store, settings.checkpoint)
+        metrics.describe_build(engine.lm, settings)
+        metrics.KAFKA_UP.set(1)
+        metrics.REDIS_UP.set(1)
+        self._update_readiness()
+        log.info("service.started", model=settings.model.name, fingerprint=self.engine.lm.fingerprint,
+                 device=str(engine.lm.device), dtype=str(engine.lm.dtype).replace("torch.", ""))
 
     # ---- rebalance callbacks (run inside poll) ---------------------------------------------------------------
-    def _assign(self, tps: list[tuple[str, int]]) -> None:
-        for topic, partition in tps:
-            pid = f"{topic}:{partition}"
-            epoch = self.store.claim(pid)
-            doc = self.store.read_manifest(pid)
-            part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, doc)
-            self.parts[(topic, partition)] = part
-            if part.restored_offset is not None:
-                self.source.seek(topic, partition, part.restored_offset)
-            log.info("partition.assigned", partition=pid, epoch=epoch, resume_offset=part.restored_offset,
-                     streams=len(part.stored))
-        metrics.PARTITIONS.set(len(self.parts))
-
-    def _revoke(self, tps: list[tuple[str, int]]) -> None:
+    def _assign(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
-            part = self.parts.pop(tuple(tp), None)
+            if not self._claim(tuple(tp)):
+                self.unclaimed[tuple(tp)] = time.monotonic() + self.settings.checkpoint.retry_initial_s
+                self.source.pause([tuple(tp)])
+        metrics.PARTITIONS.set(len(self.parts))
+        self._update_readiness()
+
+    def _claim(self, tp: TopicPartition) -> bool:
+        topic, partition = tp
+        pid = f"{topic}:{partition}"
+        try:
+            epoch = self.store.claim(pid)
+            problem = None
+            try:
+                doc = self.store.read_manifest(pid)
+            except CorruptStateError as exc:
+                doc, problem = None, f"manifest_unreadable: the partition's manifest was refused ({exc}); its streams' context was reset"
+                log.error("partition.manifest_refused", partition=pid, error=str(exc))
+                metrics.ERRORS.labels("snapshot_refused").inc()
+        except StateStoreError as exc:
+            log.error("partition.claim_failed", partition=pid, error=str(exc))
+            metrics.ERRORS.labels("redis").inc()
+            metrics.REDIS_UP.set(0)
+            return False
+        part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, doc,
+                              manifest_problem=problem)
+        self.parts[tp] = part
+        if part.restored_offset is not None:
+            self.source.seek(topic, partition, part.restored_offset)
+        log.info("partition.assigned", partition=pid, epoch=epoch, resume_offset=part.restored_offset,
+                 streams=len(part.stored))
+        return True
+
+    def _revoke(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            tp = tuple(tp)
+            self.unclaimed.pop(tp, None)
+            self.blocked.pop(tp, None)
+            part = self.parts.pop(tp, None)
             if part is not None:
-                self.checkpointer.checkpoint(part, "revoke")
+                self._final_checkpoint(part, "revoke")
                 self.residency.forget(part.id)
                 log.info("partition.revoked", partition=part.id)
         metrics.PARTITIONS.set(len(self.parts))
 
-    def _lost(self, tps: list[tuple[str, int]]) -> None:
+    def _lost(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
-            part = self.parts.pop(tuple(tp), None)
+            tp = tuple(tp)
+            self.unclaimed.pop(tp, None)
+            self.blocked.pop(tp, None)
+            part = self.parts.pop(tp, None)
             if part is not None:
                 self.residency.forget(part.id)
                 log.warning("partition.lost", partition=part.id, unsaved_records=part.records_since_checkpoint)
@@ -100,19 +160,16 @@ class Service:
         if install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
-        cp = self.settings.checkpoint
         last_record = time.monotonic()
         try:
             while not self.stop_requested:
                 self.health.beat()
-                records = self.source.poll(self.settings.kafka.max_poll_records, 0.5)
-                for record in records:
-                    self._handle(record)
-                if records or not self.parts:  # idle time counts only while partitions are assigned
+                self._housekeeping()
+                records = self._poll()
+                if records:
+                    self._process(records)
+                if records or not self.parts or self._busy():  # idle only with partitions and nothing owed
                     last_record = time.monotonic()
-                for part in list(self.parts.values()):
-                    if part.due(cp.every_records, cp.every_seconds):
-                        self._checkpoint_or_drop(part, "cadence")
                 if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
                     log.info("service.idle_exit", idle_s=idle_exit_s)
                     break
@@ -120,41 +177,260 @@ class Service:
             self.shutdown()
         return 0
 
-    def _handle(self, record: Record) -> None:
-        part = self.parts.get((record.topic, record.partition))
-        if part is None or part.fenced:
-            return
-        start, began = time.perf_counter(), time.monotonic()
-        for key, annotation in part.process(record):
-            self.sink.send(
-                self.settings.kafka.output_topic, key.encode(), encode(annotation),
-                headers={"sinkstream-id": annotation["id"].encode(), "sinkstream-schema": b"v1"},
-            )
-            metrics.ANNOTATIONS.labels(annotation["kind"]).inc()
-            if annotation["kind"] == "score":
-                metrics.TOKENS.inc(annotation["score"]["tokens"])
-                self.progress["tokens"] += annotation["score"]["tokens"]
-                metrics.ANOMALIES.inc(sum(1 for line in annotation["score"]["lines"] if line["anomaly"]))
-        metrics.RECORDS.inc()
-        self.progress["first"] = self.progress["first"] or began
-        self.progress["last"] = time.monotonic()
-        self.progress["records"] += 1
-        metrics.RESIDENT.set(sum(len(p.sessions) for p in self.parts.values()))
-        metrics.STEP_SECONDS.observe(time.perf_counter() - start)
+    def _busy(self) -> bool:
+        """Work is still owed: an unclaimed or blocked partition, or a checkpoint that has not gone through."""
+        return bool(self.unclaimed or self.blocked) or any(
+            p.in_flight is not None or p.records_since_checkpoint for p in self.parts.values()
+        )
 
-    def _checkpoint_or_drop(self, part: PartitionState, reason: str) -> None:
-        if not self.checkpointer.checkpoint(part, reason):
-            self.parts.pop((part.topic, part.partition), None)
-            self.residency.forget(part.id)
+    def _poll(self) -> list[Record]:
+        try:
+            records = self.source.poll(self.settings.kafka.max_poll_records, 0.5)
+        except ConnectorError as exc:
+            if self.health.kafka_down_since is None:
+                self.health.kafka_down_since = time.monotonic()
+                log.error("kafka.unavailable", error=str(exc))
+            metrics.KAFKA_UP.set(0)
+            metrics.ERRORS.labels("kafka").inc()
+            self._update_readiness()
+            time.sleep(1.0)
+            return []
+        if self.health.kafka_down_since is not None:
+            log.warning("kafka.available", down_s=round(time.monotonic() - self.health.kafka_down_since, 1))
+            self.health.kafka_down_since = None
+            metrics.KAFKA_UP.set(1)
+        return records
+
+    def _process(self, records: list[Record]) -> None:
+        """Steps 2-5 of the loop for one poll's records (see the module docstring)."""
+        pending = deque(records)
+        polled = time.monotonic()
+        budget_s = self.settings.kafka.max_poll_interval_ms / 1000.0 / 2
+        try:
+            while pending:
+                if self.stop_requested or time.monotonic() - polled > budget_s:
+                    for record in pending:
+                        self._rewind_to.setdefault(record.tp, record.offset)
+                    log.info("service.poll_cut", unprocessed=len(pending), stop=self.stop_requested)
+                    return
+                works = self._take_group(pending)
+                if works:
+                    self._run_group(works)
+                self._housekeeping()
+        finally:
+            for (topic, partition), offset in self._rewind_to.items():
+                if (topic, partition) in self.parts:
+                    self.source.seek(topic, partition, offset)
+            self._rewind_to.clear()
+
+    def _take_group(self, pending: deque[Record]) -> list[RecordWork]:
+        """Pop records from `pending` and prepare them until the group holds `service.batch_tokens` tokens."""
+        works: list[RecordWork] = []
+        marks: dict[int, tuple[StreamSession, SessionMark]] = {}
+        tokens = 0
+        while pending and tokens < self.settings.service.batch_tokens:
+            record = pending.popleft()
+            tp = record.tp
+            part = self.parts.get(tp)
+            if part is None or part.fenced:
+                continue
+            if part.paused or tp in self._rewind_to:
+                self._rewind_to.setdefault(tp, record.offset)
+                continue
+            if part.next_offset is not None and record.offset < part.next_offset:
+                continue  # delivered again before the offset the partition resumed from
+            key = stream_key(record)
+            try:
+                session = part.session(key)
+            except StoreUnavailable as exc:
+                self._block(part, record, str(exc))
+                continue
+            work = self._prepare(part, session, record)
+            works.append(work)
+            tokens += work.tokens
+        return works
+
+    def _prepare(self, part: PartitionState, session: StreamSession, record: Record) -> RecordWork:
+        """`session.prepare(record)`, with broken-state notices; a record that makes it raise (a bug
+        triggered by input) is rolled back out of the session and answered with an `error` annotation."""
+        mark = session.mark()
+        try:
+            work = session.prepare(record)
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the partition
+            session.rollback(mark)
+            log.error("record.bad_input", partition=part.id, offset=record.offset, error=f"{type(exc).__name__}: {exc}")
+            metrics.ERRORS.labels("bad_input").inc()
+            work = RecordWork(record, session, [], [], skip_score=True, problems=[{
+                "reason": "bad_input", "message": f"the record could not be read: {type(exc).__name__}: {exc}",
+            }])
+        notice = part.take_reset_notice(session.key)
+        if notice is not None:
+            work.problems.insert(0, {"reason": "context_reset", "message": notice})
+        return work
+
+    def _run_group(self, works: list[RecordWork]) -> None:
+        """Model step for the group, then publish in input order and move offsets (steps 3 and 4)."""
+        started = time.perf_counter()
+        try:
+            self.batcher.run(works)
+            for work in works:
+                part = self.parts[work.record.tp]
+                if work.replay:
+                    part.published(None, work.record.offset)
+                    continue
+                for annotation in work.session.finish(work):
+                    self._publish(work, annotation)
+                part.published(work.session.key, work.record.offset)
+        except BaseException:
+            for tp in {w.record.tp for w in works}:
+                if tp in self.parts:
+                    self.parts[tp].tainted = True
+            raise
+        tokens = sum(w.tokens for w in works)
+        seconds = time.perf_counter() - started
+        metrics.RECORDS.inc(len(works))
+        metrics.TOKENS.inc(tokens)
+        metrics.GROUP_SECONDS.observe(seconds)
+        now = time.monotonic()
+        self.progress["first"] = self.progress["first"] or now - seconds
+        self.progress["last"] = now
+        self.progress["records"] += len(works)
+        self.progress["tokens"] += tokens
+        metrics.RESIDENT.set(len(self.residency))
+
+    def _publish(self, work: RecordWork, annotation: dict[str, Any]) -> None:
+        value = ann.encode_bounded(annotation, self.settings.service.max_annotation_bytes)
+        key = work.session.key.encode()
+        self.sink.send(
+            self.settings.kafka.output_topic, key, value,
+            headers={"sinkstream-id": annotation["id"].encode(), "sinkstream-schema": ann.SCHEMA_VERSION.encode()},
+        )
+        metrics.ANNOTATIONS.labels(annotation["kind"]).inc()
+        if annotation["kind"] == "score":
+            metrics.ANOMALIES.inc(sum(1 for line in annotation["score"]["lines"] if line["anomaly"]))
+            metrics.STATUS.observe(work.session.key, annotation)
+        elif annotation["kind"] == "error":
+            dead_letter = self.settings.kafka.dead_letter_topic
+            if dead_letter:
+                record = work.record
+                reasons = ",".join(p["reason"] for p in annotation["error"]["problems"])
+                self.sink.send(dead_letter, record.key or b"", record.value[: self.settings.service.max_annotation_bytes], headers={
+                    "sinkstream-id": annotation["id"].encode(), "sinkstream-reason": reasons.encode(),
+                    "sinkstream-source": f"{record.topic}/{record.partition}/{record.offset}".encode(),
+                })
+
+    # ---- between groups ------------------------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        """Finish and start checkpoints, retry claims and blocked partitions, flow control, gauges."""
+        cp = self.settings.checkpoint
+        for part in self.checkpointer.collect():
+            self._drop(part, "fenced")
+        now = time.monotonic()
+        for tp, at in list(self.unclaimed.items()):
+            if now >= at:
+                if self._claim(tp):
+                    del self.unclaimed[tp]
+                    self.source.resume([tp])
+                else:
+                    self.unclaimed[tp] = now + cp.retry_max_s
+        for tp, (at, _) in list(self.blocked.items()):
+            if now >= at and tp in self.parts:
+                del self.blocked[tp]
+                self.parts[tp].paused = False
+                self.source.resume([tp])
+        for part in list(self.parts.values()):
+            if part.due(cp.every_records, cp.every_seconds) and self.checkpointer.ready_to_retry(part):
+                try:
+                    self.checkpointer.start(part, "cadence")
+                except ConnectorError as exc:  # the flush failed: annotations after the checkpoint may be lost
+                    self._replay(part, str(exc))
+                    continue
+            self._flow_control(part)
+            age = now - part.last_checkpoint
+            metrics.CHECKPOINT_AGE.labels(part.id).set(age)
+            high = self.source.highwater(part.topic, part.partition)
+            lag = max(0, high - part.next_offset) if high is not None and part.next_offset is not None else None
+            if lag is not None:
+                metrics.LAG.labels(part.id).set(lag)
+            metrics.STATUS.partitions[part.id] = {
+                "lag": lag, "checkpoint_age_s": age, "next_offset": part.next_offset, "resident": len(part.sessions),
+            }
+        self._update_readiness()
+
+    def _flow_control(self, part: PartitionState) -> None:
+        """Pause a partition that holds too many un-checkpointed records (store down); resume it after."""
+        tp = (part.topic, part.partition)
+        if tp in self.blocked:
+            return
+        over = part.records_since_checkpoint >= self.settings.checkpoint.max_uncheckpointed_records
+        if over and not part.paused:
+            part.paused = True
+            self.source.pause([tp])
+            log.warning("partition.paused", partition=part.id, uncheckpointed_records=part.records_since_checkpoint)
+        elif part.paused and not over:
+            part.paused = False
+            self.source.resume([tp])
+            log.info("partition.resumed", partition=part.id)
+
+    def _block(self, part: PartitionState, record: Record, error: str) -> None:
+        """A session of `part` could not be read: pause the partition and come back to `record` later."""
+        tp = (part.topic, part.partition)
+        _, delay = self.blocked.get(tp, (0.0, self.settings.checkpoint.retry_initial_s / 2))
+        delay = min(self.settings.checkpoint.retry_max_s, delay * 2)
+        self.blocked[tp] = (time.monotonic() + delay, delay)
+        self._rewind_to.setdefault(tp, record.offset)
+        part.paused = True
+        self.source.pause([tp])
+        metrics.ERRORS.labels("redis").inc()
+        metrics.REDIS_UP.set(0)
+        log.warning("partition.blocked", partition=part.id, offset=record.offset, retry_in_s=round(delay, 2), error=error)
+
+    def _replay(self, part: PartitionState, error: str) -> None:
+        """Annotations after the last checkpoint may be lost: re-process the partition from that checkpoint."""
+        tp = (part.topic, part.partition)
+        log.error("partition.replay", partition=part.id, error=error, resume_offset=part.restored_offset)
+        metrics.ERRORS.labels("kafka").inc()
+        self.parts.pop(tp, None)
+        self.residency.forget(part.id)
+        if not self._claim(tp):
+            self.unclaimed[tp] = time.monotonic() + self.settings.checkpoint.retry_initial_s
+            self.source.pause([tp])
+
+    def _drop(self, part: PartitionState, why: str) -> None:
+        self.parts.pop((part.topic, part.partition), None)
+        metrics.STATUS.partitions.pop(part.id, None)
+        self.residency.forget(part.id)
+        log.warning("partition.dropped", partition=part.id, why=why)
+        metrics.PARTITIONS.set(len(self.parts))
+
+    def _update_readiness(self) -> None:
+        self.health.ready = (
+            self.checkpointer.store_down_since is None
+            and not self.blocked
+            and not self.unclaimed
+            and self.health.kafka_down_since is None
+        ) if hasattr(self, "checkpointer") else False
+        metrics.READY.set(1 if self.health.ready else 0)
+
+    # ---- shutdown -----------------------------------------------------------------------------------------
+    def _final_checkpoint(self, part: PartitionState, reason: str) -> None:
+        if part.tainted:
+            log.error("checkpoint.skipped", partition=part.id, reason=reason,
+                      why="a group of records failed part-way; the last checkpoint stays", resume_offset=part.restored_offset)
+            return
+        if not self.checkpointer.checkpoint_now(part, reason, self.settings.service.shutdown_checkpoint_s):
+            log.error("checkpoint.not_written", partition=part.id, reason=reason,
+                      why="the store or the producer did not answer; the partition resumes from its last checkpoint")
 
     def shutdown(self) -> None:
         """Checkpoint every partition, commit, leave the group, close the producer."""
-        for part in list(self.parts.values()):
-            try:
-                self._checkpoint_or_drop(part, "shutdown")
-            except Exception as exc:
-                log.error("shutdown.checkpoint_failed", partition=part.id, error=str(exc))
+        parts, self.parts = list(self.parts.values()), {}
+        for part in parts:
+            self._final_checkpoint(part, "shutdown")
+            self.residency.forget(part.id)
         self.health.ready = False
+        metrics.READY.set(0)
+        self.checkpointer.close()
         self.source.close()
         self.sink.close()
         log.info("service.stopped")

@@ -1,37 +1,44 @@
-"""A stream session: everything one stream owns, and the step from an input record to its annotations.
+"""A stream session: everything one stream owns, and the path from an input record to its annotations.
 
-Data path: Kafka record -> `StreamSession.process` -> `LineChunker` (complete lines) -> tokenizer ->
-`SinkModel.nll` (the shared model over this session's `SinkCache`) -> `LineScorer` -> annotations.
+Data path: Kafka record -> `StreamSession.prepare` (record limits, `LineChunker`, tokenizer) -> `RecordWork`
+-> `pipeline.service.batcher.Batcher` (the shared model over every stream's own cache, many streams per
+step) -> `StreamSession.finish` (`LineScorer`, annotations).
 
 The model is shared and stateless (`Engine`); the session owns its cache, counters, running statistics,
 pending bytes and the logits that predict its next token. `snapshot()` captures all of it, with
-`next_offset`: a snapshot means "resume after the last record it has seen". Restoring it and replaying the
-records from `next_offset` on reproduces the uninterrupted annotations bit for bit on CPU, because forward
-passes are cut by content alone (a record's complete lines, in pieces of `cache.chunk` tokens).
+`next_offset`: a snapshot means "resume after the last record it has seen".
+
+Failure contract: `mark()` takes a cheap, exact copy of everything `prepare`/`finish` and the model step
+change (cache tensors are never written in place, so the cache part is a set of references); `rollback(mark)`
+returns the session to it bit for bit. The service marks every session a group of records touches and rolls
+them back when the group fails part-way, so a checkpoint never holds half a record.
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from connectors.protocols import Record
 from model.loader import LoadedModel
+from model.sink_cache import CacheState, SinkCache
 from model.snapshot import dump_cache, load_cache
 from model.stepper import SinkModel
-from pipeline.service.scoring import LineScore, LineScorer, RunningStats, note_annotation, score_annotation
+from pipeline.service import annotations as ann
 from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
+from pipeline.service.scoring import LineScore, LineScorer, RunningStats
 from pipeline.settings import Settings
 
 RESET_HEADER = "sinkstream-reset"
 
 
 class Engine:
-    """What all sessions of a process share: the model, its tokenizer and the scoring settings."""
+    """What all sessions of a process share: the model, its tokenizer, the scoring settings and the limits."""
 
     def __init__(self, lm: LoadedModel, settings: Settings):
         self.lm = lm
@@ -45,13 +52,13 @@ class Engine:
             "cache": {"sinks": settings.cache.sinks, "window": settings.cache.window},
         }
 
-    def new_cache(self):
+    def new_cache(self) -> SinkCache:
         c = self.settings.cache
         return self.runner.new_cache(c.sinks, c.window, max_chunk=c.chunk)
 
     def tokenize(self, line: str) -> list[int]:
         text = normalize_line(line) if self.settings.score.normalize else line
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def stream_key(record: Record) -> str:
@@ -71,6 +78,42 @@ class Counters:
     next_note_at: int = 0  # tokens_seen at which the next note is due (0 = notes off)
 
 
+@dataclass
+class RecordWork:
+    """One record on its way through the model: its lines and tokens, what was skipped, and the results.
+
+    Built by `StreamSession.prepare`, filled by the batcher (`nll`, or `error` when the model step failed),
+    turned into annotations by `StreamSession.finish`.
+    """
+
+    record: Record
+    session: StreamSession
+    lines: list[str]
+    token_lists: list[list[int]]
+    # Why part of the record was not scored (limits), or why the stream's context was reset; error annotations.
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    nll: torch.Tensor | None = None  # (tokens,) filled by the batcher
+    error: str | None = None  # the model step failed for this record's stream (rolled back)
+    replay: bool = False  # already folded into the session (a replay after restore): publish nothing
+    skip_score: bool = False  # nothing of the record was fed to the model (quarantine, unreadable input)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_lists)
+
+
+@dataclass
+class SessionMark:
+    """Everything a rollback restores (see the module docstring)."""
+
+    cache: CacheState
+    pending: bytes
+    stats: RunningStats
+    counters: Counters
+    last_logits: torch.Tensor | None
+    failures: int
+
+
 class StreamSession:
     """State and processing of one stream."""
 
@@ -82,48 +125,146 @@ class StreamSession:
         self.stats = RunningStats()
         self.counters = Counters(next_note_at=engine.settings.note.every_tokens)
         self.last_logits: torch.Tensor | None = None
+        self.failures = 0  # consecutive failed model steps (in memory only: a restart forgives)
 
     @property
     def tokens_seen(self) -> int:
         return self.cache.seen
 
+    @property
+    def quarantined(self) -> bool:
+        return self.failures >= self.engine.settings.service.quarantine_after
+
     def reset(self) -> None:
         """Start the stream afresh (the `sinkstream-reset` header): new cache, statistics and pending input."""
         offset = self.counters.next_offset
-        self.__init__(self.engine, self.key)
+        self.__init__(self.engine, self.key)  # type: ignore[misc]
         self.counters.next_offset = offset
 
-    def process(self, record: Record) -> list[dict[str, Any]]:
-        """Fold one record into the stream; return its annotations (a `score`, maybe a `note`).
+    # ---- rollback ---------------------------------------------------------------------------------------------
+    def mark(self) -> SessionMark:
+        return SessionMark(
+            self.cache.state(), self.chunker.pending, copy.copy(self.stats), copy.copy(self.counters),
+            self.last_logits, self.failures,
+        )
 
-        Records at offsets before `next_offset` are already part of the state (a replay after restore) and
-        return nothing. If the model step raises, the session is unchanged except for pending bytes, and
-        the exception propagates (the runner stops rather than skip data).
+    def rollback(self, mark: SessionMark) -> None:
+        self.cache.restore(mark.cache)
+        self.chunker.pending = mark.pending
+        self.stats, self.counters = copy.copy(mark.stats), copy.copy(mark.counters)
+        self.last_logits, self.failures = mark.last_logits, mark.failures
+
+    # ---- record -> work -> annotations ------------------------------------------------------------------------
+    def prepare(self, record: Record) -> RecordWork | None:
+        """Fold a record's bytes into the chunker and tokenize its complete lines, within the record limits.
+
+        A record already folded into this session (a replay after restore) comes back with `replay` set.
+        A quarantined stream's record is read past (its bytes still go through the chunker, so the stream
+        stays aligned) without touching the model. Limits
+        (`service.max_record_bytes`, `service.max_record_tokens`): bytes beyond the first are not read, lines
+        beyond the token budget are not scored, and either becomes a `problem` the record's `error`
+        annotation reports with counts; nothing is skipped silently.
         """
         if record.offset < self.counters.next_offset:
-            return []
+            return RecordWork(record, self, [], [], replay=True)
+        limits = self.engine.settings.service
+        problems: list[dict[str, Any]] = []
+        if self.quarantined:
+            self.chunker.feed(record.value[: limits.max_record_bytes])
+            return RecordWork(record, self, [], [], skip_score=True, problems=[{
+                "reason": "quarantined",
+                "message": f"stream {self.key!r} is quarantined after {self.failures} failed model steps in a "
+                           "row; its records are not scored until the service restarts",
+            }])
         if RESET_HEADER in record.headers:
             self.reset()
-        lines = self.chunker.feed(record.value)
-        token_lists = [self.engine.tokenize(line) for line in lines]
-        flat = [t for ids in token_lists for t in ids]
-        scores: list[LineScore] = []
-        if flat:
-            nll, logits = self.engine.runner.nll(self.cache, flat, prev_logits=self.last_logits)
-            self.last_logits = logits[-1].detach().clone()
+        value = record.value
+        if len(value) > limits.max_record_bytes:
+            problems.append({
+                "reason": "record_too_large",
+                "message": f"expected at most {limits.max_record_bytes} bytes per record, got {len(value)}; "
+                           f"the bytes after the first {limits.max_record_bytes} were not read",
+                "skipped_bytes": len(value) - limits.max_record_bytes,
+            })
+            value = value[: limits.max_record_bytes]
+        lines = self.chunker.feed(value)
+        budget = limits.max_record_tokens
+        kept_lines: list[str] = []
+        token_lists: list[list[int]] = []
+        skipped_lines = skipped_tokens = 0
+        for line in lines:
+            ids = self.engine.tokenize(line) if budget > 0 else []
+            if budget <= 0:
+                skipped_lines += 1
+                continue
+            if len(ids) > budget:  # the line that crosses the budget is scored up to it
+                skipped_tokens += len(ids) - budget
+                ids = ids[:budget]
+            budget -= len(ids)
+            kept_lines.append(line)
+            token_lists.append(ids)
+        if skipped_lines or skipped_tokens:
+            problems.append({
+                "reason": "record_too_many_tokens",
+                "message": f"expected at most {limits.max_record_tokens} tokens per record; {skipped_lines} "
+                           f"line(s) after the budget were not scored and {skipped_tokens} token(s) of the "
+                           "line that crossed it were cut",
+                "skipped_lines": skipped_lines,
+                "skipped_tokens": skipped_tokens,
+            })
+        return RecordWork(record, self, kept_lines, token_lists, problems)
+
+    def finish(self, work: RecordWork) -> list[dict[str, Any]]:
+        """Score the record's lines from `work.nll` and return its annotations (`score`, maybe `note`/`error`).
+
+        When the model step failed (`work.error`), the record gets an `error` annotation, its lines are not
+        scored (the cache was rolled back by the batcher), and the stream counts one more failure.
+        """
+        record = work.record
+        rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        out: list[dict[str, Any]] = []
+        problems = list(work.problems)
+        if work.skip_score:
+            pass
+        elif work.error is not None:
+            self.failures += 1
+            problems.append({
+                "reason": "quarantined" if self.quarantined else "model_step_failed",
+                "message": work.error,
+                "skipped_lines": len(work.lines),
+                "skipped_tokens": work.tokens,
+            })
+        else:
+            self.failures = 0
+            scores: list[LineScore] = []
             pos = 0
-            for line, ids in zip(lines, token_lists):
-                score = LineScore(self.counters.lines_seen, line.rstrip("\n"), ids, nll[pos : pos + len(ids)])
+            for line, ids in zip(work.lines, work.token_lists):
+                nll = work.nll[pos : pos + len(ids)] if work.nll is not None else torch.empty(0)
+                score = LineScore(self.counters.lines_seen, line.rstrip("\n"), ids, nll)
                 scores.append(self.engine.scorer.score(score, self.stats))
                 self.counters.lines_seen += 1
                 pos += len(ids)
-        rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        out = [score_annotation(rid, self.key, scores, self.tokens_seen, self.engine.meta)]
-        note = self._maybe_note(rid)
-        if note is not None:
-            out.append(note)
+            out.append(ann.score_annotation(rid, self.key, scores, self.tokens_seen, self.engine.meta))
+            note = self._maybe_note(rid)
+            if note is not None:
+                out.append(note)
+        if problems:
+            out.append(ann.error_annotation(rid, self.key, problems, self.tokens_seen, self.engine.meta))
         self.counters.next_offset = record.offset + 1
         return out
+
+    def process(self, record: Record) -> list[dict[str, Any]]:
+        """One record on its own, as the service handles a group of one: prepare, model step, finish.
+
+        For tools and tests (and the offline baseline of the integration tests); the service batches groups.
+        """
+        from pipeline.service.batcher import Batcher  # the batcher imports this module
+
+        work = self.prepare(record)
+        if work.replay:
+            return []
+        Batcher().run([work])
+        return self.finish(work)
 
     def _maybe_note(self, rid: dict[str, Any]) -> dict[str, Any] | None:
         cfg = self.engine.settings.note
@@ -138,10 +279,11 @@ class StreamSession:
             self.cache, prompt, cfg.max_new_tokens, stop=lambda t: t == eos or "\n" in tok.decode([t])
         )
         text = tok.decode(generated, skip_special_tokens=True).strip()
-        return note_annotation(rid, self.key, cfg.prompt, text, len(generated), self.tokens_seen, self.engine.meta)
+        return ann.note_annotation(rid, self.key, cfg.prompt, text, len(generated), self.tokens_seen, self.engine.meta)
 
     # ---- snapshot / restore -------------------------------------------------------------------------------
-    def snapshot(self) -> bytes:
+    def capture(self) -> SessionCapture:
+        """What a snapshot of this session needs, taken now on the model thread (references, no copies)."""
         extra = {
             "stream": self.key,
             "counters": asdict(self.counters),
@@ -149,7 +291,10 @@ class StreamSession:
             "pending": base64.b64encode(self.chunker.pending).decode(),
         }
         tensors = {"last_logits": self.last_logits} if self.last_logits is not None else {}
-        return dump_cache(self.cache, extra=extra, tensors=tensors)
+        return SessionCapture(self.cache.state(), self.cache, extra, tensors)
+
+    def snapshot(self) -> bytes:
+        return self.capture().serialize()
 
     @classmethod
     def restore(cls, engine: Engine, blob: bytes) -> StreamSession:
@@ -162,3 +307,25 @@ class StreamSession:
         session.chunker.pending = base64.b64decode(extra["pending"])
         session.last_logits = tensors.get("last_logits")
         return session
+
+
+@dataclass
+class SessionCapture:
+    """A session frozen at one instant: serializable later, on another thread, while the session moves on.
+
+    Sound because cache updates never write a tensor in place (`model.sink_cache`): the captured references
+    keep the tensors of that instant alive; `serialize` swaps them into a shallow copy of the cache.
+    """
+
+    state: CacheState
+    cache: SinkCache
+    extra: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def serialize(self) -> bytes:
+        frozen = copy.copy(self.cache)
+        frozen.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in frozen.layers:
+            layer.cache = frozen
+        frozen.restore(self.state)
+        return dump_cache(frozen, extra=self.extra, tensors=self.tensors)

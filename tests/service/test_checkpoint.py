@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from connectors.protocols import Record
@@ -38,8 +40,13 @@ class JournalStore(RedisStateStore):
         self.journal = journal
 
     def write_checkpoint(self, partition_id, epoch, snapshots, manifest, *, reuse=()):
-        self.journal.append(("write", sorted(snapshots), sorted(reuse), manifest["next_offset"]))
-        return super().write_checkpoint(partition_id, epoch, snapshots, manifest, reuse=reuse)
+        assert not isinstance(snapshots, dict), "snapshots must arrive lazily, one blob at a time"
+        pairs = []
+        for key, blob in snapshots:  # serialized one by one, as the store asks for them
+            self.journal.append(("serialized", key))
+            pairs.append((key, blob))
+        self.journal.append(("write", sorted(k for k, _ in pairs), sorted(reuse), manifest["next_offset"]))
+        return super().write_checkpoint(partition_id, epoch, pairs, manifest, reuse=reuse)
 
 
 @pytest.fixture
@@ -52,39 +59,46 @@ def setup(text_lm, fake_redis):
         engine = Engine(text_lm, settings)
         epoch = store.claim("in:0")
         part = PartitionState("in", 0, epoch, engine, store, Residency(max_resident), store.read_manifest("in:0"))
-        return journal, store, engine, part, Checkpointer(FakeSource(journal), FakeSink(journal), store)
+        return journal, store, engine, part, Checkpointer(FakeSource(journal), FakeSink(journal), store, settings.checkpoint)
 
     return make
 
 
 def _feed(part, start, keys):
     for i, key in enumerate(keys):
-        part.process(Record("in", 0, start + i, key.encode(), f"line {start + i} of {key}\n".encode(), {}, 0))
+        record = Record("in", 0, start + i, key.encode(), f"line {start + i} of {key}\n".encode(), {}, 0)
+        part.session(key).process(record)
+        part.published(key, record.offset)
+
+
+def _checkpoint(cp, part):
+    return cp.checkpoint_now(part, "test", timeout_s=30)
 
 
 def test_commit_order_and_only_changed_streams_are_rewritten(setup):
     journal, store, engine, part, cp = setup()
     _feed(part, 0, ["a", "b", "a"])
-    assert cp.checkpoint(part, "test")
-    assert journal == ["flush", ("write", ["a", "b"], [], 3), ("commit", {("in", 0): 3})]
+    assert _checkpoint(cp, part)
+    assert journal == ["flush", ("serialized", "a"), ("serialized", "b"), ("write", ["a", "b"], [], 3),
+                       ("commit", {("in", 0): 3})]
     journal.clear()
     _feed(part, 3, ["b"])
-    assert cp.checkpoint(part, "test")
-    assert journal == ["flush", ("write", ["b"], ["a"], 4), ("commit", {("in", 0): 4})]
+    assert _checkpoint(cp, part)
+    assert journal == ["flush", ("serialized", "b"), ("write", ["b"], ["a"], 4), ("commit", {("in", 0): 4})]
     doc = store.read_manifest("in:0")
     assert doc["manifest"]["next_offset"] == 4 and sorted(doc["snapshots"]) == ["a", "b"]
 
 
 def test_nothing_new_means_no_checkpoint(setup):
     journal, _, _, part, cp = setup()
-    assert cp.checkpoint(part, "test") and journal == []
+    assert _checkpoint(cp, part) and journal == []
 
 
 def test_fenced_owner_is_told_to_drop_the_partition(setup):
     journal, store, engine, part, cp = setup()
     _feed(part, 0, ["a"])
     store.claim("in:0")  # another process took the partition over
-    assert cp.checkpoint(part, "test") is False and part.fenced
+    assert _checkpoint(cp, part) is False and part.fenced
     assert store.read_manifest("in:0") is None  # nothing of the zombie's became visible
     assert ("commit", {("in", 0): 1}) not in journal
 
@@ -94,6 +108,31 @@ def test_spilled_sessions_come_back_and_are_checkpointed(setup):
     _feed(part, 0, ["a", "b", "c", "a"])  # residency 1: every switch spills the previous stream
     assert set(part.sessions) == {"a"} and part.spilled == {"a", "b", "c"}
     assert part.sessions["a"].counters.lines_seen == 2  # "a" came back from its spill with its history
-    assert cp.checkpoint(part, "test")
-    assert journal[1] == ("write", ["a"], ["b", "c"], 4)
+    assert _checkpoint(cp, part)
+    assert journal[2] == ("write", ["a"], ["b", "c"], 4)
     assert sorted(store.read_manifest("in:0")["snapshots"]) == ["a", "b", "c"]
+
+
+def test_the_snapshot_is_the_state_at_capture_while_the_session_moves_on(setup):
+    """Step 2 runs on the writer thread: what it writes is the session as of the capture, not as of the write."""
+    journal, store, engine, part, cp = setup()
+    _feed(part, 0, ["a", "a"])
+    expected = part.sessions["a"].snapshot()
+    gate, entered = threading.Event(), threading.Event()
+    write = store.write_checkpoint
+
+    def slow_write(*args, **kwargs):
+        entered.set()
+        assert gate.wait(30)
+        return write(*args, **kwargs)
+
+    store.write_checkpoint = slow_write
+    assert cp.start(part, "test")
+    assert entered.wait(30)
+    _feed(part, 2, ["a"])  # the model thread goes on while the writer is busy
+    gate.set()
+    cp.collect(wait_for=part, timeout_s=30)
+    doc = store.read_manifest("in:0")
+    assert doc["manifest"]["next_offset"] == 2
+    assert store.read_snapshot(doc["snapshots"]["a"]) == expected
+    assert "a" in part.dirty and part.records_since_checkpoint == 1  # the third record still needs a checkpoint

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from connectors.protocols import Record
-from pipeline.service.scoring import RunningStats, encode, schema
+from pipeline.service.annotations import encode, schema
+from pipeline.service.scoring import RunningStats
 from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
 from pipeline.service.session import RESET_HEADER, Engine, StreamSession, stream_key

@@ -1,0 +1,253 @@
+"""Annotations: the documents the service publishes to the output topic, as pydantic models.
+
+Every annotation is one JSON object keyed by the stream key. Its `id` is `topic/partition/offset/kind`: a
+replay after a crash re-publishes the same ids with the same values, so subscribers drop duplicates by id.
+Nothing time-dependent is inside an annotation; the Kafka record timestamp says when it was produced.
+
+Kinds: `score` (per record: its complete lines, scored), `note` (generated text about the recent context,
+rolled back), `error` (what could not be scored, and why: limits, a failed model step, a quarantined
+stream, unreadable input, a context reset after broken state). A record can carry a `score` and an `error`
+(part of it scored, the rest skipped).
+
+The published JSON Schema (`schemas/annotation.v1.json`) is generated from these models:
+`python -m pipeline.service.annotations > pipeline/service/schemas/annotation.v1.json`; a test fails when
+the committed file differs. Changes stay additive within v1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.service.scoring import MAX_TEXT, LineScore
+
+SCHEMA_ID = "sinkstream.annotation/v1"
+SCHEMA_VERSION = "v1"
+SCHEMA_FILE = "schemas/annotation.v1.json"
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(_Doc):
+    """Where the input record sits."""
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class ModelInfo(_Doc):
+    name: str
+    fingerprint: str
+
+
+class CacheInfo(_Doc):
+    sinks: int = Field(ge=0)
+    window: int = Field(ge=1)
+
+
+class TopToken(_Doc):
+    token: str
+    nll: float
+
+
+class Line(_Doc):
+    """One line completed inside the record (a line split across records belongs to the one completing it)."""
+
+    line_no: int = Field(ge=0, description="Index of the line in its stream")
+    text: str = Field(max_length=MAX_TEXT)
+    tokens: int = Field(ge=0)
+    mean_nll: float | None
+    perplexity: float | None
+    z: float | None = Field(description="(mean_nll - stream mean) / stream std over earlier lines")
+    anomaly: bool = Field(description="z above the configured threshold after the warm-up lines")
+    top: list[TopToken]
+
+
+class Score(_Doc):
+    tokens: int = Field(ge=0)
+    mean_nll: float | None = Field(description="Mean negative log-likelihood (nats) of the record's scored tokens")
+    perplexity: float | None
+    max_z: float | None
+    anomaly: bool
+    lines: list[Line]
+    lines_omitted: int = Field(
+        0, ge=0, description="Lines scored but left out of `lines` so the annotation fits the topic's size limit"
+    )
+
+
+class Note(_Doc):
+    prompt: str
+    text: str
+    tokens_generated: int = Field(ge=0)
+
+
+class Problem(_Doc):
+    reason: Literal[
+        "record_too_large", "record_too_many_tokens", "model_step_failed", "quarantined", "bad_input",
+        "context_reset",
+    ]
+    message: str
+    skipped_bytes: int = Field(0, ge=0)
+    skipped_lines: int = Field(0, ge=0)
+    skipped_tokens: int = Field(0, ge=0)
+
+
+class Error(_Doc):
+    problems: list[Problem]
+
+
+class _Base(_Doc):
+    schema_: Literal["sinkstream.annotation/v1"] = Field(SCHEMA_ID, alias="schema")
+    id: str = Field(pattern=r"^.+/[0-9]+/[0-9]+/(score|note|error|reply)$",
+                    description="topic/partition/offset/kind of the input record")
+    stream: str = Field(description="Stream key: the input record key (UTF-8, else 'hex:...'), or 'partition-N' "
+                                    "for records without a key")
+    source: Source
+    model: ModelInfo
+    cache: CacheInfo
+    tokens_seen: int = Field(ge=0, description="Tokens of this stream fed to the model after this record")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ScoreAnnotation(_Base):
+    kind: Literal["score"] = "score"
+    score: Score
+
+
+class NoteAnnotation(_Base):
+    kind: Literal["note"] = "note"
+    note: Note
+
+
+class ErrorAnnotation(_Base):
+    kind: Literal["error"] = "error"
+    error: Error
+
+
+Annotation = Annotated[ScoreAnnotation | NoteAnnotation | ErrorAnnotation, Field(discriminator="kind")]
+
+
+class _Envelope(BaseModel):
+    annotation: Annotation
+
+
+def generated_schema() -> dict[str, Any]:
+    """The JSON Schema of an annotation, generated from the models above."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(Annotation).json_schema(by_alias=True)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "sinkstream annotation, version 1",
+        "description": (
+            "One JSON object per Kafka record on the output topic; the record key is the stream key. Drop "
+            "duplicates by `id` (a replay after a crash re-publishes identical annotations). Additive changes "
+            "keep v1; anything else bumps the version in `schema` and in this file's name. Generated from "
+            "pipeline/service/annotations.py."
+        ),
+        **schema,
+    }
+
+
+def schema() -> dict[str, Any]:
+    """The published (committed) JSON Schema of annotations."""
+    return json.loads(resources.files("pipeline.service").joinpath(SCHEMA_FILE).read_text())
+
+
+def validate(document: dict[str, Any]) -> ScoreAnnotation | NoteAnnotation | ErrorAnnotation:
+    """Parse a published annotation back into its model (raises pydantic's ValidationError)."""
+    return _Envelope.model_validate({"annotation": document}).annotation
+
+
+# ---- building annotations --------------------------------------------------------------------------------
+def _id(record_id: dict[str, Any], kind: str) -> str:
+    return f"{record_id['topic']}/{record_id['partition']}/{record_id['offset']}/{kind}"
+
+
+def _head(record_id: dict[str, Any], kind: str, stream: str, tokens_seen: int, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA_ID, "id": _id(record_id, kind), "kind": kind, "stream": stream, "source": record_id,
+            **meta, "tokens_seen": tokens_seen}
+
+
+def score_annotation(
+    record_id: dict[str, Any], stream: str, lines: list[LineScore], tokens_seen: int, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The `score` annotation of one input record (lines completed inside it; possibly none)."""
+    import torch
+
+    scored = [line.scored for line in lines if line.scored.numel()]
+    all_nll = torch.cat(scored) if scored else torch.empty(0)
+    mean = float(all_nll.double().mean()) if all_nll.numel() else None
+    zs = [line.z for line in lines if line.z is not None]
+    return {
+        **_head(record_id, "score", stream, tokens_seen, meta),
+        "score": {
+            "tokens": sum(len(line.token_ids) for line in lines),
+            "mean_nll": mean,
+            "perplexity": math.exp(mean) if mean is not None else None,
+            "max_z": max(zs) if zs else None,
+            "anomaly": any(line.anomaly for line in lines),
+            "lines": [line.to_json() for line in lines],
+        },
+    }
+
+
+def note_annotation(
+    record_id: dict[str, Any], stream: str, prompt: str, text: str, generated: int, tokens_seen: int, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The `note` annotation: generated text about the stream's recent context (context rolled back after)."""
+    return {**_head(record_id, "note", stream, tokens_seen, meta),
+            "note": {"prompt": prompt, "text": text, "tokens_generated": generated}}
+
+
+def error_annotation(
+    record_id: dict[str, Any], stream: str, problems: list[dict[str, Any]], tokens_seen: int, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The `error` annotation: what of the record was not scored, and why (never skipped silently)."""
+    full = [Problem(**p).model_dump() for p in problems]
+    return {**_head(record_id, "error", stream, tokens_seen, meta), "error": {"problems": full}}
+
+
+def encode(annotation: dict[str, Any]) -> bytes:
+    """Canonical bytes of an annotation: sorted keys, no whitespace, so replays are byte-identical."""
+    return json.dumps(annotation, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_bounded(annotation: dict[str, Any], max_bytes: int) -> bytes:
+    """`encode`, with a `score` annotation's `lines` cut so the result fits `max_bytes`.
+
+    The cut keeps the first lines and counts the rest in `lines_omitted` (the record-level figures still cover
+    every line), so an annotation is never too large for the topic and never dropped. Deterministic: a
+    replay cuts the same way. Other kinds are small by construction (messages are bounded).
+    """
+    data = encode(annotation)
+    if len(data) <= max_bytes or annotation["kind"] != "score":
+        return data
+    lines = annotation["score"]["lines"]
+    lo, hi = 0, len(lines)  # the largest number of leading lines that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encode(_cut(annotation, mid))) <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encode(_cut(annotation, lo))
+
+
+def _cut(annotation: dict[str, Any], keep: int) -> dict[str, Any]:
+    lines = annotation["score"]["lines"]
+    return {**annotation, "score": {**annotation["score"], "lines": lines[:keep], "lines_omitted": len(lines) - keep}}
+
+
+if __name__ == "__main__":
+    sys.stdout.write(json.dumps(generated_schema(), indent=2, sort_keys=True) + "\n")
