@@ -191,6 +191,7 @@ def test_helm_lint_strict(variant: str) -> None:
         ("wrong-type-values.yaml", "got string, want integer"),
         ("keda-beyond-partitions-values.yaml", "keda.maxReplicaCount (16) must be <= kafka.partitions (8)"),
         ("keda-lag-below-cadence-values.yaml", "keda.lagThreshold (400) must be > checkpoint.everyRecords (500)"),
+        ("keda-commit-noise-values.yaml", "keda.lagThreshold (5000) x max(1, keda.minReplicaCount) (1) must be >="),
         ("keda-cooldown-below-session-values.yaml", "keda.cooldownPeriod (60s) must be >= kafka.sessionTimeoutMs"),
         ("sasl-without-user-values.yaml", "kafka.saslUsername is required"),
         ("pvc-without-claim-values.yaml", "model.source pvc needs model.pvc.claimName"),
@@ -230,6 +231,10 @@ def test_keda_bounds_follow_partitions_checkpoints_and_session(tmp_path: Path) -
     meta = trigger["metadata"]
     assert spec["maxReplicaCount"] <= values["kafka"]["partitions"]
     assert int(meta["lagThreshold"]) > config["checkpoint"]["every_records"]
+    # KEDA wants ceil(total lag / lagThreshold) replicas; commit lag alone (every partition one checkpoint
+    # interval behind) must not ask for more than the minimum.
+    noise = values["kafka"]["partitions"] * config["checkpoint"]["every_records"]
+    assert -(-noise // int(meta["lagThreshold"])) <= spec["minReplicaCount"]
     session_s = config["kafka"]["session_timeout_ms"] / 1000
     assert spec["cooldownPeriod"] >= session_s
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] \

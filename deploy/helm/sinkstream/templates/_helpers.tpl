@@ -59,6 +59,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if le (int $v.keda.lagThreshold) (int $v.checkpoint.everyRecords) -}}
 {{- fail (printf "keda.lagThreshold (%d) must be > checkpoint.everyRecords (%d): committed offsets trail by up to one checkpoint interval" (int $v.keda.lagThreshold) (int $v.checkpoint.everyRecords)) -}}
 {{- end -}}
+{{- /* Committed offsets trail by up to everyRecords per partition even when caught up: that noise alone
+       (partitions x everyRecords in total) must not ask for more than minReplicaCount replicas. */ -}}
+{{- $noise := mul (int $v.kafka.partitions) (int $v.checkpoint.everyRecords) -}}
+{{- $floor := max 1 (int $v.keda.minReplicaCount) -}}
+{{- if lt (mul (int $v.keda.lagThreshold) $floor) $noise -}}
+{{- fail (printf "keda.lagThreshold (%d) x max(1, keda.minReplicaCount) (%d) must be >= kafka.partitions x checkpoint.everyRecords (%d): checkpoint-lagged commits alone would scale out" (int $v.keda.lagThreshold) $floor $noise) -}}
+{{- end -}}
 {{- $session := div (int $v.kafka.sessionTimeoutMs) 1000 -}}
 {{- if lt (int $v.keda.cooldownPeriod) (int $session) -}}
 {{- fail (printf "keda.cooldownPeriod (%ds) must be >= kafka.sessionTimeoutMs (%ds)" (int $v.keda.cooldownPeriod) (int $session)) -}}
