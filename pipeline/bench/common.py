@@ -1,15 +1,10 @@
-"""Timing benchmarks of the sink cache: decode latency vs cache size, overhead vs DynamicCache, chunked ingest.
+"""What every benchmark family shares: the machine description, a tiny model, interleaved median timing,
+random token ids, a filled sink cache and a `DynamicCache` decoder for the baselines.
 
-Every function returns a JSON-able dict; `sinkstream bench` writes it with a plot. Timings are medians over
-`repeats`, each repeat being the mean wall time of `steps` calls; token ids are random (content does not change
-the work done). Baselines run on the same model object in the same process, interleaved with the sink runs.
-
-- `latency` (Xiao et al. 2023, Fig. 10): per-token decode latency at cache sizes C for `sink` (4+(C-4)),
-  `window` (0+C), `dense` (C keys, no eviction) and `recompute` (a fresh forward over the last C tokens).
-- `overhead`: one `SinkModel.step` decode vs one model forward into a plain transformers `DynamicCache`
-  holding the same number of keys.
-- `ingest`: tokens/s of chunked feeding at a full S+W cache vs a raw forward of the same chunk against a
-  `DynamicCache` of S+W-1 past tokens (the same attention span).
+Every benchmark (`latency`, `overhead`, `ingest`, `memory`, `batch`, `service` modules of this package) returns
+a JSON-able dict; `sinkstream bench` writes it with a plot. Timings are medians over `repeats`, each repeat being
+the mean wall time of `steps` calls; token ids are random (content does not change the work done). Baselines run
+on the same model object in the same process, interleaved with the sink runs.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,8 +23,6 @@ from transformers import DynamicCache
 from model.loader import LoadedModel, wrap_model
 from model.sink_cache import SinkCache
 from model.stepper import SinkModel
-
-LATENCY_POLICIES = ("sink", "window", "dense", "recompute")
 
 
 def machine(lm: LoadedModel | None = None) -> dict[str, Any]:
@@ -99,7 +92,7 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], steps: int, repeats:
             "b_cpu_s": med(tb, "median_cpu_s"), "a_repeats_s": [t["median_s"] for t in ta], "b_repeats_s": [t["median_s"] for t in tb]}
 
 
-class _Tokens:
+class Tokens:
     """Deterministic random token ids."""
 
     def __init__(self, vocab: int, seed: int = 0):
@@ -110,11 +103,11 @@ class _Tokens:
         return torch.randint(0, self.vocab, (n,), generator=self.gen)
 
 
-def _vocab(lm: LoadedModel) -> int:
+def vocab_size(lm: LoadedModel) -> int:
     return int(lm.model.config.get_text_config().vocab_size)
 
 
-def filled_cache(runner: SinkModel, sinks: int, window: int | None, fill: int, tokens: _Tokens, chunk: int = 256) -> SinkCache:
+def filled_cache(runner: SinkModel, sinks: int, window: int | None, fill: int, tokens: Tokens, chunk: int = 256) -> SinkCache:
     """A SinkCache that has already consumed `fill` random tokens."""
     cache = runner.new_cache(sinks, window, max_chunk=chunk)
     if fill:
@@ -144,107 +137,3 @@ class DynamicDecoder:
         for layer, (k, v) in zip(self.cache.layers, self.saved):  # updates never write in place: roll back
             layer.keys, layer.values = k, v
         return out.logits
-
-
-def latency(
-    lm: LoadedModel,
-    sizes: Sequence[int] = (256, 512, 1024, 2048, 4096),
-    policies: Sequence[str] = LATENCY_POLICIES,
-    sinks: int = 4,
-    steps: int = 8,
-    repeats: int = 3,
-    recompute_steps: int = 1,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Per-token decode latency (ms) per policy and cache size, and the speedup of sink over recompute."""
-    unknown = set(policies) - set(LATENCY_POLICIES)
-    if unknown:
-        raise ValueError(f"expected policies among {LATENCY_POLICIES}, got {sorted(unknown)}")
-    runner, tokens = SinkModel(lm), _Tokens(_vocab(lm))
-    ms: dict[str, dict[int, float]] = {p: {} for p in policies}
-    raw: dict[str, dict[int, list[float]]] = {p: {} for p in policies}
-    cpu: dict[str, dict[int, float]] = {p: {} for p in policies}
-    for size in sizes:
-        for policy in policies:
-            if progress:
-                progress(f"latency {policy} cache {size}")
-            if policy == "recompute":
-                context = tokens(size)[None].to(lm.device)
-
-                def call(context=context):
-                    with torch.inference_mode():
-                        lm.model(input_ids=context, logits_to_keep=1)
-
-                t = median_time(call, recompute_steps, repeats)
-            else:
-                s, w, fill = {"sink": (sinks, size - sinks, size + 64), "window": (0, size, size + 64),
-                              "dense": (0, None, size - 1)}[policy]
-                cache = filled_cache(runner, s, w, fill, tokens)
-                state = cache.state()
-                one = tokens(1)
-                reset = (lambda c=cache, st=state: c.restore(st)) if policy == "dense" else None
-                t = median_time(lambda c=cache: runner.step(c, one), steps, repeats, reset)
-                del cache, state
-            ms[policy][size] = 1000.0 * t["median_s"]
-            cpu[policy][size] = 1000.0 * t["median_cpu_s"]
-            raw[policy][size] = [1000.0 * x for x in t["repeats_s"]]
-    speedup, cpu_speedup = {}, {}
-    if "sink" in ms and "recompute" in ms:
-        speedup = {size: ms["recompute"][size] / ms["sink"][size] for size in sizes}
-        cpu_speedup = {size: cpu["recompute"][size] / cpu["sink"][size] for size in sizes}
-    return {"benchmark": "latency", "sizes": list(sizes), "sinks": sinks, "steps": steps, "repeats": repeats,
-            "ms_per_token": ms, "cpu_ms_per_token": cpu, "repeats_ms": raw, "speedup_sink_over_recompute": speedup,
-            "cpu_speedup_sink_over_recompute": cpu_speedup, "paper_speedup": 22.2}
-
-
-def overhead(
-    lm: LoadedModel,
-    keys: Sequence[int] = (256, 1024, 4096),
-    sinks: int = 4,
-    steps: int = 16,
-    repeats: int = 5,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Decode-step time of the sink cache vs a plain DynamicCache over the same number of keys (goal <= 1.05x)."""
-    runner, tokens = SinkModel(lm), _Tokens(_vocab(lm), seed=1)
-    rows = []
-    for n in keys:
-        if progress:
-            progress(f"overhead {n} keys")
-        # After eviction a sink cache of S + (n - S) makes every step attend to exactly n keys.
-        cache = filled_cache(runner, sinks, n - sinks, n + 64, tokens)
-        dyn = DynamicDecoder(lm, tokens(n - 1))
-        one = tokens(1)
-        t = interleaved(lambda: runner.step(cache, one), lambda: dyn.forward(one), steps, repeats)
-        rows.append({"keys": n, "sink_ms": 1000 * t["a_s"], "dynamic_ms": 1000 * t["b_s"], "ratio": t["a_s"] / t["b_s"],
-                     "sink_cpu_ms": 1000 * t["a_cpu_s"], "dynamic_cpu_ms": 1000 * t["b_cpu_s"], "cpu_ratio": t["a_cpu_s"] / t["b_cpu_s"],
-                     "sink_repeats_ms": [1000 * x for x in t["a_repeats_s"]], "dynamic_repeats_ms": [1000 * x for x in t["b_repeats_s"]]})
-        del cache, dyn
-    return {"benchmark": "overhead", "sinks": sinks, "steps": steps, "repeats": repeats, "rows": rows, "goal_ratio_max": 1.05}
-
-
-def ingest(
-    lm: LoadedModel,
-    chunks: Sequence[int] = (1, 16, 64, 256, 512),
-    sinks: int = 4,
-    window: int = 1020,
-    repeats: int = 3,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Tokens/s of chunked feeding into a full sink cache vs a raw forward at the same span (goal >= 0.9x)."""
-    runner, tokens = SinkModel(lm), _Tokens(_vocab(lm), seed=2)
-    span = sinks + window - 1  # past keys every chunk sees in a full cache
-    dyn = DynamicDecoder(lm, tokens(span))
-    rows = []
-    for chunk in chunks:
-        if progress:
-            progress(f"ingest chunk {chunk}")
-        forwards = max(2, min(32, 1024 // chunk))
-        cache = filled_cache(runner, sinks, window, sinks + window + chunk, tokens, chunk=max(256, chunk))
-        ids = tokens(chunk)
-        t = interleaved(lambda: runner.step(cache, ids), lambda: dyn.forward(ids), forwards, repeats)
-        rows.append({"chunk": chunk, "forwards": forwards, "sink_tokens_per_s": chunk / t["a_s"], "raw_tokens_per_s": chunk / t["b_s"],
-                     "ratio": t["b_s"] / t["a_s"], "cpu_ratio": t["b_cpu_s"] / t["a_cpu_s"]})
-        del cache
-    return {"benchmark": "ingest", "sinks": sinks, "window": window, "span": span + 1, "repeats": repeats,
-            "rows": rows, "goal_ratio_min": 0.9}

@@ -15,8 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.bench import streams as bench_streams
-from pipeline.bench import common as benchmarks
+from pipeline.bench import batch, common, ingest, latency, memory, overhead
 from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation.plots import Panel, save_figure
 
@@ -58,7 +57,7 @@ def _pick(value, full, quick, is_quick):
 
 def _latency(lm, args, note):
     sizes = _pick(args.sizes, [256, 512, 1024, 2048, 4096], [256, 1024, 2048], args.quick)
-    r = benchmarks.latency(lm, sizes, sinks=args.sinks, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    r = latency.latency(lm, sizes, sinks=args.sinks, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
     ms = r["ms_per_token"]
     series = {p: (sizes, [ms[p][s] for s in sizes]) for p in ms}
     speed, cpu_speed = r["speedup_sink_over_recompute"], r["cpu_speedup_sink_over_recompute"]
@@ -73,7 +72,7 @@ def _latency(lm, args, note):
 
 def _overhead(lm, args, note):
     keys = _pick(args.keys, [256, 1024, 4096], [1024], args.quick)
-    r = benchmarks.overhead(lm, keys, sinks=args.sinks, repeats=_pick(args.repeats, 5, 3, args.quick), progress=note)
+    r = overhead.overhead(lm, keys, sinks=args.sinks, repeats=_pick(args.repeats, 5, 3, args.quick), progress=note)
     rows = r["rows"]
     panels = [Panel("decode step over the same keys", "keys attended", "ms / step",
                     {"sink cache step": (keys, [x["sink_ms"] for x in rows]), "DynamicCache step": (keys, [x["dynamic_ms"] for x in rows])}, logx=True),
@@ -86,7 +85,7 @@ def _overhead(lm, args, note):
 
 def _ingest(lm, args, note):
     chunks = _pick(args.chunks, [1, 16, 64, 256, 512], [1, 64, 256], args.quick)
-    r = benchmarks.ingest(lm, chunks, args.sinks, args.window, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    r = ingest.ingest(lm, chunks, args.sinks, args.window, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
     rows = r["rows"]
     panels = [Panel(f"ingest at span {r['span']}", "chunk (tokens per forward)", "tokens / s",
                     {"sink cache": (chunks, [x["sink_tokens_per_s"] for x in rows]), "raw forward": (chunks, [x["raw_tokens_per_s"] for x in rows])},
@@ -101,9 +100,9 @@ def _memory(lm, args, note):
     real_cp = _pick(args.memory_tokens, [10_000, 100_000], [2_000, 10_000], args.quick)
     tiny_cp = _pick(args.tiny_tokens, [10_000, 100_000, 1_000_000], [10_000, 100_000, 1_000_000], args.quick)
     runs = {}
-    for model, cps in ((args.model, real_cp), (bench_streams.TINY, tiny_cp)):
+    for model, cps in ((args.model, real_cp), (memory.TINY, tiny_cp)):
         with tqdm(total=max(cps), desc=f"memory {model}", unit="tok", file=sys.stderr) as bar:
-            runs[model] = bench_streams.memory(model, cps, args.sinks, args.window, threads=args.threads,
+            runs[model] = memory.memory(model, cps, args.sinks, args.window, threads=args.threads,
                                                progress=lambda rd, bar=bar: bar.update(rd["tokens"] - bar.n))
     r = {"benchmark": "memory", "runs": runs, "goal_ratio_max": 1.02}
     panels = [Panel(f"RSS while streaming ({args.sinks}+{args.window} cache)", "tokens streamed", "MiB",
@@ -117,7 +116,7 @@ def _memory(lm, args, note):
 
 def _batch(lm, args, note):
     streams = _pick(args.streams, [1, 4, 16], [1, 4, 16], args.quick)
-    r = bench_streams.batch(lm, streams, args.sinks, args.window, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    r = batch.batch(lm, streams, args.sinks, args.window, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
     rows = r["rows"]
     panels = [Panel("B streams, one token each", "streams B", "tokens / s",
                     {"batched step_many": (streams, [x["batched_tokens_per_s"] for x in rows]),
@@ -147,14 +146,14 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
     args.out.mkdir(parents=True, exist_ok=True)
-    info = benchmarks.machine(lm)
+    info = common.machine(lm)
     sys.stdout.write(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads\n")
     for name in names:
-        load_at_start = benchmarks.machine()["load_average"]
+        load_at_start = common.machine()["load_average"]
         started = time.perf_counter()
         with tqdm(desc=f"bench {name}", file=sys.stderr, bar_format="{desc} [{elapsed}]") as bar:
             result, panels, lines = globals()[f"_{name}"](lm, args, lambda text, bar=bar: bar.set_description_str(f"bench {text}"))
-        result: dict[str, Any] = {**result, "model": args.model, "quick": args.quick, "machine": benchmarks.machine(lm),
+        result: dict[str, Any] = {**result, "model": args.model, "quick": args.quick, "machine": common.machine(lm),
                                   "load_average_at_start": load_at_start,
                                   "seconds": time.perf_counter() - started}
         path = args.out / f"bench_{name}.json"

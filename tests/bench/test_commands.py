@@ -16,8 +16,8 @@ from tests.model.conftest import VOCAB
 @pytest.fixture
 def tiny_cli(tiny_lm, monkeypatch):
     lm = tiny_lm("llama")
-    monkeypatch.setattr(eval_command, "load_model", lambda *a, **k: lm)
-    monkeypatch.setattr(bench_command, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(eval_command, "load_model_for_cli", lambda *a, **k: lm)
+    monkeypatch.setattr(bench_command, "load_model_for_cli", lambda *a, **k: lm)
     return lm
 
 
@@ -71,17 +71,17 @@ def test_bench_cli_writes_json_and_plot(tiny_cli, tmp_path, capsys, name, args):
 
 def test_bench_memory_cli(tiny_cli, tmp_path, capsys, monkeypatch):
     """The CLI around the memory worker (the worker itself runs in test_benchmarks): in-process here."""
-    from pipeline.bench import streams as bench_streams
+    from pipeline.bench import memory
 
     def in_process(model, checkpoints, sinks, window, threads=0, progress=None, **_):
         readings = []
-        bench_streams.stream_memory(tiny_cli, checkpoints, sinks, window, 64, readings.append)
+        memory.stream_memory(tiny_cli, checkpoints, sinks, window, 64, readings.append)
         for reading in readings:
             progress(reading)
         return {"model": model, "readings": readings,
                 "peak_ratio_last_over_first": readings[-1]["peak_rss_mb"] / readings[1]["peak_rss_mb"]}
 
-    monkeypatch.setattr(bench_streams, "memory", in_process)
+    monkeypatch.setattr(memory, "memory", in_process)
     out = tmp_path / "bench"
     code = main(["bench", "memory", "--model", "some-model", "--window", "60", "--memory-tokens", "200",
                  "--tiny-tokens", "200,500", "--threads", "1", "--out", str(out)])

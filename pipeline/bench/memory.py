@@ -1,14 +1,11 @@
-"""Benchmarks of long and many streams: memory flatness over 1M tokens, and batched multi-stream decoding.
+"""`memory`: memory flatness of one stream over up to 1M tokens.
 
 - `memory`: a fresh subprocess streams random tokens through one sink cache and reports its peak RSS and
   current RSS after each checkpoint (e.g. 10K, 100K, 1M tokens). A flat cache keeps the peak ratio
-  last/first at about 1.0 (goal <= 1.02). The worker is this module: `python -m pipeline.bench.streams`.
+  last/first at about 1.0 (goal <= 1.02). The worker is this module: `python -m pipeline.bench.memory`.
   The peak is the kernel's high-water mark of this process (`VmHWM`), reset after the model is loaded
   (`/proc/self/clear_refs`), so it covers streaming only. `ru_maxrss` would not do: Linux carries it across
   `exec` from the parent, so the worker would report the bench process's own peak.
-- `batch`: B independent streams at different lengths advanced one token each, by `model.batch.step_many` in
-  one forward pass vs by `SinkModel.step` one stream after the other; tokens/s of both and the largest logit
-  difference between them.
 """
 
 from __future__ import annotations
@@ -26,10 +23,9 @@ from typing import Any
 
 import torch
 
-from model.batch import step_many
 from model.loader import LoadedModel
 from model.stepper import SinkModel
-from pipeline.bench.common import _Tokens, _vocab, filled_cache, interleaved, tiny_model
+from pipeline.bench.common import Tokens, vocab_size, tiny_model
 
 TINY = "tiny"
 
@@ -71,7 +67,7 @@ def _reset_peak() -> bool:
 def stream_memory(lm: LoadedModel, checkpoints: Sequence[int], sinks: int, window: int, chunk: int,
                   report: Callable[[dict[str, Any]], None]) -> None:
     """Stream random tokens until the last checkpoint; call `report` with RSS figures at each checkpoint."""
-    runner, tokens = SinkModel(lm), _Tokens(_vocab(lm), seed=3)
+    runner, tokens = SinkModel(lm), Tokens(vocab_size(lm), seed=3)
     cache = runner.new_cache(sinks, window, max_chunk=chunk)
     load_peak = _peak_mb()
     reset = _reset_peak()  # from here on the peak covers streaming only
@@ -100,7 +96,7 @@ def memory(
     """Run the memory worker for `model` (a load_model name, or "tiny") in a subprocess; return its readings."""
     if not checkpoints or min(checkpoints) < 1:
         raise ValueError(f"expected positive checkpoints, got {list(checkpoints)}")
-    cmd = [sys.executable, "-m", "pipeline.bench.streams", "--model", model, "--sinks", str(sinks),
+    cmd = [sys.executable, "-m", "pipeline.bench.memory", "--model", model, "--sinks", str(sinks),
            "--window", str(window), "--chunk", str(chunk), "--checkpoints", ",".join(map(str, checkpoints)),
            "--threads", str(threads)]
     readings: list[dict[str, Any]] = []
@@ -128,52 +124,9 @@ def memory(
             "rss_ratio_last_over_first": last["rss_mb"] / first["rss_mb"], "goal_ratio_max": 1.02}
 
 
-def batch(
-    lm: LoadedModel,
-    sizes: Sequence[int] = (1, 4, 16),
-    sinks: int = 4,
-    window: int = 1020,
-    steps: int = 8,
-    repeats: int = 3,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Tokens/s of B streams stepped in one batched forward vs one by one, at staggered stream lengths."""
-    runner, tokens = SinkModel(lm), _Tokens(_vocab(lm), seed=4)
-    base = filled_cache(runner, sinks, window, sinks + window + 64, tokens).state()
-    rows = []
-    for size in sizes:
-        if progress:
-            progress(f"batch B={size}")
-        caches = []
-        for b in range(size):  # same history, then 0, 3, 6, ... more tokens: every stream at its own length
-            cache = runner.new_cache(sinks, window)
-            cache.restore(base)  # updates never write in place, so streams may share the prefix tensors
-            if b:
-                runner.step(cache, tokens(3 * b))
-            caches.append(cache)
-        states = [c.state() for c in caches]
-        ids = tokens(size)
-
-        def reset() -> None:
-            for c, s in zip(caches, states):
-                c.restore(s)
-
-        reset()
-        batched_logits = step_many(lm, caches, ids)
-        reset()
-        one_logits = torch.stack([runner.step(c, [int(t)])[0] for c, t in zip(caches, ids)])
-        diff = float((batched_logits - one_logits).abs().max())
-        t = interleaved(lambda: step_many(lm, caches, ids), lambda: [runner.step(c, [int(x)]) for c, x in zip(caches, ids)],
-                        steps, repeats, reset)
-        rows.append({"streams": size, "lengths": [s.seen for s in states], "batched_tokens_per_s": size / t["a_s"],
-                     "sequential_tokens_per_s": size / t["b_s"], "speedup": t["b_s"] / t["a_s"],
-                     "cpu_speedup": t["b_cpu_s"] / t["a_cpu_s"], "max_abs_logit_diff": diff})
-    return {"benchmark": "batch", "sinks": sinks, "window": window, "steps": steps, "repeats": repeats, "rows": rows}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Memory worker: stream into one cache, write one JSON line per checkpoint to stdout."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.streams", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.memory", description=main.__doc__)
     p.add_argument("--model", default=TINY, help="load_model name/path, or 'tiny' for a random 2-layer Llama")
     p.add_argument("--checkpoints", required=True, help="comma-separated token counts, e.g. 10000,100000")
     p.add_argument("--sinks", type=int, default=4)
