@@ -54,6 +54,9 @@ _SUPPORTED: dict[str, tuple[Positions, bool, str | None]] = {
     "gpt2": ("absolute", True, "n_positions"),
     "falcon": ("rope", False, "max_position_embeddings"),
     "mpt": ("alibi", False, "max_seq_len"),
+    # Learned per-head sink logits (`sinks`, passed to attention as `s_aux`): honoured by model.sink_logits.
+    # Only configs whose layers are all full attention; see _refuse_mixed_layers.
+    "gpt_oss": ("rope", True, "max_position_embeddings"),
 }
 
 _REFUSED: dict[str, str] = {
@@ -76,6 +79,7 @@ def architecture_of(model_type: str, config: dict[str, Any]) -> Architecture:
             f"model_type {model_type!r} is not supported: expected one of {sorted(_SUPPORTED)} "
             "(architectures whose position handling sinkstream knows and tests)"
         )
+    _refuse_mixed_layers(model_type, config)
     positions, exact, limit_key = _SUPPORTED[model_type]
     if model_type == "falcon" and config.get("alibi"):
         positions = "alibi"
@@ -83,3 +87,22 @@ def architecture_of(model_type: str, config: dict[str, Any]) -> Architecture:
     if positions == "alibi" and model_type != "mpt":
         limit = None
     return Architecture(model_type, positions, exact, int(limit) if limit else None)
+
+
+def _refuse_mixed_layers(model_type: str, config: dict[str, Any]) -> None:
+    """gpt-oss alternates sliding-window layers (their own 128-token window) with full-attention layers.
+
+    One sink cache per stream gives every layer the same sinks + window; a sliding layer would then see
+    `window` tokens instead of its trained 128 (and keep sinks it was never trained with), silently changing
+    the model. Only a config whose `layer_types` are all `full_attention` streams (released gpt-oss checkpoints
+    alternate, so they are refused here).
+    """
+    layer_types = config.get("layer_types") or []
+    mixed = sorted({t for t in layer_types if t != "full_attention"})
+    if model_type == "gpt_oss" and mixed:
+        raise ValueError(
+            f"model_type 'gpt_oss' is supported only with every layer full attention: this config has "
+            f"{sum(t != 'full_attention' for t in layer_types)} of {len(layer_types)} layers of type {mixed} with "
+            f"their own sliding_window={config.get('sliding_window')}, which one sink window per stream would "
+            "silently change"
+        )

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model.rotary import Rotation
+from model.sink_logits import plain_with_sink_logits, sdpa_with_sink_logits
 
 ATTENTION_NAME = "sinkstream"
 _registered = False
@@ -82,11 +83,16 @@ def sink_attention(
     With `pool_plan` (a `model.pool_step.PoolPlan`), query is a packed ragged batch (1, H, N, D) and key/value
     are a `model.pool.KVPool` layer (slots, Hkv, S + R, D); the plan attends each stream over its own slot.
     """
+    s_aux = kwargs.get("s_aux")  # gpt-oss: one learned sink logit per head, an extra softmax column (model.sink_logits)
+    if pool_plan is not None and s_aux is not None:
+        raise ValueError("sinkstream's pooled batch step does not apply gpt-oss sink logits (s_aux); stream this model per session")
     if pool_plan is not None:
         if kwargs.get("softcap"):
             raise ValueError(f"sinkstream attention supports no logit soft-capping: expected softcap=None, got {kwargs['softcap']}")
         dim = query.shape[-1]
         return pool_plan.attend(query, key, value, dim**-0.5 if scaling is None else scaling), None
+    if sink_plan is None and s_aux is not None:
+        return plain_with_sink_logits(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5, s_aux), None
     if sink_plan is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -101,11 +107,11 @@ def sink_attention(
     if scaling is None:
         scaling = dim**-0.5
     if query.shape[2] == 1 and sink_plan.mask is None:
-        return _decode(query, key, value, scaling, sink_plan, gqa), None
-    return _chunk(query, key, value, scaling, sink_plan, gqa), None
+        return _decode(query, key, value, scaling, sink_plan, gqa, s_aux), None
+    return _chunk(query, key, value, scaling, sink_plan, gqa, s_aux), None
 
 
-def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.Tensor:
+def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=None) -> torch.Tensor:
     """C queries over the buffer in one fused SDPA call; sink scores enter through the additive mask.
 
     Query j's sink scores need the query re-rotated by its own delta, so they cannot come from the shared keys.
@@ -117,29 +123,29 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.
     n = plan.sink_cols if plan.sink_cos is not None else 0
     if not n:
         mask = None if plan.mask is None else plan.mask[None, None]  # (1, 1, C, L), broadcast over heads
-        return _sdpa(query, key, value, scaling, gqa, mask)
+        return _sdpa(query, key, value, scaling, gqa, mask, s_aux=s_aux)
     q_sink = Rotation.apply(query, plan.sink_cos, plan.sink_sin)  # (B, H, C, D)
     q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
     sink_scores = torch.matmul(q_sink, key[:, :, :n].transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
     sink_scores = sink_scores.view(batch, heads, chunk, n)  # (B, H, C, S)
     base, bias = plan.bias(query, length)  # (C, L), (B, H, C, L) shared by the layers of this forward
     bias[..., :n] = sink_scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
-    return _sdpa(query, key, value, scaling, gqa, bias, sink_keys=torch.zeros_like(key[:, :, :n]))
+    return _sdpa(query, key, value, scaling, gqa, bias, sink_keys=torch.zeros_like(key[:, :, :n]), s_aux=s_aux)
 
 
-def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool) -> torch.Tensor:
+def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=None) -> torch.Tensor:
     """One query over the whole buffer: a single fused SDPA call.
 
     With one query, rotating the query forward by d for the sink part equals rotating the S sink keys back
     by d (rotations are orthogonal), so the sink keys are replaced by their rotated copy for the call.
     """
     if not plan.sink_cols or plan.sink_cos is None:
-        return _sdpa(query, key, value, scaling, gqa)
+        return _sdpa(query, key, value, scaling, gqa, s_aux=s_aux)
     sink_keys = Rotation.apply(key[:, :, : plan.sink_cols], plan.sink_cos, plan.back_sin())  # (B, Hkv, S, D)
-    return _sdpa(query, key, value, scaling, gqa, sink_keys=sink_keys)
+    return _sdpa(query, key, value, scaling, gqa, sink_keys=sink_keys, s_aux=s_aux)
 
 
-def _sdpa(query, key, value, scaling, gqa, mask=None, sink_keys=None) -> torch.Tensor:
+def _sdpa(query, key, value, scaling, gqa, mask=None, sink_keys=None, s_aux=None) -> torch.Tensor:
     """One fused SDPA call -> (B, C, H, D). With `sink_keys` (B, Hkv, S, D), the first S columns of the key
     buffer hold them for the call only: the buffer is restored right after (nothing else reads it in between)."""
     n = 0 if sink_keys is None else sink_keys.shape[-2]
@@ -147,6 +153,8 @@ def _sdpa(query, key, value, scaling, gqa, mask=None, sink_keys=None) -> torch.T
     if n:
         key[:, :, :n] = sink_keys
     try:
+        if s_aux is not None:  # gpt-oss sink logits: one more softmax column per head, no KV entry
+            return sdpa_with_sink_logits(query, key, value, scaling, gqa, mask, s_aux)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     finally:
         if n:

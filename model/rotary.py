@@ -42,7 +42,12 @@ class Rotation:
         self.scaling = float(getattr(self.module, "attention_scaling", 1.0) or 1.0)
         probe = torch.zeros(1, dtype=torch.float32, device=self._device())
         cos, _ = self.module(probe, torch.zeros(1, 1, dtype=torch.long, device=probe.device))
-        self.dims = cos.shape[-1]
+        # Most rotary modules return cos/sin duplicated over both halves (2 * len(inv_freq) channels); gpt-oss
+        # returns one value per frequency and rotates the two halves with it. Same rotation, half the width:
+        # duplicate it so that `apply` (rotate-half over the first `dims` channels) stays one code path.
+        inv_freq = getattr(self.module, "inv_freq", None)
+        self.duplicate = inv_freq is not None and cos.shape[-1] == inv_freq.numel()
+        self.dims = cos.shape[-1] * (2 if self.duplicate else 1)
         self._memo: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _device(self) -> torch.device:
@@ -53,7 +58,9 @@ class Rotation:
     def cos_sin(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape (N, rotary_dims) in float32 for integer offsets (N,), attention factor removed."""
         probe = torch.zeros(1, dtype=torch.float32, device=offsets.device)
-        cos, sin = self.module(probe, offsets.view(1, -1))  # (1, N, rotary_dims)
+        cos, sin = self.module(probe, offsets.view(1, -1))  # (1, N, rotary_dims) or (1, N, rotary_dims / 2)
+        if self.duplicate:
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # (1, N, rotary_dims)
         return cos[0].float() / self.scaling, sin[0].float() / self.scaling
 
     def cos_sin_at(self, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
