@@ -1,6 +1,6 @@
 """Real sample data for demos, evaluation and tests, fetched through the package registries.
 
-Three sources, none of them committed to the repository (they land under `$SINKSTREAM_HOME/data/`,
+Two sources, neither of them committed to the repository (they land under `$SINKSTREAM_HOME/data/`,
 which is git-ignored, or stay in `../shared/`):
 
 - Canterbury corpus (English prose: `alice29.txt`, `asyoulik.txt`, `lcet10.txt`, `plrabn12.txt`), shipped
@@ -11,8 +11,6 @@ which is git-ignored, or stay in `../shared/`):
   https://github.com/logpai/loghub and cite Jieming Zhu, Shilin He, Pinjia He, Jinyang Liu, Michael R. Lyu,
   "Loghub: A Large Collection of System Log Datasets for AI-driven Log Analytics", ISSRE 2023, and keep
   the licence notice with every copy.
-- fail2ban's test logs (about 2,900 real sshd, Apache, Postfix, ... log lines), shipped in Debian's
-  `fail2ban` package (GPL-2+, see the `copyright` file copied beside them); see `fail2ban_logs()`.
 
 Run `python -m pipeline.evaluation.datasets fetch [--home DIR]` to fetch everything into `$SINKSTREAM_HOME`.
 """
@@ -41,7 +39,6 @@ CANTERBURY_FILES: tuple[str, ...] = ("alice29.txt", "asyoulik.txt", "lcet10.txt"
 LOGHUB_ENV = "SINKSTREAM_LOGHUB"
 # Number of lines in BGL_2k.log whose label field is an alert category rather than `-`.
 BGL_2K_ANOMALIES = 143
-_FAIL2BAN_LOGS_GLOB = "usr/lib/python3*/dist-packages/fail2ban/tests/files/logs"
 
 
 class DatasetError(RuntimeError):
@@ -165,78 +162,12 @@ def bgl_labels(path: str | os.PathLike[str]) -> list[tuple[str, bool]]:
     return out
 
 
-def fail2ban_logs(home: Path) -> Path:
-    """Return `home/data/fail2ban/logs/`, the real log lines of fail2ban's test suite, fetching if needed.
-
-    Uses Debian's `apt-get download fail2ban` (running `apt-get update` once if the first try fails, which
-    needs root) and `dpkg -x`, then copies `.../fail2ban/tests/files/logs/` and the package's `copyright`
-    file into `home/data/fail2ban/`. Idempotent. Raises DatasetError when apt-get or dpkg is missing.
-    """
-    root = Path(home) / "data" / "fail2ban"
-    dest = root / "logs"
-    if dest.is_dir() and any(dest.iterdir()):
-        log.debug("datasets.fail2ban.present", path=str(dest))
-        return dest
-    missing_tools = [tool for tool in ("apt-get", "dpkg") if shutil.which(tool) is None]
-    if missing_tools:
-        raise DatasetError(
-            f"fail2ban_logs expected Debian's apt-get and dpkg on PATH to fetch the fail2ban package, "
-            f"but {' and '.join(missing_tools)} is not available on this machine"
-        )
-    with tempfile.TemporaryDirectory(prefix="sinkstream-fail2ban-") as tmp_name:
-        tmp = Path(tmp_name)
-        tmp.chmod(0o755)  # lets apt's unprivileged `_apt` user write the .deb here (no sandbox warning)
-        deb = _apt_download(tmp, "fail2ban")
-        unpacked = tmp / "root"
-        proc = _run(["dpkg", "-x", str(deb), str(unpacked)])
-        if proc.returncode != 0:
-            raise DatasetError(f"expected `dpkg -x {deb.name}` to unpack, got exit code {proc.returncode}:\n"
-                               f"{_tail(proc.stderr)}")
-        sources = sorted(unpacked.glob(_FAIL2BAN_LOGS_GLOB))
-        if not sources:
-            raise DatasetError(f"expected {_FAIL2BAN_LOGS_GLOB} inside {deb.name}, found no such folder")
-        root.mkdir(parents=True, exist_ok=True)
-        staging = root / ".logs.part"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(sources[0], staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-        copyright_file = unpacked / "usr" / "share" / "doc" / "fail2ban" / "copyright"
-        if copyright_file.is_file():
-            shutil.copyfile(copyright_file, root / "copyright")
-        (root / "SOURCE.txt").write_text(f"Debian package {deb.name}, {sources[0].relative_to(unpacked)}\n")
-    log.info("datasets.fail2ban.ready", path=str(dest), files=sum(1 for p in dest.rglob("*") if p.is_file()))
-    return dest
-
-
-def _apt_download(tmp: Path, package: str) -> Path:
-    """`apt-get download <package>` into `tmp`, with one `apt-get update` and retry on failure."""
-    proc = _run(["apt-get", "download", package], cwd=tmp)
-    if proc.returncode != 0:
-        log.info("datasets.apt.update", reason=_tail(proc.stderr, 3))
-        update = _run(["apt-get", "update"])
-        if update.returncode != 0:
-            raise DatasetError(
-                f"`apt-get download {package}` failed and `apt-get update` (which needs root) failed too, "
-                f"exit code {update.returncode}:\n{_tail(update.stderr)}"
-            )
-        proc = _run(["apt-get", "download", package], cwd=tmp)
-    debs = sorted(tmp.glob(f"{package}_*.deb"))
-    if proc.returncode != 0 or len(debs) != 1:
-        raise DatasetError(
-            f"expected `apt-get download {package}` to leave one {package}_*.deb, got exit code "
-            f"{proc.returncode} and {[p.name for p in debs]}:\n{_tail(proc.stderr)}"
-        )
-    return debs[0]
-
-
 def fetch_all(home: Path) -> dict[str, Path]:
     """Fetch every data set into `home/data/` and return {name: folder}.
 
     `loghub` is not fetched (it lives in `../shared/`); it is included when found, else a warning is logged.
     """
-    result = {"canterbury": canterbury(home), "fail2ban": fail2ban_logs(home)}
+    result = {"canterbury": canterbury(home)}
     try:
         result["loghub"] = loghub_dir()
     except FileNotFoundError as exc:

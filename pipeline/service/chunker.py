@@ -23,11 +23,12 @@ def _utf8_boundary(buf: bytes, limit: int) -> int:
 class LineChunker:
     """Per-stream line splitter with carried-over pending bytes."""
 
-    def __init__(self, max_pending_bytes: int = 65536, pending: bytes = b""):
+    def __init__(self, max_pending_bytes: int = 65536):
         if max_pending_bytes < 4:
             raise ValueError(f"max_pending_bytes must be at least 4 (one UTF-8 character), got {max_pending_bytes}")
         self.max_pending_bytes = max_pending_bytes
-        self.pending = pending
+        # Bytes of an incomplete line (or character); part of the stream's snapshot, restored by assignment.
+        self.pending = b""
 
     def feed(self, data: bytes) -> list[str]:
         """Append `data`; return the lines it completes, each with its trailing newline (if it had one)."""

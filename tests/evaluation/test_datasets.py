@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from pipeline.evaluation import datasets
-from pipeline.evaluation.datasets import DatasetError, bgl_labels, canterbury, fail2ban_logs, loghub_dir
+from pipeline.evaluation.datasets import DatasetError, bgl_labels, canterbury, loghub_dir
 
 
 
@@ -140,27 +140,6 @@ def test_canterbury_downloads_the_four_texts(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(datasets.CANTERBURY_FILES)
     assert (folder / "plrabn12.txt").stat().st_size > 400_000
     assert "Alice" in (folder / "alice29.txt").read_text(encoding="latin-1")
-
-
-# --- fail2ban ------------------------------------------------------------------------------------------
-
-
-def test_fail2ban_without_apt_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(datasets.shutil, "which", lambda tool: None)
-    with pytest.raises(DatasetError, match="apt-get and dpkg is not available"):
-        fail2ban_logs(tmp_path)
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs Debian's apt-get")
-def test_fail2ban_logs_downloads_real_logs(tmp_path: Path) -> None:
-    logs = fail2ban_logs(tmp_path)
-    assert logs == tmp_path / "data" / "fail2ban" / "logs"
-    assert (logs / "sshd").is_file()
-    lines = sum(len(p.read_bytes().splitlines()) for p in logs.rglob("*") if p.is_file())
-    assert lines > 1000
-    assert (tmp_path / "data" / "fail2ban" / "copyright").is_file()
-    assert fail2ban_logs(tmp_path) == logs  # second call: already present
 
 
 # --- CLI -----------------------------------------------------------------------------------------------
