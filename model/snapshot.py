@@ -2,7 +2,8 @@
 
 Layout: one safetensors blob. Tensors `k.{layer}` / `v.{layer}` hold each layer's [sinks | window] keys
 and values, trimmed to what the next step keeps; callers may add their own tensors (`x.{name}`, e.g. the
-last logits of a stream). The safetensors metadata entry `sinkstream` is a JSON header:
+last logits of a stream). The safetensors metadata entry `sinkstream` is a JSON header, the pydantic model
+`SnapshotHeader`:
 
     {"format": 1, "fingerprint": ..., "model_type": ..., "sinks": S, "window": W, "max_chunk": C,
      "dtype": "torch.float32", "seen": tokens seen, "base": frame offset, "crc32c": {...}, "extra": {...}}
@@ -20,6 +21,7 @@ from typing import Any
 
 import crc32c
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -31,6 +33,30 @@ FORMAT_VERSION = 1
 
 class SnapshotError(ValueError):
     """A snapshot cannot be restored: wrong model, wrong format, or damaged bytes."""
+
+
+class SnapshotHeader(BaseModel):
+    """The JSON header of a snapshot (format 1). Unknown keys are refused: a header this code does not fully
+    understand must not be restored as if it did."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int
+    # `LoadedModel.fingerprint` of the model that took the snapshot (weights + dtype).
+    fingerprint: str
+    model_type: str
+    sinks: int = Field(ge=0)
+    window: int = Field(ge=1)
+    max_chunk: int = Field(ge=1)
+    # `str(torch.dtype)` of the cache tensors, e.g. "torch.float32".
+    dtype: str
+    # Tokens the stream has seen in total, and the frame offset of the cache's first position.
+    seen: int = Field(ge=0)
+    base: int
+    # crc32c of each tensor's bytes, by tensor name.
+    crc32c: dict[str, int]
+    # The caller's JSON-able state (e.g. a stream session's counters).
+    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -52,24 +78,30 @@ def dump_cache(
         out[f"v.{i}"] = v.detach().to("cpu").contiguous()
     for name, t in (tensors or {}).items():
         out[f"x.{name}"] = t.detach().to("cpu").contiguous()
-    header = {
-        "format": FORMAT_VERSION,
-        "fingerprint": cache.lm.fingerprint,
-        "model_type": cache.lm.arch.model_type,
-        "sinks": cache.sinks,
-        "window": cache.window,
-        "max_chunk": cache.max_chunk,
-        "dtype": str(cache.lm.dtype),
-        "seen": cache.seen,
-        "base": cache.base,
-        "crc32c": _checksum(out),
-        "extra": extra or {},
-    }
-    return st_save(out, metadata={"sinkstream": json.dumps(header)})
+    header = SnapshotHeader(
+        format=FORMAT_VERSION,
+        fingerprint=cache.lm.fingerprint,
+        model_type=cache.lm.arch.model_type,
+        sinks=cache.sinks,
+        window=cache.window,
+        max_chunk=cache.max_chunk,
+        dtype=str(cache.lm.dtype),
+        seen=cache.seen,
+        base=cache.base,
+        crc32c=_checksum(out),
+        extra=extra or {},
+    )
+    return st_save(out, metadata={"sinkstream": header.model_dump_json()})
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
-    """The JSON header of a snapshot, without loading its tensors."""
+    """The JSON header of a snapshot as a dict (see `parse_header` for the typed one)."""
+    return parse_header(blob).model_dump()
+
+
+def parse_header(blob: bytes) -> SnapshotHeader:
+    """The `SnapshotHeader` of a snapshot, without loading its tensors; `SnapshotError` when it is unreadable,
+    of another format, or not a valid header (naming the field, what was expected and what arrived)."""
     if len(blob) < 8:
         raise SnapshotError(f"expected a sinkstream snapshot (safetensors), got {len(blob)} bytes")
     (n,) = struct.unpack("<Q", blob[:8])
@@ -77,29 +109,38 @@ def read_header(blob: bytes) -> dict[str, Any]:
         raise SnapshotError(f"snapshot is truncated: header says {n} bytes, only {len(blob) - 8} follow")
     try:
         meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
-        return json.loads(meta["sinkstream"])
+        raw = json.loads(meta["sinkstream"])
     except (ValueError, KeyError, AttributeError) as exc:
         raise SnapshotError(f"expected a sinkstream snapshot header, got unreadable metadata ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise SnapshotError(f"expected snapshot format {FORMAT_VERSION}, got {got!r}")
+    try:
+        return SnapshotHeader.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in first["loc"])
+        raise SnapshotError(
+            f"snapshot header field {field!r}: {first['msg']}; got {first.get('input')!r}"
+        ) from exc
 
 
 def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any], dict[str, torch.Tensor]]:
     """Restore a cache for `lm` from `dump_cache` bytes; returns (cache, extra, tensors)."""
-    header = read_header(blob)
-    if header.get("format") != FORMAT_VERSION:
-        raise SnapshotError(f"expected snapshot format {FORMAT_VERSION}, got {header.get('format')!r}")
+    header = parse_header(blob)
     for key, have in (("fingerprint", lm.fingerprint), ("dtype", str(lm.dtype))):
-        if header.get(key) != have:
+        if getattr(header, key) != have:
             raise SnapshotError(
-                f"snapshot {key} mismatch: this model has {have!r}, the snapshot was taken with {header.get(key)!r}"
+                f"snapshot {key} mismatch: this model has {have!r}, the snapshot was taken with {getattr(header, key)!r}"
             )
     try:
         tensors = st_load(blob)
     except Exception as exc:  # safetensors raises its own error types
         raise SnapshotError(f"snapshot tensors are unreadable: {exc}") from exc
-    if _checksum(tensors) != {k: int(v) for k, v in header["crc32c"].items()}:
+    if _checksum(tensors) != header.crc32c:
         raise SnapshotError("snapshot is corrupt: crc32c of its tensors does not match the header")
-    cache = SinkCache(lm, sinks=header["sinks"], window=header["window"], max_chunk=header["max_chunk"])
-    cache.seen, cache.base = header["seen"], header["base"]
+    cache = SinkCache(lm, sinks=header.sinks, window=header.window, max_chunk=header.max_chunk)
+    cache.seen, cache.base = header.seen, header.base
     for i, layer in enumerate(cache.layers):
         if f"k.{i}" in tensors:
             k = tensors[f"k.{i}"].to(lm.device)
@@ -107,4 +148,4 @@ def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any],
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k, v
     extra_tensors = {name[2:]: t.to(lm.device) for name, t in tensors.items() if name.startswith("x.")}
-    return cache, header.get("extra", {}), extra_tensors
+    return cache, dict(header.extra), extra_tensors
