@@ -206,8 +206,9 @@ def run_study(run: Path, config: StudyConfig, resume: bool = False, stop_after: 
         return None
     results = evaluate(run, config, corpus, tokenizer, variants, progress)
     (run / "results.json").write_text(json.dumps(results, indent=1))
-    (run / "table.md").write_text(study.markdown_table(results) + "\n")
+    (run / "table.md").write_text(study.markdown_table(results) + "\n\n" + study.attention_table(results) + "\n")
     study.plot_attention(results, run / "sink_token_attention.png")
     study.plot_training(results, run / "sink_token_training.png")
     study.plot_perplexity(results, run / "sink_token_perplexity.png")
+    study.plot_heads(results, run / "sink_token_heads.png")
     return results

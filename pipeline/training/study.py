@@ -22,6 +22,7 @@ import torch
 log = structlog.get_logger(__name__)
 
 FIRST_POSITIONS = 4
+SINK_EPS = 0.3  # Gu et al. 2024's threshold for a sink head
 
 
 @torch.no_grad()
@@ -45,13 +46,23 @@ def attention_share(model: torch.nn.Module, samples: torch.Tensor, sink_id: int 
         model.train(was_training)
     length = samples.shape[1]
     lo = length // 2
-    shares = []
+    shares, per_head = [], []
+    seeing = torch.arange(length, 0, -1, dtype=torch.float32)[:FIRST_POSITIONS]  # queries that see key k: T - k
     for att in out.attentions:  # (N, H, T, T) per layer
         first = att[:, :, lo:, :FIRST_POSITIONS].float()  # (N, H, T - lo, 4)
         shares.append([float(v) for v in first.mean(dim=(0, 1, 2))])
+        # Gu et al. 2024's per-head score: mean over the queries that can see key k (every q >= k)
+        per_head.append((att[:, :, :, :FIRST_POSITIONS].float().sum(dim=2) / seeing).mean(dim=0))  # (H, 4)
+    heads = torch.stack(per_head)  # (layers, H, 4)
     q = torch.arange(lo, length, dtype=torch.float64)
     uniform = float((1.0 / (q + 1.0)).mean())
-    return {"share": shares, "uniform": [uniform] * FIRST_POSITIONS, "queries_from": lo, "length": length}
+    return {
+        "share": shares, "uniform": [uniform] * FIRST_POSITIONS, "queries_from": lo, "length": length,
+        # per layer and head: mean attention on position 0 over all queries (the heat map)
+        "head_first": [[float(v) for v in layer[:, 0]] for layer in heads],
+        # Gu et al. 2024 (arXiv 2410.10781) Sink_k^eps: % of heads whose score on position k exceeds eps = 0.3
+        "sink_rate": [float((heads[:, :, k] > SINK_EPS).float().mean()) * 100.0 for k in range(FIRST_POSITIONS)],
+    }
 
 
 def heldout_loss(model: torch.nn.Module, samples: torch.Tensor, sink_id: int | None) -> float:
@@ -126,6 +137,20 @@ def markdown_table(results: dict[str, Any]) -> str:
             by = {r["config"]: r["perplexity"] for r in rows if r["stream"] == kind}
             cells = " | ".join(f"{by[c]:.2f}" if c in by else "—" for c in configs)
             lines.append(f"| {variant} | {kind} | {cells} |")
+    return "\n".join(lines)
+
+
+def attention_table(results: dict[str, Any]) -> str:
+    """Markdown: per model and layer, attention share on positions 0..3 (queries in the second half), uniform
+    baseline, and Gu et al.'s sink rate (% of heads scoring > 0.3 on the position)."""
+    lines = ["| model | layer | pos 0 | pos 1 | pos 2 | pos 3 | uniform |", "|---|---|---|---|---|---|---|"]
+    for variant, att in results["attention"].items():
+        for layer, share in enumerate(att["share"]):
+            cells = " | ".join(f"{v:.3f}" for v in share)
+            lines.append(f"| {variant} | {layer} | {cells} | {att['uniform'][0]:.3f} |")
+        if "sink_rate" in att:
+            rates = " | ".join(f"{v:.0f}%" for v in att["sink_rate"])
+            lines.append(f"| {variant} | heads > {SINK_EPS} | {rates} | |")
     return "\n".join(lines)
 
 
@@ -211,6 +236,31 @@ def plot_perplexity(results: dict[str, Any], path) -> None:
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"held-out {kind}")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heads(results: dict[str, Any], path) -> None:
+    """Heat map per model: mean attention each (layer, head) puts on position 0, over all queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(results["attention"])
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.2), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        grid = results["attention"][variant]["head_first"]  # (layers, heads)
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+        ax.set_xticks(range(len(grid[0])), [f"head {j}" for j in range(len(grid[0]))])
+        ax.set_yticks(range(len(grid)), [f"layer {i}" for i in range(len(grid))])
+        what = "the sink token" if variant == "sink" else "the first token"
+        ax.set_title(f"{variant}: attention on {what}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

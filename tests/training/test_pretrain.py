@@ -96,14 +96,17 @@ def test_eval_json_shape(interrupted_then_resumed: Path) -> None:
             # both variants score the same targets: every held-out token after the first
             assert {r["targets"] for r in mine} == {QUICK.eval_tokens - 1}
             assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1.0 for r in mine)
-        share = results["attention"][variant]["share"]
+        att = results["attention"][variant]
+        share = att["share"]
         assert len(share) == QUICK.layers and all(len(layer) == 4 for layer in share)
         assert all(0.0 <= v <= 1.0 for layer in share for v in layer)
+        assert len(att["head_first"]) == QUICK.layers and all(len(layer) == QUICK.heads for layer in att["head_first"])
+        assert len(att["sink_rate"]) == 4 and all(0.0 <= v <= 100.0 for v in att["sink_rate"])
         probes = results["training"][variant]
         assert [p["step"] for p in probes] == [0, STEPS // 2, STEPS]
         assert probes[-1]["heldout_loss"] < probes[0]["heldout_loss"], "training must lower the held-out loss"
         assert results["budget"][variant]["tokens_seen"] == STEPS * QUICK.batch_size * QUICK.seq_len
-    for name in ("table.md", "sink_token_attention.png", "sink_token_training.png", "sink_token_perplexity.png"):
+    for name in ("table.md", "sink_token_attention.png", "sink_token_training.png", "sink_token_perplexity.png", "sink_token_heads.png"):
         assert (run / name).stat().st_size > 0
     assert "| sink | prose |" in (run / "table.md").read_text()
 
