@@ -355,6 +355,24 @@ def test_dashboard_configmap_carries_the_json_and_the_sidecar_label() -> None:
     assert json.loads(cm["data"]["sinkstream.json"]) == _dashboard()
 
 
+def test_service_exports_every_metric_the_chart_uses() -> None:
+    """The contract from the other side: the service registers each metric under that name and type."""
+    from prometheus_client import REGISTRY
+
+    import pipeline.service.metrics  # noqa: F401 (registers the metrics)
+
+    exported = {}
+    error_types = set()
+    for family in REGISTRY.collect():
+        exported[family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")] = family.type
+        if family.name == "sinkstream_errors":
+            error_types |= {s.labels["type"] for s in family.samples if "type" in s.labels}
+    for name, kind in METRICS.items():
+        assert exported.get(name) == kind, \
+            f"{name}: expected a {kind} from pipeline.service.metrics, got {exported.get(name)}"
+    assert error_types == ERROR_TYPES
+
+
 def test_every_metric_is_documented_in_the_readme() -> None:
     readme = (DEPLOY / "README.md").read_text()
     for name in METRICS:
