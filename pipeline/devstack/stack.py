@@ -31,7 +31,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.kafka.admin import kafka_metadata
-from connectors.redis_store import redis_ping
+from connectors.redis_store import redacted_address, redis_ping
 from pipeline.devstack.processes import HOST, StackError, _alive, _is_ours, start_redis, start_tansu, stop_process
 
 log = structlog.get_logger(__name__)
@@ -114,7 +114,7 @@ def stack_up(home: Path, *, keep_redis_data: bool = False, timeout_s: float = 30
         )
         (d / "stack.json.tmp").write_text(info.model_dump_json(indent=2) + "\n")
         os.replace(d / "stack.json.tmp", d / "stack.json")
-        log.info("stack.up", bootstrap_servers=info.bootstrap_servers, redis_url=info.redis_url)
+        log.info("stack.up", bootstrap_servers=info.bootstrap_servers, redis=redacted_address(info.redis_url))
         return info
 
 
