@@ -1,0 +1,21 @@
+"""What the service stores in a checkpoint's `manifest` (see `connectors.manifest.CheckpointDocument`).
+
+`next_offset` is where the partition resumes: every record before it is folded into the snapshots the
+checkpoint references. Extra keys are allowed so that later versions can add fields without breaking older
+readers of the same checkpoint.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PartitionManifest(BaseModel):
+    """The service's part of a partition checkpoint."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    # Offset of the next record to process (last processed + 1).
+    next_offset: int = Field(ge=0)
+    topic: str = Field(min_length=1)
+    partition: int = Field(ge=0)
