@@ -84,9 +84,9 @@ def fake_redis() -> Callable[..., fakeredis.FakeRedis]:
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    """Factory: tiny_lm('llama') -> LoadedModel with random weights (tests.model.conftest.TINY), built once per
+    """Factory: tiny_lm('llama') -> LoadedModel with random weights (tests.helpers.models.TINY), built once per
     session. Models are stateless (every stream's state lives in its own cache), so tests may share them."""
-    from tests.model.conftest import build_tiny
+    from tests.helpers.models import build_tiny
 
     cache = {}
 

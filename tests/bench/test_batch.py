@@ -7,7 +7,7 @@ import torch
 
 from model.batch import step_many
 from model.stepper import SinkModel
-from tests.model.conftest import EXACT, VOCAB
+from tests.helpers.models import EXACT, VOCAB
 
 # (sinks, window, tokens already streamed): fresh, before eviction, right at it, long after, no sinks, dense.
 STREAMS = [(4, 12, 0), (4, 12, 7), (4, 12, 15), (2, 20, 61), (0, 16, 45), (4, 12, 38), (0, None, 9)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.bench import batch, common, ingest, latency, memory, overhead
-from tests.model.conftest import VOCAB
+from tests.helpers.models import VOCAB
 
 
 def test_median_time_is_median_of_per_repeat_means(monkeypatch):

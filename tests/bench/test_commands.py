@@ -10,7 +10,7 @@ import torch
 from pipeline.cli import bench as bench_command
 from pipeline.cli import eval as eval_command
 from pipeline.cli.main import main
-from tests.model.conftest import VOCAB
+from tests.helpers.models import VOCAB
 
 
 @pytest.fixture

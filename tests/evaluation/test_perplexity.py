@@ -9,7 +9,7 @@ import torch
 
 from model.policies import score_ids
 from pipeline.evaluation import perplexity as ev
-from tests.model.conftest import VOCAB
+from tests.helpers.models import VOCAB
 
 S, W = 4, 28
 

@@ -7,7 +7,7 @@ import torch
 
 from model.arch import architecture_of
 from model.stepper import SinkModel
-from tests.model.conftest import EXACT, FALLBACK, VOCAB
+from tests.helpers.models import EXACT, FALLBACK, VOCAB
 from tests.model.reference import reference_logits
 
 S, W = 4, 12

@@ -10,7 +10,7 @@ from model.pool import KVPool, bytes_per_slot, serialize_slot
 from model.pool_step import PoolStepper
 from model.snapshot import SnapshotError, dump_cache, load_cache, read_header
 from model.stepper import SinkModel
-from tests.model.conftest import EXACT, FALLBACK, VOCAB
+from tests.helpers.models import EXACT, FALLBACK, VOCAB
 from tests.model.reference import reference_logits
 
 S, W, C = 4, 12, 8

@@ -7,7 +7,7 @@ import torch
 
 from model.snapshot import SnapshotError, dump_cache, load_cache, read_header
 from model.stepper import SinkModel
-from tests.model.conftest import VOCAB, build_tiny
+from tests.helpers.models import VOCAB, build_tiny
 
 
 def _ids(n, seed=5):

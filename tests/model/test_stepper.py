@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model.stepper import SinkModel
-from tests.model.conftest import build_tiny
+from tests.helpers.models import build_tiny
 
 
 def test_nll_equals_full_logits_scoring_across_chunk_boundaries():
