@@ -514,3 +514,34 @@ def test_render_script_output_equals_the_library_render(tmp_path: Path) -> None:
     assert render_chart.main(["-f", str(CHART / "ci" / "prod-values.yaml"), "-o", str(out)]) == 0
     assert out.read_text() == rendered_text("prod")
     assert (ROOT / "scripts" / "render-deploy.sh").stat().st_mode & 0o111, "render-deploy.sh must be executable"
+
+
+def test_names_follow_the_release_name() -> None:
+    """Another release name and namespace: every reference between objects still lines up."""
+    docs = [d for d in yaml.safe_load_all(render_chart.render(CHART / "ci" / "prod-values.yaml", release="logs",
+                                                              namespace="obs")) if d]
+    kinds = {d["kind"]: d for d in docs if d["kind"] != "ConfigMap"}
+    name = "logs-sinkstream"
+    assert all(d["metadata"]["name"].startswith(name) for d in docs), [d["metadata"]["name"] for d in docs]
+    sts, service = kinds["StatefulSet"], kinds["Service"]
+    assert sts["metadata"]["name"] == service["metadata"]["name"] == sts["spec"]["serviceName"] == name
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/instance"] == "logs"
+    for selector in (sts["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
+                     kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+                     kinds["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]):
+        assert selector.items() <= pod_labels.items()
+    assert kinds["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == name
+    assert kinds["ScaledObject"]["spec"]["triggers"][0]["authenticationRef"]["name"] == \
+        kinds["TriggerAuthentication"]["metadata"]["name"]
+    assert kinds["ServiceMonitor"]["spec"]["namespaceSelector"] == {"matchNames": ["obs"]}
+    assert kinds["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] in configmaps
+    for rule in kinds["PrometheusRule"]["spec"]["groups"][0]["rules"]:
+        for metric, labels in selectors(rule["expr"]):
+            if metric.startswith("kube_"):
+                assert labels["namespace"] == "obs" and labels["pod"] == f"{name}-[0-9]+", rule["alert"]
+            else:
+                assert labels["job"] == name, rule["alert"]
