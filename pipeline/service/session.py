@@ -32,6 +32,7 @@ from pipeline.service import annotations as ann
 from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
 from pipeline.service.scoring import LineScore, LineScorer, RunningStats
+from pipeline.service.sink_token import prime_sink_token, resolve_sink_token
 from pipeline.settings import Settings
 
 RESET_HEADER = "sinkstream-reset"
@@ -51,10 +52,17 @@ class Engine:
             "model": {"name": settings.model.name, "fingerprint": lm.fingerprint},
             "cache": {"sinks": settings.cache.sinks, "window": settings.cache.window},
         }
+        # `cache.sink_token` (issue 13): fed into every new stream's cache before its text, never scored.
+        vocab = lm.model.config.get_text_config().vocab_size
+        self.sink_token = resolve_sink_token(lm.tokenizer, settings.cache.sink_token, vocab)
 
     def new_cache(self) -> SinkCache:
+        """A new stream's cache; primed with the sink token when `cache.sink_token` is set."""
         c = self.settings.cache
-        return self.runner.new_cache(c.sinks, c.window, max_chunk=c.chunk)
+        cache = self.runner.new_cache(c.sinks, c.window, max_chunk=c.chunk)
+        if self.sink_token is not None:
+            prime_sink_token(self.runner, cache, self.sink_token)
+        return cache
 
     def tokenize(self, line: str) -> list[int]:
         text = normalize_line(line) if self.settings.score.normalize else line
@@ -121,6 +129,7 @@ class StreamSession:
         self.engine = engine
         self.key = key
         self.cache = engine.new_cache()
+        self.primed = self.cache.seen  # the sink token, if any: in the cache, not in the stream's token count
         self.chunker = LineChunker(engine.settings.service.max_pending_bytes)
         self.stats = RunningStats()
         self.counters = Counters(next_note_at=engine.settings.note.every_tokens)
@@ -129,7 +138,7 @@ class StreamSession:
 
     @property
     def tokens_seen(self) -> int:
-        return self.cache.seen
+        return self.cache.seen - self.primed
 
     @property
     def quarantined(self) -> bool:
@@ -289,6 +298,7 @@ class StreamSession:
             "counters": asdict(self.counters),
             "stats": asdict(self.stats),
             "pending": base64.b64encode(self.chunker.pending).decode(),
+            "primed": self.primed,
         }
         tensors = {"last_logits": self.last_logits} if self.last_logits is not None else {}
         return SessionCapture(self.cache.state(), self.cache, extra, tensors)
@@ -302,6 +312,7 @@ class StreamSession:
         cache, extra, tensors = load_cache(engine.lm, blob)
         session = cls(engine, extra["stream"])
         session.cache = cache
+        session.primed = int(extra.get("primed", 0))  # snapshots from before `cache.sink_token` hold none
         session.counters = Counters(**extra["counters"])
         session.stats = RunningStats(**extra["stats"])
         session.chunker.pending = base64.b64decode(extra["pending"])

@@ -95,3 +95,87 @@ def test_priming_needs_a_new_cache(tiny) -> None:
     runner.step(cache, [3, 4])
     with pytest.raises(ValueError, match="new cache"):
         prime_sink_token(runner, cache, 1)
+
+
+# ---- the service path: StreamSession with `cache.sink_token` ---------------------------------------------------
+
+LINES = [f"2025-01-01 12:00:{i:02d} INFO worker {i % 7} started the quick brown fox\n" for i in range(24)]
+
+
+def _session_settings(sink_token):
+    from pipeline.settings import load_settings
+
+    return load_settings(None, cache={"sinks": 1, "window": 16, "chunk": 8, "sink_token": sink_token},
+                         score={"warmup_lines": 2})
+
+
+def _records(key: bytes = b"s1", start: int = 0, lines=LINES, headers=None):
+    from connectors.protocols import Record
+
+    return [Record("in", 0, start + i, key, line.encode(), dict(headers or {}), 0) for i, line in enumerate(lines)]
+
+
+def _scores(annotations):
+    return [(a["id"], [(ln["tokens"], ln["mean_nll"]) for ln in a["score"]["lines"]]) for a in annotations if a["kind"] == "score"]
+
+
+def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -> None:
+    from pipeline.service.session import Engine, StreamSession
+
+    sink = tiny.tokenizer.convert_tokens_to_ids(SINK_TOKEN)
+    engine = Engine(tiny, _session_settings(SINK_TOKEN))
+    assert engine.sink_token == sink
+    session = StreamSession(engine, "s1")
+    assert session.cache.seen == 1 and session.tokens_seen == 0
+    annotations = [a for r in _records() for a in session.process(r)]
+    text_tokens = sum(len(engine.tokenize(line)) for line in LINES)
+    assert session.tokens_seen == text_tokens and session.cache.seen == text_tokens + 1
+    assert annotations[-1]["tokens_seen"] == text_tokens
+    # the same lines and token counts are annotated as without a sink token; the scores differ (other context)
+    plain = StreamSession(Engine(tiny, _session_settings(None)), "s1")
+    plain_annotations = [a for r in _records() for a in plain.process(r)]
+    with_sink, without = _scores(annotations), _scores(plain_annotations)
+    assert [(i, [t for t, _ in lines]) for i, lines in with_sink] == [(i, [t for t, _ in lines]) for i, lines in without]
+    assert with_sink != without
+    # the sink token is not among the first line's tokens, and the first text token has no prediction (the sink
+    # token's logits are discarded): the line's mean NLL is over its tokens 2..n, each seeing the sink token
+    first_ids = engine.tokenize(LINES[0])
+    first = annotations[0]["score"]["lines"][0]
+    assert first["tokens"] == len(first_ids)
+    reference, _ = engine.runner.nll(engine.new_cache(), first_ids)
+    assert torch.isnan(reference[0])
+    assert first["mean_nll"] == pytest.approx(float(reference[1:].double().mean()), abs=1e-5)
+    # and it is still the stream's first cache entry after many evictions: the key a fresh primed cache holds
+    fresh = engine.new_cache()
+    for layer, ref in zip(session.cache.layers, fresh.layers):
+        torch.testing.assert_close(layer.keys[..., :1, :], ref.keys[..., :1, :], rtol=0, atol=0)
+
+
+def test_sink_token_session_snapshot_resume_is_exact(tiny) -> None:
+    from pipeline.service.session import Engine, StreamSession
+
+    engine = Engine(tiny, _session_settings(SINK_TOKEN))
+    whole = StreamSession(engine, "s1")
+    expected = [a for r in _records() for a in whole.process(r)]
+    first = StreamSession(engine, "s1")
+    got = [a for r in _records()[:10] for a in first.process(r)]
+    resumed = StreamSession.restore(engine, first.snapshot())
+    assert resumed.primed == 1 and resumed.tokens_seen == first.tokens_seen
+    got += [a for r in _records() for a in resumed.process(r)]  # records before next_offset are replays: skipped
+    assert got == expected
+
+
+def test_reset_primes_the_new_cache_again(tiny) -> None:
+    from pipeline.service.session import RESET_HEADER, Engine, StreamSession
+
+    engine = Engine(tiny, _session_settings(SINK_TOKEN))
+    session = StreamSession(engine, "s1")
+    for r in _records(lines=LINES[:8]):
+        session.process(r)
+    reset = _records(start=8, lines=LINES[8:9], headers={RESET_HEADER: b"1"})[0]
+    after = session.process(reset)
+    n = len(engine.tokenize(LINES[8]))
+    assert session.cache.seen == 1 + n and session.tokens_seen == n and after[0]["tokens_seen"] == n
+    # identical to a brand-new primed stream fed the same line
+    fresh = StreamSession(engine, "s1")
+    assert _scores(fresh.process(_records(start=8, lines=LINES[8:9])[0])) == _scores(after)
