@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from connectors.redis_store import FencedError, RedisStateStore, connect_redis
-from pipeline.settings import RedisSettings
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +45,10 @@ def test_large_snapshots_roundtrip_on_real_redis(real):
     assert store.load_spilled("in-1", "cold") == blobs["s0"] and key.startswith(f"{store._prefix}:spill:")
 
 
-def test_from_settings_connects_with_prefix_and_pacing(redis_server):
-    prefix = redis_server.unique_prefix("settings")
-    store = RedisStateStore.from_settings(RedisSettings(key_prefix=prefix), url=redis_server.url, pace_ms=1)
-    assert store._pace_s == 0.001
-    epoch = store.claim("in-2")
-    store.write_checkpoint("in-2", epoch, {"a": b"1", "b": b"2"}, {})
-    assert redis_server.client().exists(f"{prefix}:manifest:{{in-2}}")
+
+def test_connect_redis_refuses_an_empty_url_and_connects_to_a_given_one(redis_server):
     with pytest.raises(ValueError, match="expected a Redis URL"):
-        connect_redis(RedisSettings(url=""))
+        connect_redis("")
+    client = connect_redis(redis_server.url, socket_timeout_s=5)
+    assert client.ping()
+    client.close()

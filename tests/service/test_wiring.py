@@ -1,0 +1,46 @@
+"""wiring.py: the one place that turns Settings into connectors, and says clearly when they are unreachable."""
+
+from __future__ import annotations
+
+import pytest
+
+from connectors.kafka.config import KafkaClientConfig
+from connectors.redis_store import redacted_address
+from pipeline.errors import UserError
+from pipeline.service import wiring
+from pipeline.settings import load_settings
+
+
+def test_kafka_client_carries_the_security_settings():
+    settings = load_settings(None, kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                          "sasl_username": "svc", "sasl_password": "pw", "ssl_cafile": "/ca.pem"})
+    client = wiring.kafka_client(settings.kafka, "b1:9092, b2:9092")
+    assert client == KafkaClientConfig("b1:9092, b2:9092", "SASL_SSL", "SCRAM-SHA-512", "svc", "pw", "/ca.pem")
+    assert "pw" not in repr(client)
+    assert client.options() == {
+        "bootstrap_servers": ["b1:9092", "b2:9092"], "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "svc", "sasl_plain_password": "pw",
+        "ssl_cafile": "/ca.pem",
+    }
+
+
+def test_empty_addresses_without_a_stack_are_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="expected kafka.bootstrap_servers and redis.url"):
+        wiring.resolve_addresses(load_settings(None))
+
+
+def test_redis_url_is_logged_as_host_and_port_only():
+    assert redacted_address("redis://:s3cret@cache.internal:6380/2") == "cache.internal:6380"
+    assert redacted_address("redis://localhost/0") == "localhost:6379"
+
+
+@pytest.mark.integration
+def test_build_store_uses_prefix_pacing_and_password_free_url(redis_server):
+    settings = load_settings(None, redis={"url": redis_server.url, "key_prefix": redis_server.unique_prefix("w")},
+                             checkpoint={"pace_ms": 1})
+    store = wiring.build_store(settings, redis_server.url)
+    assert store._pace_s == 0.001
+    epoch = store.claim("in-2")
+    store.write_checkpoint("in-2", epoch, {"a": b"1", "b": b"2"}, {})
+    assert redis_server.client().exists(f"{settings.redis.key_prefix}:manifest:{{in-2}}")
