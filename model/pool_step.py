@@ -141,11 +141,11 @@ class PoolPlan:
         mask = self._batched_mask(tok_row, rows, n_max)  # (P, 1, n_max, L) bool
         S = self.pool.sinks
         if self.sink_cos is None or not S:
-            out = _sdpa(q, k, v, scaling, gqa, mask)
+            out = _sdpa(q, k, v, scaling, gqa, self._base(mask, query.dtype))
         elif n_max == 1:  # decode: rotate each row's sink keys back by its delta instead of the query forward
             cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, 1, rot)
             sink_keys = Rotation.apply(k[:, :, :S], cos, -sin)  # (P, Hkv, S, D)
-            out = _sdpa(q, k, v, scaling, gqa, mask, sink_keys=sink_keys)
+            out = _sdpa(q, k, v, scaling, gqa, self._base(mask, query.dtype), sink_keys=sink_keys)
         else:
             cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, n_max, rot)
             kv_heads = k.shape[1]
@@ -177,10 +177,18 @@ class PoolPlan:
             memo = self._memo["cos_sin"] = (cos[:, None], sin[:, None])  # (P, 1, n_max, rot)
         return memo
 
+    def _base(self, mask, dtype):
+        """(P, 1, n_max, L) additive mask, 0 where visible and -inf where hidden; built once per forward."""
+        key = ("base", dtype)
+        if key not in self._memo:
+            self._memo[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        return self._memo[key]
+
     def _bias(self, mask, heads, dtype):
+        """The additive mask and a (P, H, n_max, L) copy whose sink columns each layer overwrites."""
         key = ("bias", dtype)
         if key not in self._memo:
-            base = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+            base = self._base(mask, dtype)
             rows, _, n_max, length = mask.shape
             self._memo[key] = (base, base.expand(rows, heads, n_max, length).clone())
         return self._memo[key]

@@ -1,0 +1,259 @@
+"""Micro-benchmarks of the pooled cache and the batched ragged step (pure functions returning dicts; no CLI).
+
+- `decode(lm, sizes)`: B streams, one token each, after a `prefix`-token history (the window full):
+  the pool's batched step vs stepping the same streams one by one (pool slots, and today's `SinkCache` path)
+  vs plain transformers' batched `DynamicCache` decode at the same batch and key count (cropped back to
+  `prefix` keys after every step, sdpa attention).
+- `ingest(lm, counts)`: N keyed streams each feeding one Loghub line: one packed ragged pool step vs the raw
+  transformers forward over the same token lists right-padded into one batch with a `DynamicCache` holding a
+  `prefix`-token history per stream (the issue's "raw batched forward") vs one forward per stream with
+  today's `SinkCache` path.
+
+Histories are built once (one stream through the pool) and copied into every slot / row, so setting up 64
+streams costs one prefix forward, not 64. Times are medians of `repeats` wall-clock runs (after a warm-up),
+the variants interleaved within each repeat so machine load hits them alike. Throughput figures live here,
+never in timed tests.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from model.loader import LoadedModel
+from model.pool import KVPool, bytes_per_slot
+from model.pool_step import PoolStepper
+from model.stepper import SinkModel
+
+LOGHUB = Path(__file__).resolve().parents[2] / "shared" / "data" / "loghub"
+
+
+def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path = LOGHUB) -> list[list[int]]:
+    """`count` tokenised Loghub lines, round-robin over the sample files (each cut to `max_tokens`)."""
+    files = sorted(folder.glob("*.log"))
+    if not files:
+        raise FileNotFoundError(f"expected Loghub samples (*.log) in {folder}, found none")
+    per_file = [f.read_text(errors="replace").splitlines() for f in files]
+    out: list[list[int]] = []
+    row = 0
+    while len(out) < count:
+        for lines in per_file:
+            if row < len(lines) and lines[row].strip() and len(out) < count:
+                ids = lm.tokenizer(lines[row] + "\n", add_special_tokens=False)["input_ids"]
+                out.append(ids[:max_tokens])
+        row += 1
+    return out
+
+
+@contextmanager
+def _plain_sdpa(lm: LoadedModel):
+    """Run the model with transformers' own sdpa attention (the raw baseline), then switch back."""
+    before = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        lm.model.set_attn_implementation(before)
+
+
+def _timed(fns: dict[str, Callable[[], Any]], repeats: int, reset: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each fn; one warm-up each; variants interleaved within every repeat."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            if reset:
+                reset()
+            start = time.perf_counter()
+            fn()
+            if r:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _prefix_ids(lm: LoadedModel, n: int) -> list[int]:
+    lines = loghub_lines(lm, 400, 64)
+    flat = [t for line in lines for t in line]
+    if len(flat) < n:
+        raise ValueError(f"expected at least {n} prefix tokens from Loghub, got {len(flat)}")
+    return flat[:n]
+
+
+def _filled_pool(lm, capacity, sinks, window, max_chunk, prefix_ids) -> tuple[KVPool, PoolStepper, list[int], torch.Tensor]:
+    pool = KVPool(lm, capacity, sinks, window, max_chunk=max_chunk)
+    stepper = PoolStepper(pool)
+    first = pool.allocate()
+    last = stepper.feed(first, prefix_ids).last_logits
+    slots = [first] + [pool.fork(first) for _ in range(capacity - 1)]
+    return pool, stepper, slots, last
+
+
+@torch.inference_mode()
+def _dynamic_prefix(lm: LoadedModel, prefix_ids: list[int], batch: int) -> DynamicCache:
+    """A DynamicCache holding `prefix_ids` for `batch` identical rows (sdpa attention)."""
+    cache = DynamicCache(config=lm.model.config)
+    ids = torch.tensor(prefix_ids, device=lm.device)[None]
+    lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1).contiguous()
+        layer.values = layer.values.expand(batch, -1, -1, -1).contiguous()
+    return cache
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    for layer in cache.layers:
+        if layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+@torch.inference_mode()
+def decode(
+    lm: LoadedModel,
+    sizes: Sequence[int] = (1, 4, 16, 64),
+    sinks: int = 4,
+    window: int = 1020,
+    max_chunk: int = 64,
+    repeats: int = 5,
+    sequential_max: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Tokens/s of one-token-per-stream decode steps at B streams (see the module docstring)."""
+    prefix = sinks + window
+    prefix_ids = _prefix_ids(lm, prefix)
+    pool, stepper, slots, last = _filled_pool(lm, max(sizes), sinks, window, max_chunk, prefix_ids)
+    runner = SinkModel(lm)
+    sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
+    runner.step(sink_state, prefix_ids)
+    base_state = sink_state.state()
+    vocab = lm.model.get_output_embeddings().out_features
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for size in sizes:
+        if progress:
+            progress(f"decode B={size}")
+        batch = slots[:size]
+        tokens = torch.randint(0, vocab, (size,), generator=g).tolist()
+        with _plain_sdpa(lm):
+            dyn = _dynamic_prefix(lm, prefix_ids, size)
+        pos = torch.full((size, 1), prefix, device=lm.device)
+        tok = torch.tensor(tokens, device=lm.device)[:, None]
+
+        def dynamic_step():
+            with _plain_sdpa(lm):
+                lm.model(input_ids=tok, position_ids=pos, past_key_values=dyn, use_cache=True)
+            _crop(dyn, prefix)
+
+        def sink_one_by_one():
+            for t in tokens[:sequential_max]:
+                cache = runner.new_cache(sinks, window, max_chunk=max_chunk)
+                cache.restore(base_state)  # shares the prefix tensors; the step makes new ones
+                runner.step(cache, [t])
+
+        fns = {
+            "pool_batched": lambda: stepper.step(batch, [[t] for t in tokens]),
+            "pool_one_by_one": lambda: [stepper.step([s], [[t]]) for s, t in zip(batch, tokens)],
+            "dynamic_batched": dynamic_step,
+            "sinkcache_one_by_one": sink_one_by_one,
+        }
+        t = _timed(fns, repeats)
+        seq_n = min(size, sequential_max)
+        tps = {
+            "pool_batched": size / t["pool_batched"],
+            "pool_one_by_one": size / t["pool_one_by_one"],
+            "dynamic_batched": size / t["dynamic_batched"],
+            "sinkcache_one_by_one": seq_n / t["sinkcache_one_by_one"],
+        }
+        rows.append({
+            "streams": size,
+            "seconds": t,
+            "tokens_per_s": tps,
+            "pool_vs_dynamic": tps["pool_batched"] / tps["dynamic_batched"],
+            "pool_vs_one_by_one": tps["pool_batched"] / tps["pool_one_by_one"],
+            "pool_vs_sinkcache_one_by_one": tps["pool_batched"] / tps["sinkcache_one_by_one"],
+        })
+        del dyn
+    del last
+    return {"benchmark": "pool_decode", "sinks": sinks, "window": window, "max_chunk": max_chunk,
+            "keys_per_stream": prefix, "pool_columns": pool.columns, "repeats": repeats,
+            "bytes_per_slot": bytes_per_slot(lm, sinks, window, pool.max_chunk), "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+@torch.inference_mode()
+def ingest(
+    lm: LoadedModel,
+    counts: Sequence[int] = (1, 16, 64),
+    sinks: int = 4,
+    window: int = 1020,
+    max_chunk: int = 128,
+    repeats: int = 3,
+    sequential_max: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Tokens/s of N streams each ingesting one Loghub line (see the module docstring)."""
+    prefix = sinks + window
+    prefix_ids = _prefix_ids(lm, prefix)
+    pool, stepper, slots, last = _filled_pool(lm, max(counts), sinks, window, max_chunk, prefix_ids)
+    runner = SinkModel(lm)
+    sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
+    runner.step(sink_state, prefix_ids)
+    base_state = sink_state.state()
+    lines = loghub_lines(lm, max(counts), max_chunk)  # lines longer than max_chunk are cut (counted below)
+    rows = []
+    for count in counts:
+        if progress:
+            progress(f"ingest N={count}")
+        batch, chunks = slots[:count], lines[:count]
+        tokens = sum(len(c) for c in chunks)
+        n_max = max(len(c) for c in chunks)
+        with _plain_sdpa(lm):
+            dyn = _dynamic_prefix(lm, prefix_ids, count)
+        padded = torch.zeros(count, n_max, dtype=torch.long, device=lm.device)
+        mask = torch.zeros(count, prefix + n_max, dtype=torch.long, device=lm.device)
+        mask[:, :prefix] = 1
+        for b, c in enumerate(chunks):
+            padded[b, : len(c)] = torch.tensor(c)
+            mask[b, prefix : prefix + len(c)] = 1
+        pos = torch.arange(prefix, prefix + n_max, device=lm.device)[None].expand(count, -1)
+
+        def raw_padded():
+            with _plain_sdpa(lm):
+                lm.model(input_ids=padded, attention_mask=mask, position_ids=pos, past_key_values=dyn, use_cache=True)
+            _crop(dyn, prefix)
+
+        def sink_one_by_one():
+            for c in chunks[:sequential_max]:
+                cache = runner.new_cache(sinks, window, max_chunk=max_chunk)
+                cache.restore(base_state)
+                runner.nll(cache, c, last)
+
+        fns = {
+            "pool_ragged": lambda: stepper.step(batch, chunks, [last] * count),
+            "raw_padded": raw_padded,
+            "sinkcache_one_by_one": sink_one_by_one,
+        }
+        t = _timed(fns, repeats)
+        seq_tokens = sum(len(c) for c in chunks[:sequential_max])
+        tps = {"pool_ragged": tokens / t["pool_ragged"], "raw_padded": tokens / t["raw_padded"],
+               "sinkcache_one_by_one": seq_tokens / t["sinkcache_one_by_one"]}
+        rows.append({
+            "streams": count,
+            "tokens": tokens,
+            "padded_tokens": count * n_max,
+            "line_tokens_min_mean_max": [min(len(c) for c in chunks), tokens / count, n_max],
+            "lines_cut_at_max_chunk": sum(len(c) == max_chunk for c in chunks),
+            "seconds": t,
+            "tokens_per_s": tps,
+            "pool_vs_raw_padded": tps["pool_ragged"] / tps["raw_padded"],
+            "pool_vs_sinkcache_one_by_one": tps["pool_ragged"] / tps["sinkcache_one_by_one"],
+        })
+        del dyn
+    return {"benchmark": "pool_ingest", "sinks": sinks, "window": window, "max_chunk": max_chunk,
+            "prefix_tokens": prefix, "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows}
