@@ -112,11 +112,14 @@ return {'ok'}
 """
 
 
-def connect_redis(url: str, *, password: str | None = None, socket_timeout_s: float = 10.0) -> redis.Redis:
-    """A `redis.Redis` for `url` (`redis://host:port/db`) with `password` and a socket timeout.
+def connect_redis(
+    url: str, *, password: str | None = None, socket_timeout_s: float = 10.0, ssl_ca_certs: str | None = None
+) -> redis.Redis:
+    """A `redis.Redis` for `url` (`redis://host:port/db`, `rediss://` for TLS) with `password` and a socket timeout.
 
     The password is given apart from the URL so it never ends up in a log line; a password inside the URL
-    still wins, as redis-py does. Use `redacted_address(url)` to log where the client points.
+    still wins, as redis-py does. `ssl_ca_certs` is the CA bundle that signs the server's certificate
+    (`rediss://` only; None uses the system's). Use `redacted_address(url)` to log where the client points.
     """
     if not url:
         raise ValueError(
@@ -128,6 +131,10 @@ def connect_redis(url: str, *, password: str | None = None, socket_timeout_s: fl
     options: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s}
     if password is not None:
         options["password"] = password
+    if ssl_ca_certs:
+        if not url.startswith("rediss://"):
+            raise ValueError(f"ssl_ca_certs is set, so expected a rediss:// URL, got {redacted_address(url)} over plain redis://")
+        options["ssl_ca_certs"] = ssl_ca_certs
     return redis.Redis.from_url(url, **options)
 
 

@@ -106,6 +106,9 @@ class KafkaSettings(_Section):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     # CA bundle (PEM file) that signs the brokers' certificates, for SSL / SASL_SSL; empty uses the system's.
     ssl_cafile: str | None = None
+    # Client certificate and its key (PEM files) for mutual TLS; both or neither.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     # Topic that also receives a copy of every record that got an `error` annotation (with the reasons in the
     # `sinkstream-reason` header); empty turns the dead-letter copy off.
     dead_letter_topic: str = ""
@@ -130,6 +133,8 @@ class RedisSettings(_Section):
     key_prefix: str = Field("sinkstream", min_length=1)
     # Socket timeout for Redis calls, in seconds.
     socket_timeout_s: float = Field(10.0, gt=0)
+    # CA bundle (PEM file) that signs the server's certificate, for a rediss:// URL; empty uses the system's.
+    ssl_ca_certs: str | None = None
 
 
     @field_validator("url")

@@ -27,6 +27,9 @@ class KafkaClientConfig:
     sasl_username: str | None = None
     sasl_password: str | None = field(default=None, repr=False)
     ssl_cafile: str | None = None
+    # Client certificate and key for mutual TLS (both or neither).
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers or not self.bootstrap_servers.strip():
@@ -38,6 +41,11 @@ class KafkaClientConfig:
             raise ValueError(f"expected security_protocol in {SECURITY_PROTOCOLS}, got {self.security_protocol!r}")
         if self.sasl_mechanism not in SASL_MECHANISMS:
             raise ValueError(f"expected sasl_mechanism in {SASL_MECHANISMS}, got {self.sasl_mechanism!r}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError(
+                "expected both ssl_certfile and ssl_keyfile (mutual TLS) or neither, got only "
+                f"{'ssl_certfile' if self.ssl_certfile else 'ssl_keyfile'}"
+            )
 
     @property
     def servers(self) -> list[str]:
@@ -53,6 +61,9 @@ class KafkaClientConfig:
             cfg["sasl_plain_password"] = self.sasl_password or ""
         if self.ssl_cafile:
             cfg["ssl_cafile"] = self.ssl_cafile
+        if self.ssl_certfile:
+            cfg["ssl_certfile"] = self.ssl_certfile
+            cfg["ssl_keyfile"] = self.ssl_keyfile
         return cfg
 
 

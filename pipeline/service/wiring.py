@@ -59,6 +59,8 @@ def kafka_client(settings: KafkaSettings, bootstrap_servers: str) -> KafkaClient
         sasl_username=settings.sasl_username,
         sasl_password=settings.sasl_password.get_secret_value() if settings.sasl_password else None,
         ssl_cafile=settings.ssl_cafile,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
 
 
@@ -85,7 +87,8 @@ def build_store(settings: Settings, url: str) -> RedisStateStore:
     """A `RedisStateStore` on `url` with the settings' password, timeout, key prefix and checkpoint pacing."""
     r = settings.redis
     client = connect_redis(
-        url, password=r.password.get_secret_value() if r.password else None, socket_timeout_s=r.socket_timeout_s
+        url, password=r.password.get_secret_value() if r.password else None, socket_timeout_s=r.socket_timeout_s,
+        ssl_ca_certs=r.ssl_ca_certs,
     )
     return RedisStateStore(client, key_prefix=r.key_prefix, pace_s=settings.checkpoint.pace_ms / 1000.0)
 
