@@ -16,7 +16,11 @@ next one. Exact StreamingLLM attention per stream (see `model.pool` for the posi
   `model.attention._chunk` / `_decode`'s, on views of the pool (no gather copies):
   * "loop": one SDPA call per stream (CPU default for chunks);
   * "batched": one SDPA call over a contiguous range of slots with queries padded to the longest chunk
-    (default for decode steps and on CUDA; non-contiguous slots are gathered).
+    (default for decode steps and on CUDA; non-contiguous slots are gathered). Its additive mask is built once
+    per forward; for chunks with sinks it is (P, H, n_max, L), only its sink columns rewritten per layer;
+  * "flex": FlexAttention with a block mask built once per forward and the sink scores substituted through
+    `score_mod`, so no dense per-head mask exists (compiled on CUDA). Opt-in: on CPU it runs eagerly (a slow
+    reference, used by the tests to check its semantics); it has not yet run on a GPU.
 - Logits are computed from the last hidden states in slices of `slice_rows`, so memory stays bounded for any N.
 
 A stream's results do not depend on which other streams share its batch (fp32 CPU: max |dNLL| <= 1e-5,
@@ -37,7 +41,7 @@ from model.attention import AttentionPlan, _chunk, _sdpa
 from model.pool import KVPool
 from model.rotary import Rotation
 
-Mode = Literal["auto", "loop", "batched"]
+Mode = Literal["auto", "loop", "batched", "flex"]
 
 
 @dataclass
@@ -96,6 +100,8 @@ class PoolPlan:
         gqa = query.shape[1] != key.shape[1]
         if self.mode == "loop":
             return self._attend_loop(query, key, value, scaling, gqa)
+        if self.mode == "flex":
+            return self._attend_flex(query, key, value, scaling, gqa)
         return self._attend_batched(query, key, value, scaling, gqa)
 
     def _attend_loop(self, query, key, value, scaling, gqa):
@@ -157,6 +163,45 @@ class PoolPlan:
             out = _sdpa(q, k, v, scaling, gqa, bias, sink_keys=torch.zeros_like(k[:, :, :S]))
         return out[tok_row, self.row_j][None]  # (P, n_max, H, D) -> (1, N, H, D)
 
+    def _attend_flex(self, query, key, value, scaling, gqa):
+        """FlexAttention over the slot rows: a block mask built once per forward from the visibility table, and
+        the sink scores (re-rotated queries) substituted through `score_mod`; no dense (P, H, n, L) bias.
+        Compiled on CUDA; eager (a slow reference) elsewhere, which is how the CPU tests check it."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _, heads, total, dim = query.shape
+        kind, a, b, row_of, rows = self._rows(key)
+        if kind == "view":
+            k, v = key[a:b], value[a:b]  # (P, Hkv, S + R, D) views
+        else:
+            k, v = key.index_select(0, a), value.index_select(0, a)
+        n_max = max(s.length for s in self.streams)
+        tok_row = self._memo.get("tok_row")
+        if tok_row is None:
+            tok_row = self._memo["tok_row"] = row_of.repeat_interleave(
+                torch.tensor([s.length for s in self.streams], device=row_of.device))
+        q = query.new_zeros(rows, n_max, heads, dim)
+        q[tok_row, self.row_j] = query[0].transpose(0, 1)
+        q = q.transpose(1, 2).contiguous()  # (P, H, n_max, D)
+        visible = self._batched_mask(tok_row, rows, n_max)[:, 0]  # (P, n_max, L) bool
+        block = self._memo.get("block_mask")
+        if block is None:
+            block = self._memo["block_mask"] = create_block_mask(
+                lambda b_, h_, q_, kv_: visible[b_, q_, kv_], rows, None, n_max, visible.shape[-1], device=q.device)
+        S = self.pool.sinks
+        score_mod = None
+        if self.sink_cos is not None and S:
+            cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, n_max, rot)
+            kv_heads = k.shape[1]
+            q_sink = Rotation.apply(q, cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
+            sink = (torch.matmul(q_sink, k[:, :, :S].transpose(-1, -2)) * scaling).view(rows, heads, n_max, S).float()
+
+            def score_mod(score, b_, h_, q_, kv_):
+                return torch.where(kv_ < S, sink[b_, h_, q_, kv_.clamp(max=S - 1)].to(score.dtype), score)
+
+        out = _flex_attention(q.device)(q, k, v, score_mod=score_mod, block_mask=block, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2)[tok_row, self.row_j][None]  # (P, n_max, H, D) -> (1, N, H, D)
+
     def _batched_mask(self, tok_row, rows, n_max):
         mask = self._memo.get("mask")
         if mask is None:
@@ -192,6 +237,20 @@ class PoolPlan:
             rows, _, n_max, length = mask.shape
             self._memo[key] = (base, base.expand(rows, heads, n_max, length).clone())
         return self._memo[key]
+
+
+_FLEX: dict[str, Callable] = {}
+
+
+def _flex_attention(device: torch.device) -> Callable:
+    """flex_attention, compiled (dynamic shapes) on CUDA; eager elsewhere."""
+    fn = _FLEX.get(device.type)
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = torch.compile(flex_attention, dynamic=True) if device.type == "cuda" else flex_attention
+        _FLEX[device.type] = fn
+    return fn
 
 
 class _PoolLayer(CacheLayerMixin):
