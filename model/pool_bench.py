@@ -63,17 +63,22 @@ def _plain_sdpa(lm: LoadedModel):
         lm.model.set_attn_implementation(before)
 
 
-def _timed(fns: dict[str, Callable[[], Any]], repeats: int, reset: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median seconds per call of each fn; one warm-up each; variants interleaved within every repeat."""
+def _timed(fns: dict[str, Callable[[], Any]], repeats: int, cpu: dict[str, float] | None = None) -> dict[str, float]:
+    """Median wall seconds per call of each fn; one warm-up each; variants interleaved within every repeat.
+
+    `cpu`, when given, receives the median process CPU seconds per call (less sensitive to a loaded machine).
+    """
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    cpu_samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats + 1):
         for name, fn in fns.items():
-            if reset:
-                reset()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if r:
                 samples[name].append(time.perf_counter() - start)
+                cpu_samples[name].append(time.process_time() - start_cpu)
+    if cpu is not None:
+        cpu.update({name: statistics.median(v) for name, v in cpu_samples.items()})
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -120,7 +125,7 @@ def decode(
     sinks: int = 4,
     window: int = 1020,
     max_chunk: int = 64,
-    repeats: int = 5,
+    repeats: int = 3,
     sequential_max: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -162,7 +167,8 @@ def decode(
             "dynamic_batched": dynamic_step,
             "sinkcache_one_by_one": sink_one_by_one,
         }
-        t = _timed(fns, repeats)
+        cpu: dict[str, float] = {}
+        t = _timed(fns, repeats, cpu)
         seq_n = min(size, sequential_max)
         tps = {
             "pool_batched": size / t["pool_batched"],
@@ -173,8 +179,10 @@ def decode(
         rows.append({
             "streams": size,
             "seconds": t,
+            "cpu_seconds": cpu,
             "tokens_per_s": tps,
             "pool_vs_dynamic": tps["pool_batched"] / tps["dynamic_batched"],
+            "pool_vs_dynamic_cpu": cpu["dynamic_batched"] / cpu["pool_batched"],
             "pool_vs_one_by_one": tps["pool_batched"] / tps["pool_one_by_one"],
             "pool_vs_sinkcache_one_by_one": tps["pool_batched"] / tps["sinkcache_one_by_one"],
         })
@@ -193,7 +201,7 @@ def ingest(
     sinks: int = 4,
     window: int = 1020,
     max_chunk: int = 128,
-    repeats: int = 3,
+    repeats: int = 2,
     sequential_max: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -239,7 +247,8 @@ def ingest(
             "raw_padded": raw_padded,
             "sinkcache_one_by_one": sink_one_by_one,
         }
-        t = _timed(fns, repeats)
+        cpu = {}
+        t = _timed(fns, repeats, cpu)
         seq_tokens = sum(len(c) for c in chunks[:sequential_max])
         tps = {"pool_ragged": tokens / t["pool_ragged"], "raw_padded": tokens / t["raw_padded"],
                "sinkcache_one_by_one": seq_tokens / t["sinkcache_one_by_one"]}
@@ -250,8 +259,10 @@ def ingest(
             "line_tokens_min_mean_max": [min(len(c) for c in chunks), tokens / count, n_max],
             "lines_cut_at_max_chunk": sum(len(c) == max_chunk for c in chunks),
             "seconds": t,
+            "cpu_seconds": cpu,
             "tokens_per_s": tps,
             "pool_vs_raw_padded": tps["pool_ragged"] / tps["raw_padded"],
+            "pool_vs_raw_padded_cpu": cpu["raw_padded"] / cpu["pool_ragged"],
             "pool_vs_sinkcache_one_by_one": tps["pool_ragged"] / tps["sinkcache_one_by_one"],
         })
         del dyn
