@@ -33,7 +33,7 @@ class Batcher:
     def run(self, works: Sequence[RecordWork]) -> None:
         by_stream: OrderedDict[int, list[RecordWork]] = OrderedDict()
         for work in works:
-            if work.tokens and work.error is None:
+            if not work.replay and work.error is None:
                 by_stream.setdefault(id(work.session), []).append(work)
         for stream_works in by_stream.values():
             self._run_stream(stream_works[0].session, stream_works)
@@ -41,31 +41,39 @@ class Batcher:
     def _run_stream(self, session: StreamSession, works: list[RecordWork]) -> None:
         """Feed one stream's records in order, each in forward passes cut by its own content (so results are
         bit-identical however a poll grouped the records); on failure, roll the stream back to before the group."""
-        before = (session.cache.state(), session.last_logits)
+        before = (session.cache.state(), session.last_logits, session.counters.next_note_at)
         start = time.perf_counter()
-        results: list[torch.Tensor] = []
+        results: list[torch.Tensor | None] = []
         try:
             for w in works:
+                if w.skip_score:  # nothing to feed; its annotations still report the stream at this point
+                    w.tokens_seen = session.tokens_seen
+                    results.append(None)
+                    continue
                 ids = [t for line in w.token_lists for t in line]
-                nll, last = self._step(session, ids)
+                nll, last = self._step(session, ids) if ids else (torch.empty(0), None)
                 results.append(nll)
                 if last is not None:
                     session.last_logits = last
+                session.after_step(w)
         except Exception as exc:  # noqa: BLE001 - any failure of one stream's step is isolated to that stream
             session.cache.restore(before[0])
-            session.last_logits = before[1]
+            session.last_logits, session.counters.next_note_at = before[1], before[2]
             tokens = sum(w.tokens for w in works)
             reason = f"model step failed for stream {session.key!r} ({tokens} tokens): {type(exc).__name__}: {exc}"
             log.error("model.step_failed", stream=session.key, tokens=tokens, error=f"{type(exc).__name__}: {exc}")
             metrics.ERRORS.labels("model_step").inc()
             for w in works:
-                w.error = reason
+                w.tokens_seen, w.note = None, None
+                if not w.skip_score:
+                    w.error = reason
             return
         metrics.MODEL_STEP_SECONDS.observe(time.perf_counter() - start)
         metrics.BATCH_TOKENS.observe(sum(w.tokens for w in works))
         metrics.BATCH_STREAMS.observe(1)
         for w, nll in zip(works, results):
-            w.nll = nll
+            if nll is not None:
+                w.nll = nll
 
     def _step(self, session: StreamSession, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         runner = session.engine.runner

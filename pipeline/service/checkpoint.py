@@ -57,6 +57,7 @@ class _Job:
     doc: dict[str, Any] | None = None
     error: BaseException | None = None
     written_bytes: int = 0
+    written_streams: int = 0
 
 
 class Checkpointer:
@@ -178,7 +179,7 @@ class Checkpointer:
         metrics.CHECKPOINT_AGE.labels(part.id).set(0)
         log.info(
             "checkpoint.done", partition=part.id, reason=job.reason, offset=job.ticket.offset,
-            streams_written=len(job.captures), streams_reused=len(job.reuse), bytes=job.written_bytes,
+            streams_written=job.written_streams, streams_reused=len(job.reuse), bytes=job.written_bytes,
             ms=round(1000 * seconds, 1),
         )
 
@@ -220,4 +221,5 @@ class Checkpointer:
         for key, capture in job.captures:
             blob = capture.serialize()
             job.written_bytes += len(blob)
+            job.written_streams += 1
             yield key, blob

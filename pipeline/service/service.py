@@ -178,9 +178,10 @@ class Service:
         return 0
 
     def _busy(self) -> bool:
-        """Work is still owed: an unclaimed or blocked partition, or a checkpoint that has not gone through."""
-        return bool(self.unclaimed or self.blocked) or any(
-            p.in_flight is not None or p.records_since_checkpoint for p in self.parts.values()
+        """Work is still owed: an unclaimed or blocked partition, a checkpoint in flight, or a store outage
+        (idle time does not count then: `--exit-when-idle` waits until the state is safe again)."""
+        return bool(self.unclaimed or self.blocked or self.checkpointer.store_down_since is not None) or any(
+            p.in_flight is not None for p in self.parts.values()
         )
 
     def _poll(self) -> list[Record]:

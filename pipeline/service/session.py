@@ -102,6 +102,8 @@ class RecordWork:
     problems: list[dict[str, Any]] = field(default_factory=list)
     nll: torch.Tensor | None = None  # (tokens,) filled by the batcher
     error: str | None = None  # the model step failed for this record's stream (rolled back)
+    tokens_seen: int | None = None  # the stream's token count right after this record (set by the batcher)
+    note: dict[str, Any] | None = None  # a note generated right after this record's step, if one was due
     replay: bool = False  # already folded into the session (a replay after restore): publish nothing
     skip_score: bool = False  # nothing of the record was fed to the model (quarantine, unreadable input)
 
@@ -253,12 +255,13 @@ class StreamSession:
                 scores.append(self.engine.scorer.score(score, self.stats))
                 self.counters.lines_seen += 1
                 pos += len(ids)
-            out.append(ann.score_annotation(rid, self.key, scores, self.tokens_seen, self.engine.meta))
-            note = self._maybe_note(rid)
-            if note is not None:
-                out.append(note)
+            seen = work.tokens_seen if work.tokens_seen is not None else self.tokens_seen
+            out.append(ann.score_annotation(rid, self.key, scores, seen, self.engine.meta))
+            if work.note is not None:
+                out.append(ann.note_annotation(rid, self.key, **work.note))
         if problems:
-            out.append(ann.error_annotation(rid, self.key, problems, self.tokens_seen, self.engine.meta))
+            seen = work.tokens_seen if work.tokens_seen is not None else self.tokens_seen
+            out.append(ann.error_annotation(rid, self.key, problems, seen, self.engine.meta))
         self.counters.next_offset = record.offset + 1
         return out
 
@@ -275,10 +278,13 @@ class StreamSession:
         Batcher().run([work])
         return self.finish(work)
 
-    def _maybe_note(self, rid: dict[str, Any]) -> dict[str, Any] | None:
+    def after_step(self, work: RecordWork) -> None:
+        """Right after the record's tokens entered the cache (before the stream's next record): remember the
+        token count and generate a note if one is due, so both describe exactly this point of the stream."""
+        work.tokens_seen = self.tokens_seen
         cfg = self.engine.settings.note
         if not cfg.every_tokens or self.tokens_seen < self.counters.next_note_at:
-            return None
+            return
         while self.counters.next_note_at <= self.tokens_seen:
             self.counters.next_note_at += cfg.every_tokens
         tok = self.engine.tokenizer
@@ -288,7 +294,8 @@ class StreamSession:
             self.cache, prompt, cfg.max_new_tokens, stop=lambda t: t == eos or "\n" in tok.decode([t])
         )
         text = tok.decode(generated, skip_special_tokens=True).strip()
-        return ann.note_annotation(rid, self.key, cfg.prompt, text, len(generated), self.tokens_seen, self.engine.meta)
+        work.note = {"prompt": cfg.prompt, "text": text, "generated": len(generated), "tokens_seen": self.tokens_seen,
+                     "meta": self.engine.meta}
 
     # ---- snapshot / restore -------------------------------------------------------------------------------
     def capture(self) -> SessionCapture:

@@ -1,0 +1,305 @@
+"""Faults and hostile input through the whole service, on the in-memory connectors (no broker, no Redis).
+
+The same scenarios run against the real broker and Redis in `test_faults_integration.py`; here each one is
+small and deterministic: an oversized record, a record of newlines, a failing model step, a store outage, a
+broken snapshot or manifest, SIGTERM in the middle of a poll, and a bug in the middle of a group.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
+from pipeline.service import annotations as ann
+from pipeline.service.service import Service
+from pipeline.service.session import Engine
+from pipeline.settings import load_settings
+
+
+def _settings(**over):
+    base = {"cache": {"sinks": 4, "window": 32, "chunk": 16}, "kafka": {"output_topic": "out", "max_poll_records": 64},
+            "checkpoint": {"every_records": 4, "every_seconds": 3600, "retry_initial_s": 0.01, "retry_max_s": 0.05}}
+    for section, values in over.items():
+        base.setdefault(section, {}).update(values)
+    return load_settings(None, **base)
+
+
+def _service(lm, settings, topic, sink=None, store=None):
+    sink = MemorySink() if sink is None else sink
+    store = MemoryStore() if store is None else store
+    return Service(settings, Engine(lm, settings), MemorySource.factory(topic), sink, store)
+
+
+def _by_offset(values, kind=None):
+    out = {}
+    for a in values:
+        if kind is None or a["kind"] == kind:
+            out.setdefault(a["source"]["offset"], []).append(a)
+    return out
+
+
+def _normal(topic, n, start=0, key=b"s"):
+    for i in range(start, start + n):
+        topic.append(0, key, f"INFO request {i} served in {i % 7} ms\n".encode())
+
+
+def test_hostile_records_get_annotations_within_limits_and_normal_lines_keep_flowing(text_lm):
+    settings = _settings(service={"max_record_bytes": 16384, "max_record_tokens": 300, "max_annotation_bytes": 8192,
+                                  "max_pending_bytes": 1024})
+    topic, sink = MemoryTopic("in"), MemorySink()
+    _normal(topic, 2)
+    topic.append(0, b"s", b"\n" * 10_000)  # 10,000 empty lines: token budget, then a cut line list
+    topic.append(0, b"s", b"x" * 20_000)  # over the byte limit, no newline
+    topic.append(0, b"s", b"\xff\xfe bad utf-8 \x00\x01\x02 control\n")
+    topic.append(0, None, b"")  # tombstone / empty value
+    topic.append(0, b"\xc3\x28", b"invalid-utf-8 key\n", {"x-unknown": b"\x00"})
+    _normal(topic, 3, start=7)
+    service = _service(text_lm, settings, topic, sink)
+    assert service.run(idle_exit_s=0.2, install_signals=False) == 0
+    values = sink.values("out")
+    for a in values:
+        ann.validate(a)
+    assert all(len(ann.encode(a)) <= 8192 for a in values)
+    scores, errors = _by_offset(values, "score"), _by_offset(values, "error")
+    assert sorted(scores) == list(range(10))  # every record has its score annotation
+    newlines = scores[2][0]["score"]
+    assert newlines["tokens"] <= 300 and newlines["lines_omitted"] > 0
+    assert len(newlines["lines"]) + newlines["lines_omitted"] == newlines["tokens"]  # one token per empty line
+    problem = errors[2][0]["error"]["problems"][0]
+    assert problem["reason"] == "record_too_many_tokens" and problem["skipped_lines"] == 10_000 - newlines["tokens"]
+    big = errors[3][0]["error"]["problems"][0]
+    assert big["reason"] == "record_too_large" and big["skipped_bytes"] == 20_000 - 16384
+    assert sorted(errors) == [2, 3]
+    assert scores[5][0]["stream"] == "partition-0" and scores[6][0]["stream"] == "hex:c328"
+    assert all(scores[i][0]["score"]["lines"] for i in (7, 8, 9))  # normal lines after the hostile ones
+    assert service.store.read_manifest("in:0")["manifest"]["next_offset"] == 10
+
+
+def test_a_failing_model_step_rolls_the_stream_back_and_quarantines_only_that_stream(text_lm, monkeypatch):
+    settings = _settings(service={"quarantine_after": 2, "batch_tokens": 4})  # about one record per group
+    topic, sink = MemoryTopic("in"), MemorySink()
+    for i in range(6):
+        topic.append(0, b"bad", f"poison {i}\n".encode())
+        topic.append(0, b"good", f"fine {i}\n".encode())
+    service = _service(text_lm, settings, topic, sink)
+    runner = service.engine.runner
+    real = runner.nll
+    calls = {"bad": 0}
+
+    def nll(cache, ids, prev_logits=None):
+        if any(t == service.engine.tokenize("poison")[0] for t in ids):
+            calls["bad"] += 1
+            cache.abort()
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return real(cache, ids, prev_logits=prev_logits)
+
+    monkeypatch.setattr(runner, "nll", nll)
+    assert service.run(idle_exit_s=0.2, install_signals=False) == 0
+    values = sink.values("out")
+    bad = [a for a in values if a["stream"] == "bad"]
+    good = [a for a in values if a["stream"] == "good"]
+    assert [a["kind"] for a in good] == ["score"] * 6 and all(a["score"]["lines"] for a in good)
+    reasons = [a["error"]["problems"][0]["reason"] for a in bad]
+    assert reasons == ["model_step_failed", "quarantined"] + ["quarantined"] * 4
+    assert calls["bad"] == 2  # quarantined records never reach the model
+    assert all(a["tokens_seen"] == 0 for a in bad)  # rolled back: nothing entered the cache
+
+
+def test_store_outage_pauses_at_the_bound_and_recovers_exactly(text_lm):
+    settings = _settings(checkpoint={"every_records": 2, "max_uncheckpointed_records": 5},
+                         service={"batch_tokens": 8})  # about one record per group: flow control between them
+    topic, sink, store = MemoryTopic("in"), MemorySink(), MemoryStore()
+    _normal(topic, 40)
+    service = _service(text_lm, settings, topic, sink, store)
+    seen = []
+
+    def watch():
+        # Let the service take the partition and a first checkpoint, then take the store down until the
+        # partition has paused at the bound.
+        deadline = time.monotonic() + 60
+        while not store.manifests and time.monotonic() < deadline:
+            time.sleep(0.001)
+        store.down = True
+        part = None
+        while time.monotonic() < deadline:
+            part = service.parts.get(("in", 0))
+            if part is not None and part.paused:
+                break
+            time.sleep(0.01)
+        time.sleep(0.3)  # paused: nothing more may be published while the store is down
+        seen.extend([service.health.ready, part is not None and part.paused, len(sink.values("out"))])
+        store.down = False
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert service.run(idle_exit_s=0.5, install_signals=False) == 0
+    thread.join(5)
+    ready_during, paused_during, published_during = seen
+    assert ready_during is False and paused_during is True
+    assert published_during <= 2 + 5 + 1  # at most the bound past the last checkpoint (plus a group in flight)
+    offsets = sorted(a["source"]["offset"] for a in sink.values("out"))
+    assert offsets == list(range(40))  # every input annotated exactly once: nothing lost, nothing repeated
+    assert store.read_manifest("in:0")["manifest"]["next_offset"] == 40
+
+
+def test_shutdown_checkpoint_without_the_store_exits_cleanly_and_resumes_from_the_last_one(text_lm):
+    settings = _settings(checkpoint={"every_records": 3}, service={"shutdown_checkpoint_s": 1})
+    topic, store = MemoryTopic("in"), MemoryStore()
+    _normal(topic, 7)
+    first = _service(text_lm, settings, topic, MemorySink(), store)
+    first.run(idle_exit_s=0.2, install_signals=False)
+    _normal(topic, 2, start=7)
+    second_sink = MemorySink()
+    second = _service(text_lm, settings, topic, second_sink, store)
+    original = second._process
+
+    def process_then_fail_store(records):
+        original(records)
+        store.down = True
+
+    second._process = process_then_fail_store
+    assert second.run(idle_exit_s=0.2, install_signals=False) == 0  # no traceback, exit 0
+    store.down = False
+    assert store.read_manifest("in:0")["manifest"]["next_offset"] == 7  # the last good checkpoint stays
+    third_sink = MemorySink()
+    _service(text_lm, settings, topic, third_sink, store).run(idle_exit_s=0.2, install_signals=False)
+    assert [a["id"] for a in third_sink.values("out")] == [a["id"] for a in second_sink.values("out")]
+    assert [ann.encode(a) for a in third_sink.values("out")] == [ann.encode(a) for a in second_sink.values("out")]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "bitflip", "foreign"])
+def test_broken_snapshot_resets_the_stream_with_an_error_annotation(text_lm, tiny_lm, damage):
+    settings = _settings(checkpoint={"every_records": 2})
+    topic, store = MemoryTopic("in"), MemoryStore()
+    _normal(topic, 4)
+    _service(text_lm, settings, topic, MemorySink(), store).run(idle_exit_s=0.2, install_signals=False)
+    key = store.read_manifest("in:0")["snapshots"]["s"]
+    blob = store.blobs[key]
+    if damage == "missing":
+        del store.blobs[key]
+    elif damage == "truncated":
+        store.blobs[key] = blob[: len(blob) // 2]
+    elif damage == "bitflip":
+        store.blobs[key] = blob[:-100] + bytes([blob[-100] ^ 0x10]) + blob[-99:]
+    else:  # a snapshot of another model under the same stream
+        from pipeline.service.session import StreamSession
+
+        other = Engine(tiny_lm("llama"), settings)
+        store.blobs[key] = StreamSession(other, "s").snapshot()
+    _normal(topic, 2, start=4)
+    sink = MemorySink()
+    assert _service(text_lm, settings, topic, sink, store).run(idle_exit_s=0.2, install_signals=False) == 0
+    values = sink.values("out")
+    first = _by_offset(values)[4]
+    kinds = [a["kind"] for a in first]
+    assert kinds == ["score", "error"], kinds
+    assert first[1]["error"]["problems"][0]["reason"] == "context_reset"
+    assert first[0]["tokens_seen"] == first[0]["score"]["tokens"]  # the stream started afresh
+    assert store.read_manifest("in:0")["manifest"]["next_offset"] == 6  # and goes on being checkpointed
+
+
+def test_unreadable_manifest_restarts_the_partition_with_a_notice(text_lm):
+    settings = _settings(checkpoint={"every_records": 2})
+    topic, store = MemoryTopic("in"), MemoryStore()
+    _normal(topic, 3)
+    first = _service(text_lm, settings, topic, MemorySink(), store)
+    first.run(idle_exit_s=0.2, install_signals=False)
+    committed = first.source.committed
+
+    class BrokenManifestStore(MemoryStore):
+        def read_manifest(self, partition_id):
+            from connectors.errors import CorruptStateError
+
+            raise CorruptStateError(f"manifest of {partition_id!r}: expected JSON, got b'\\x00garbage'")
+
+    broken = BrokenManifestStore()
+    _normal(topic, 1, start=3)
+    source_factory = MemorySource.factory(topic)
+
+    def factory(callbacks):
+        source = source_factory(callbacks)
+        source.committed.update(committed)  # the consumer group's committed offset survives
+        return source
+
+    sink = MemorySink()
+    service = Service(settings, Engine(text_lm, settings), factory, sink, broken)
+    assert service.run(idle_exit_s=0.2, install_signals=False) == 0
+    values = sink.values("out")
+    assert [a["source"]["offset"] for a in values if a["kind"] == "score"] == [3]  # from the committed offset
+    assert any(a["kind"] == "error" and a["error"]["problems"][0]["reason"] == "context_reset" for a in values)
+
+
+def test_sigterm_mid_poll_stops_between_groups_and_resumes_exactly(text_lm):
+    settings = _settings(service={"batch_tokens": 8}, kafka={"max_poll_records": 64})
+    topic, store = MemoryTopic("in"), MemoryStore()
+    _normal(topic, 30)
+    straight = MemorySink()
+    _service(text_lm, settings, topic, straight, MemoryStore()).run(idle_exit_s=0.2, install_signals=False)
+    first_sink = MemorySink()
+    first = _service(text_lm, settings, topic, first_sink, store)
+    original = first._run_group
+
+    def stop_after_three(works):
+        original(works)
+        if len(first_sink.values("out")) >= 3:
+            first.request_stop()
+
+    first._run_group = stop_after_three
+    assert first.run(install_signals=False) == 0
+    done = len(first_sink.values("out"))
+    assert 3 <= done < 30  # stopped inside one poll of 30 records
+    assert store.read_manifest("in:0")["manifest"]["next_offset"] == done
+    second_sink = MemorySink()
+    _service(text_lm, settings, topic, second_sink, store).run(idle_exit_s=0.2, install_signals=False)
+    got = [ann.encode(a) for a in first_sink.values("out") + second_sink.values("out")]
+    assert got == [ann.encode(a) for a in straight.values("out")]  # bit-identical to an uninterrupted run
+
+
+def test_a_bug_mid_group_never_checkpoints_the_partitions_it_touched(text_lm, monkeypatch):
+    settings = _settings(checkpoint={"every_records": 2})
+    topic, store = MemoryTopic("in", partitions=2), MemoryStore()
+    for i in range(4):
+        topic.append(0, b"a", f"a line {i}\n".encode())
+    service = _service(text_lm, settings, topic, MemorySink(), store)
+    service.run(idle_exit_s=0.2, install_signals=False)
+    assert store.read_manifest("in:0")["manifest"]["next_offset"] == 4
+    topic.append(0, b"a", b"a line 4\n")
+    topic.append(0, b"a", b"a line 5\n")
+    topic.append(1, b"b", b"b line 0\n")
+    service = _service(text_lm, settings, topic, MemorySink(), store)
+    calls = []
+    real = service.sink.send
+
+    def send(topic_, key, value, headers=None):
+        calls.append(key)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the middle of a group")
+        real(topic_, key, value, headers)
+
+    monkeypatch.setattr(service.sink, "send", send)
+    with pytest.raises(RuntimeError, match="a bug"):
+        service.run(idle_exit_s=0.2, install_signals=False)
+    assert store.read_manifest("in:0")["manifest"]["next_offset"] == 4  # the tainted partition kept its checkpoint
+
+
+def test_how_records_are_grouped_never_changes_a_byte(text_lm):
+    """Several records of one stream in one group (and notes due inside the group) give exactly what feeding the
+    records one at a time gives: the offline baseline of the integration tests relies on it."""
+    from pipeline.service.session import StreamSession
+    from connectors.protocols import Record
+
+    settings = _settings(note={"every_tokens": 25, "max_new_tokens": 3}, service={"batch_tokens": 100_000})
+    topic, sink = MemoryTopic("in"), MemorySink()
+    for i in range(12):
+        topic.append(0, b"a" if i % 3 else b"b", f"GET /item/{i} 200 {i * 7} bytes\npart".encode())
+    _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False)
+    engine, sessions, expected = Engine(text_lm, settings), {}, []
+    for r in topic.partitions[0]:
+        session = sessions.setdefault(r.key, StreamSession(engine, r.key.decode()))
+        expected += [ann.encode(a) for a in session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))]
+    got = [ann.encode(a) for a in sink.values("out")]
+    assert any(b'"kind":"note"' in x for x in got)
+    assert got == expected
