@@ -243,6 +243,7 @@ class RedisStateStore:
         raw = self._r.get(key)
         return None if raw is None else self._parse_manifest(key, raw)
 
+    @_store_errors
     def write_checkpoint(
         self,
         partition_id: str,
@@ -264,6 +265,9 @@ class RedisStateStore:
         `StateStoreError`, `ValueError`.
         """
         reuse = list(reuse)
+        if isinstance(snapshots, Mapping) and set(reuse) & set(snapshots):
+            both = sorted(set(reuse) & set(snapshots))
+            raise ValueError(f"streams {both} are both in snapshots and in reuse; expected each in at most one")
         try:
             user_manifest = json.loads(json.dumps(dict(manifest), allow_nan=False))
         except (TypeError, ValueError) as exc:
@@ -297,7 +301,9 @@ class RedisStateStore:
             for stream, blob in pairs:
                 self._check_blob(stream, blob)
                 if stream in refs or stream in written:
-                    raise ValueError(f"stream {stream!r} is in snapshots twice or also in reuse; expected it once")
+                    raise ValueError(
+                        f"stream {stream!r} is both in snapshots and in reuse (or twice in snapshots); expected it once"
+                    )
                 total += len(blob)
                 yield stream, (self._blob_key("snap", partition_id, stream, epoch, seq), blob)
 

@@ -73,10 +73,9 @@ def test_claim_between_blob_writes_and_switch_is_fenced_by_the_script(store, r, 
     first = store.write_checkpoint(P, old, {"s": b"v1"}, {"n": 1})
     real_write = store._write_blobs
 
-    def write_then_lose_ownership(blobs):
-        written = real_write(blobs)
+    def write_then_lose_ownership(blobs, written):
+        real_write(blobs, written)
         store.claim(P)
-        return written
 
     monkeypatch.setattr(store, "_write_blobs", write_then_lose_ownership)
     with pytest.raises(FencedError):
@@ -166,10 +165,9 @@ def test_same_epoch_concurrent_writer_is_detected(store, r, monkeypatch):
     store.write_checkpoint(P, epoch, {"s": b"1"}, {})
     real_write = store._write_blobs
 
-    def sneak(blobs):
-        written = real_write(blobs)
+    def sneak(blobs, written):
+        real_write(blobs, written)
         r.set(f"t:manifest:{{{P}}}", json.dumps({"format": 1, "snapshots": {}, "manifest": {"other": True}}))
-        return written
 
     monkeypatch.setattr(store, "_write_blobs", sneak)
     with pytest.raises(StateStoreError, match="manifest changed while epoch"):
