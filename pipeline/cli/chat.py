@@ -104,7 +104,7 @@ def _settings(args: argparse.Namespace, base: GenerationSettings | None) -> Gene
         "system_prompt": args.system,
     }
     update = {k: v for k, v in given.items() if v is not None}
-    return (base or GenerationSettings()).model_copy(update=update) if base else GenerationSettings(**update)
+    return base.model_copy(update=update) if base is not None else GenerationSettings(**update)
 
 
 def format_stats(conv: Conversation) -> str:

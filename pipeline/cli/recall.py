@@ -65,24 +65,30 @@ def table(report: rc.RecallReport) -> str:
 
 
 def panels(report: rc.RecallReport) -> list[Panel]:
+    """Choice accuracy, greedy exact match and mean log p(true number) against distance in tokens."""
     w, s = report.window, report.sinks
     vlines = {f"window edge W={w}": w, f"window-only edge {s + w}": s + w} if s else {f"window edge W={w}": w}
-    exact = {}
-    for p in report.policies:
-        xs = [r.mean_d_tokens for r in p.by_distance]
-        exact[f"{p.label} (choice)"] = (xs, [r.choice_accuracy for r in p.by_distance])
-        exact[f"{p.label} (greedy exact)"] = (xs, [r.accuracy for r in p.by_distance])
-    logp = {p.label: ([r.mean_d_tokens for r in p.by_distance], [r.mean_logprob for r in p.by_distance])
-            for p in report.policies}
-    colors = {}
-    for k, p in enumerate(report.policies):
-        colors[p.label] = colors[f"{p.label} (choice)"] = colors[f"{p.label} (greedy exact)"] = f"C{k}"
+    colors = {p.label: f"C{k}" for k, p in enumerate(report.policies)}
+
+    def series(field: str) -> dict[str, tuple]:
+        return {p.label: ([r.mean_d_tokens for r in p.by_distance], [getattr(r, field) for r in p.by_distance])
+                for p in report.policies}
+
+    xlabel = "distance to the number (tokens)"
     return [
-        Panel("recall accuracy vs distance", "distance to the number (tokens)", "accuracy", exact, vlines=vlines,
-              hlines={f"choice chance {report.chance_choice:.2f}": report.chance_choice}, colors=colors),
-        Panel("log p(true number) vs distance", "distance to the number (tokens)", "mean log p (nats)", logp,
-              vlines=vlines, hlines={"5 random digits -11.5": -11.5}, colors=colors),
+        Panel(f"true number ranked first of {report.distractors + 1}", xlabel, "choice accuracy",
+              series("choice_accuracy"), vlines=vlines, hlines={f"chance {report.chance_choice:.2f}": report.chance_choice},
+              colors=colors),
+        Panel("greedy answer = true number", xlabel, "exact-match accuracy", series("accuracy"), vlines=vlines,
+              colors=colors),
+        Panel("log p(true number)", xlabel, "mean log p (nats)", series("mean_logprob"), vlines=vlines,
+              hlines={"5 random digits -11.5": -11.5}, colors=colors),
     ]
+
+
+def title_of(report: rc.RecallReport) -> str:
+    return (f"sinkstream eval recall: {report.model}, S={report.sinks} W={report.window}, {report.lines} lines "
+            f"({report.stream_tokens} tokens), prompt {report.prompt}, {report.every}-line steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     stem.with_suffix(".json").write_text(report.model_dump_json(indent=1))
     md = table(report)
     stem.with_suffix(".md").write_text(md + "\n")
-    title = (f"sinkstream eval recall: {args.model}, S={report.sinks} W={report.window}, {report.lines} lines "
-             f"({report.stream_tokens} tokens), prompt {report.prompt}")
+    title = title_of(report)
     save_figure(stem.with_suffix(".png"), panels(report), title)
     sys.stdout.write(f"\n## {title}\n\nexact / choice (1 of {report.distractors + 1}) / mean log p\n\n{md}\n")
     sys.stdout.write(f"wrote {stem}.json, .md, .png\n")
