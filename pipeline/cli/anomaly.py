@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation import anomaly_report as ar
+from pipeline.evaluation.tables import cell, markdown_table
 from pipeline.service.session import Engine
 from pipeline.settings import Settings, load_settings
 
@@ -117,10 +118,6 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The ranking tables (all lines, after warm-up, incident onsets), flag counts and cost, as Markdown."""
     warmup = report["score"]["warmup_lines"]
@@ -136,20 +133,20 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         ks = list(rows[0]["p_at"])
         out.append(f"\n**Ranking, {titles[subset]}: {rows[0]['lines']} lines, {rows[0]['anomalies']} anomalous**\n")
-        out.append("| ranker | normalize | ROC-AUC | AP | " + " | ".join(f"P@{k}" for k in ks) + " |")
-        out.append("|---|---|---|---|" + "---|" * len(ks))
-        for r in rows:
-            p_at = " | ".join(_fmt(r["p_at"][k]) for k in ks)
-            out.append(f"| {ar.RANKER_TITLES[r['ranker']]} | {r['normalize']} | {_fmt(r['auc'])} | "
-                       f"{_fmt(r['ap'])} | {p_at} |")
+        out.append(markdown_table(
+            ["ranker", "normalize", "ROC-AUC", "AP", *(f"P@{k}" for k in ks)],
+            [[ar.RANKER_TITLES[r["ranker"]], r["normalize"], r["auc"], r["ap"], *(r["p_at"][k] for k in ks)]
+             for r in rows],
+            digits=3))
     out.append(f"\n**Service flag (z > {report['score']['anomaly_z']}, after {warmup} warm-up lines)**\n")
-    out.append("| normalize | flagged | TP | FP | FN | TN | precision | recall | tokens | time (s) | tokens/s |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    flag_rows = []
     for norm, p in report["passes"].items():
         f = p["flags"]
-        out.append(f"| {norm} | {f['flagged']} | {f['tp']} | {f['fp']} | {f['fn']} | {f['tn']} | "
-                   f"{_fmt(f['precision'])} | {_fmt(f['recall'])} | {p['tokens']} | {p['elapsed_s']:.0f} | "
-                   f"{p['tokens_per_s']} |")
+        flag_rows.append([norm, f["flagged"], f["tp"], f["fp"], f["fn"], f["tn"], f["precision"], f["recall"],
+                          p["tokens"], cell(p["elapsed_s"], 0), cell(p["tokens_per_s"], 1)])
+    out.append(markdown_table(
+        ["normalize", "flagged", "TP", "FP", "FN", "TN", "precision", "recall", "tokens", "time (s)", "tokens/s"],
+        flag_rows, digits=3))
     return "\n".join(out) + "\n"
 
 

@@ -8,10 +8,13 @@ next to two baselines that need no model: line length in characters and in token
 
 Metrics are rank-based and handle ties without depending on input order:
 
-- ROC-AUC is the Mann-Whitney U statistic with average ranks for ties (all-tied scores give 0.5);
-- average precision is the step-wise area under the precision-recall curve over *distinct* thresholds
-  (scikit-learn's definition), so a tie group counts once, at the precision of the whole group;
-- precision@k is the expected precision of the top k under random tie-breaking at the k-th score.
+- ROC-AUC (scikit-learn's `roc_auc_score`): the Mann-Whitney U statistic, ties count one half (all-tied scores
+  give 0.5); the ROC curve (`roc_curve`) keeps every distinct threshold;
+- average precision (scikit-learn's `average_precision_score`): the step-wise area under the precision-recall
+  curve over *distinct* thresholds, so a tie group counts once, at the precision of the whole group;
+- precision@k is the expected precision of the top k under random tie-breaking at the k-th score. It stays
+  hand-written: scikit-learn has no precision-at-k for a ranking with ties (`top_k_accuracy_score` is a
+  per-sample multi-class metric).
 
 A line with no score (`None`: e.g. a first line whose only token has no prediction, or a line before the
 stream has any z) is ranked below every scored line; missing scores tie with each other.
@@ -63,59 +66,41 @@ def _arrays(scores: Sequence[float | None], labels: Sequence[bool]) -> tuple[np.
     return s, y
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of `values` in ascending order; tied values share the mean of their ranks."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    ranks = np.empty(len(values), dtype=np.float64)
-    start = 0
-    n = len(values)
-    while start < n:
-        end = start + 1
-        while end < n and sorted_vals[end] == sorted_vals[start]:
-            end += 1
-        ranks[order[start:end]] = (start + 1 + end) / 2.0  # mean of ranks start+1 .. end
-        start = end
-    return ranks
+def _ranked(scores: Sequence[float | None], labels: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores as dense ranks (missing, i.e. -inf, is the lowest value: rank 0) and labels as bool.
+
+    scikit-learn rejects non-finite scores; every metric here depends only on the order of the scores (ties
+    included), which dense ranks keep exactly. scikit-learn belongs to the `eval` extra: the metric functions
+    import it when called, so that importing the command line works in the service image without it.
+    """
+    s, y = _arrays(scores, labels)
+    _, ranks = np.unique(s, return_inverse=True)  # 0 for the lowest distinct value, ties share a rank
+    return ranks.astype(np.float64), y
 
 
 def roc_auc(scores: Sequence[float | None], labels: Sequence[bool]) -> float:
     """Probability that a random anomalous line outscores a random normal one (ties count one half)."""
-    s, y = _arrays(scores, labels)
-    ranks = average_ranks(s)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
+    from sklearn.metrics import roc_auc_score  # eval extra (see _ranked)
 
-
-def _threshold_counts(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct thresholds (descending) with cumulative true/false positives at score >= threshold."""
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_group = np.r_[s_sorted[1:] != s_sorted[:-1], True]
-    tps = np.cumsum(y_sorted)[last_of_group]
-    fps = np.cumsum(~y_sorted)[last_of_group]
-    return s_sorted[last_of_group], tps.astype(np.float64), fps.astype(np.float64)
+    s, y = _ranked(scores, labels)
+    return float(roc_auc_score(y, s))
 
 
 def roc_curve(scores: Sequence[float | None], labels: Sequence[bool]) -> tuple[list[float], list[float]]:
     """(false positive rates, true positive rates) at every distinct threshold, starting at (0, 0)."""
-    s, y = _arrays(scores, labels)
-    _, tps, fps = _threshold_counts(s, y)
-    fpr = np.r_[0.0, fps / (~y).sum()]
-    tpr = np.r_[0.0, tps / y.sum()]
+    from sklearn.metrics import roc_curve as sk_roc_curve  # eval extra (see _ranked)
+
+    s, y = _ranked(scores, labels)
+    fpr, tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
     return fpr.tolist(), tpr.tolist()
 
 
 def average_precision(scores: Sequence[float | None], labels: Sequence[bool]) -> float:
     """Sum over distinct thresholds of (recall gained) x (precision at that threshold)."""
-    s, y = _arrays(scores, labels)
-    _, tps, fps = _threshold_counts(s, y)
-    precision = tps / (tps + fps)
-    recall = tps / y.sum()
-    gained = np.diff(np.r_[0.0, recall])
-    return float((gained * precision).sum())
+    from sklearn.metrics import average_precision_score  # eval extra (see _ranked)
+
+    s, y = _ranked(scores, labels)
+    return float(average_precision_score(y, s))
 
 
 def precision_at_k(scores: Sequence[float | None], labels: Sequence[bool], k: int) -> float:

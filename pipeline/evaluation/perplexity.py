@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from model.loader import LoadedModel
 from model.policies import score_ids
+from pipeline.evaluation.tables import markdown_table
 
 # Runs and the labels they carry in tables, plots and JSON.
 DENSE, WINDOW, SINK, NEWLINE, RECOMPUTE = "dense", "window", "sink", "sink-newline", "recompute"
@@ -162,22 +163,6 @@ def ordinal(n: int) -> str:
 def auto_stride(targets: int, span: int, budget: int) -> int:
     """Smallest stride at which re-computation forwards at most ~`budget` tokens (`span` per target)."""
     return max(1, math.ceil(targets * span / max(budget, 1)))
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table; floats are written with 2 decimals, NaN/None as an em dash."""
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"expected {len(header)} cells per row, got {len(row)}: {row}")
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "—"
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def length_experiment(

@@ -1,4 +1,5 @@
-"""Small PNG charts for `sinkstream eval` and `sinkstream bench` (matplotlib, Agg backend, no display needed).
+"""Small PNG charts for `sinkstream eval` and `sinkstream bench` (matplotlib, Agg backend, no display needed;
+imported only when a chart is drawn).
 
 Callers describe each chart as one or more `Panel`s of named series; `save_figure` lays them out side by side
 and writes a compact PNG (about 30–80 KB). Nothing here knows about models or caches.
@@ -10,11 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from typing import Any
 
 Series = tuple[Sequence[float], Sequence[float]]
 
@@ -45,7 +42,7 @@ def _clean(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[fl
     return [float(a) for a, _ in pairs], [float(b) for _, b in pairs]
 
 
-def _draw(ax, panel: Panel) -> None:
+def _draw(ax: Any, panel: Panel) -> None:
     for label, (x, y) in panel.series.items():
         xs, ys = _clean(x, y)
         if not xs:
@@ -76,6 +73,13 @@ def save_figure(path: Path, panels: Sequence[Panel], title: str = "") -> Path:
     """Draw `panels` side by side into a PNG at `path` (parent folders are created); return the path."""
     if not panels:
         raise ValueError("expected at least one panel, got none")
+    # matplotlib belongs to the `eval`/`bench` extras: imported when a chart is drawn, so that importing the
+    # command line (which registers `eval` and `bench`) works in the service image, which does not install it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.8), squeeze=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,38 @@ def test_roc_curve_ends_at_corners_and_matches_auc():
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
     area = sum((fpr[i + 1] - fpr[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(fpr) - 1))
     assert area == pytest.approx(ar.roc_auc(scores, labels))
+
+
+def _pairwise_auc(scores, labels) -> float:
+    """The definition itself: over every (anomalous, normal) pair, 1 if the anomaly scores higher, 1/2 on a tie."""
+    key = [-math.inf if x is None or x != x else x for x in scores]
+    pos = [k for k, y in zip(key, labels) if y]
+    neg = [k for k, y in zip(key, labels) if not y]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def _stepwise_ap(scores, labels) -> float:
+    """Average precision by its definition: precision at each distinct threshold times the recall it adds."""
+    key = [-math.inf if x is None or x != x else x for x in scores]
+    total, ap, prev_recall = sum(labels), 0.0, 0.0
+    for t in sorted(set(key), reverse=True):
+        chosen = [y for k, y in zip(key, labels) if k >= t]
+        recall = sum(chosen) / total
+        ap += (recall - prev_recall) * sum(chosen) / len(chosen)
+        prev_recall = recall
+    return ap
+
+
+def test_metrics_match_their_definitions_on_random_ties_and_missing_scores():
+    """scikit-learn needs finite scores: the missing ones (None, NaN) must still rank last and tie each other."""
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(3, 40)
+        labels = [i == 0 or (i != 1 and rng.random() < 0.3) for i in range(n)]
+        scores = [rng.choice([None, float("nan"), float(rng.randint(-3, 3)), rng.random(), -1e300, 1e300])
+                  for _ in range(n)]
+        assert ar.roc_auc(scores, labels) == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
+        assert ar.average_precision(scores, labels) == pytest.approx(_stepwise_ap(scores, labels), abs=1e-12)
 
 
 def test_confusion_counts():
@@ -191,9 +224,19 @@ def test_markdown_and_png(tmp_path: Path, text_lm, bgl_head, bgl_passes):
     report = ar.build_report(Path("BGL_2k.log"), bgl_head, ar.baseline_scores(lines, text_lm.tokenizer),
                              passes, meta, warmup_lines=20)
     table = anomaly_command.markdown(report)
-    assert "| line length (chars) | - |" in table and "| mean NLL | off |" in table
-    assert "| off | " in table and math.isfinite(report["passes"]["off"]["elapsed_s"])
-    assert "**Ranking, incident onsets" in table and "| P@1 | P@50 |" in table
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    by_ranker: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        by_ranker.setdefault((r[0], r[1]), r)  # first table wins
+    all_rows = {(r["ranker"], r["normalize"]): r for r in report["metrics"] if r["subset"] == "all"}
+    # the first table is "all lines": its cells are the report's metrics, 3 decimals
+    assert by_ranker[("line length (chars)", "-")][2:4] == [f"{all_rows['length_chars', '-'][m]:.3f}" for m in ("auc", "ap")]
+    assert by_ranker[("mean NLL", "off")][2] == f"{all_rows['mean_nll', 'off']['auc']:.3f}"
+    assert ["ranker", "normalize", "ROC-AUC", "AP", "P@1", "P@50"] in rows  # the onsets table's header
+    flags = report["passes"]["off"]["flags"]
+    flag_row = next(r for r in rows if r[0] == "off" and len(r) == 11)
+    assert flag_row[1:6] == [str(flags[k]) for k in ("flagged", "tp", "fp", "fn", "tn")]
+    assert "**Ranking, incident onsets" in table and math.isfinite(report["passes"]["off"]["elapsed_s"])
     png = anomaly_command.save_png(report, tmp_path / "roc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # `--from-report` re-renders a saved report without loading a model

@@ -9,6 +9,7 @@ import torch
 
 from model.policies import score_ids
 from pipeline.evaluation import perplexity as ev
+from pipeline.evaluation.tables import markdown_table
 from tests.helpers.models import VOCAB
 
 S, W = 4, 28
@@ -46,12 +47,17 @@ def test_segments_cover_every_target_exactly_once(total, size, stride):
 
 
 def test_markdown_table_shape_and_cells():
-    table = ev.markdown_table(["a", "b", "c"], [["x", 1.234, float("nan")], ["y", None, 7]])
+    table = markdown_table(["a", "b", "c"], [["x", 1.234, float("nan")], ["y", None, 7]])
     lines = table.splitlines()
     assert len(lines) == 4 and all(line.count("|") == 4 for line in lines)
-    assert lines[2] == "| x | 1.23 | — |"
+    assert len({len(line) for line in lines}) == 1  # columns padded to one width
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["x", "1.23", "—"]
+    assert [c.strip() for c in lines[3].strip("|").split("|")] == ["y", "—", "7"]
+    assert set(lines[1]) == {"|", "-"}
+    # cells are not re-parsed as numbers: a fixed number of decimals stays
+    assert "0.500" in markdown_table(["p"], [[0.5]], digits=3)
     with pytest.raises(ValueError, match="expected 3 cells"):
-        ev.markdown_table(["a", "b", "c"], [["x", 1.0]])
+        markdown_table(["a", "b", "c"], [["x", 1.0]])
 
 
 def test_runs_score_what_they_claim(tiny_lm):
