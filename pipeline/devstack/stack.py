@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.kafka.admin import kafka_metadata
 from connectors.redis_store import redacted_address, redis_ping
-from pipeline.devstack.processes import HOST, StackError, _alive, _is_ours, start_redis, start_tansu, stop_process
+from pipeline.devstack.processes import HOST, StackError, is_running, start_redis, start_tansu, stop_process
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +77,7 @@ def _load(home: Path) -> StackInfo | None:
 def read_stack(home: Path) -> StackInfo | None:
     """The stack described by `<home>/stack/stack.json`, or None when there is none or one of its processes is gone."""
     info = _load(home)
-    if info is None or not all(_alive(pid) and _is_ours(pid, name) for name, pid in info.pids.items()):
+    if info is None or not all(is_running(pid, name) for name, pid in info.pids.items()):
         return None
     return info
 
@@ -148,7 +148,7 @@ def stack_status(home: Path) -> dict[str, Any]:
     checks = {"tansu": lambda: kafka_metadata(info.bootstrap_servers), "redis": lambda: redis_ping(info.redis_url)}
     procs: dict[str, Any] = {}
     for name, pid in info.pids.items():
-        alive = _alive(pid) and _is_ours(pid, name)
+        alive = is_running(pid, name)
         procs[name] = {"pid": pid, "alive": alive, "reachable": False, "error": None if alive else "process is gone"}
         try:
             if alive:
