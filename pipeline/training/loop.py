@@ -137,9 +137,11 @@ def prepare(run: Path, config: StudyConfig, resume: bool) -> tuple[StudyConfig, 
         saved = StudyConfig.model_validate_json(config_path.read_text())
         if not resume:
             raise FileExistsError(f"{run} already holds a study (study.json); pass --resume or pick a new --out")
-        if saved.model_copy(update={"steps": config.steps}) != config.model_copy(update={"steps": config.steps}):
+        # Only what training never reads may change on resume: the step budget (raised) and the evaluation.
+        free = {k: getattr(config, k) for k in StudyConfig.model_fields if k == "steps" or k.startswith("eval_")}
+        if saved.model_copy(update=free) != config:
             raise ValueError(f"{config_path} was made with other settings than asked for now; resume with the same "
-                             "preset (only --steps may change)")
+                             "preset (only --steps and the --eval-* options may change)")
         if config.steps < saved.steps:
             raise ValueError(f"--steps {config.steps} is below the saved study's {saved.steps}")
     config_path.write_text(config.model_dump_json(indent=1))
