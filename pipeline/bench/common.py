@@ -3,8 +3,9 @@ random token ids, a filled sink cache and a `DynamicCache` decoder for the basel
 
 Every benchmark (`latency`, `overhead`, `ingest`, `memory`, `batch`, `service` modules of this package) returns
 a JSON-able dict; `sinkstream bench` writes it with a plot. Timings are medians over `repeats`, each repeat being
-the mean wall time of `steps` calls; token ids are random (content does not change the work done). Baselines run
-on the same model object in the same process, interleaved with the sink runs.
+the mean wall time of `steps` calls measured by `torch.utils.benchmark.Timer`; token ids are random (content does
+not change the work done). Baselines run on the same model object in the same process, interleaved with the sink
+runs (`interleaved`: torch's `Compare` would time one after the other, and load on a shared machine drifts).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import transformers
+from torch.utils import benchmark
 from transformers import DynamicCache
 
 from model.loader import LoadedModel, wrap_model
@@ -60,29 +62,44 @@ def tiny_model(vocab: int = 512, positions: int = 8192, seed: int = 0) -> Loaded
 
 
 def median_time(fn: Callable[[], Any], steps: int, repeats: int, reset: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Median over `repeats` of the mean seconds per call of `steps` calls of `fn` (`reset` runs untimed before each)."""
+    """Median over `repeats` of the mean seconds per call of `steps` calls of `fn` (`reset` runs untimed before each).
+
+    Each repeat is one `torch.utils.benchmark.Timer.timeit(steps)`: `reset` (the Timer's untimed setup), a few
+    untimed warm-up calls, `reset` again, then the `steps` timed calls. The Timer synchronizes an accelerator
+    (CUDA) before it reads the clock, so asynchronous kernels are counted, and runs at the caller's torch thread
+    count (its own default would be 1). The repeats are merged into one `Measurement` for the median and IQR.
+    CPU seconds per call (this process, all its threads: less sensitive than wall time to other load on the
+    machine) are counted around every call, the warm-up calls included.
+    """
     if steps < 1 or repeats < 1:
         raise ValueError(f"expected steps >= 1 and repeats >= 1, got steps={steps}, repeats={repeats}")
-    per_repeat, cpu = [], []
+    cpu_s, calls = [0.0], [0]
+
+    def call() -> None:
+        start = time.process_time()
+        fn()
+        cpu_s[0] += time.process_time() - start
+        calls[0] += 1
+
+    timer = benchmark.Timer(stmt="call()", setup="reset()", num_threads=torch.get_num_threads(),
+                            globals={"call": call, "reset": reset or (lambda: None)})
+    measurements, cpu = [], []
     for _ in range(repeats):
-        if reset is not None:
-            reset()
-        cpu_start = time.process_time()
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        per_repeat.append((time.perf_counter() - start) / steps)
-        cpu.append((time.process_time() - cpu_start) / steps)
-    # CPU seconds of this process (all its threads): less sensitive than wall time to other load on the machine.
-    return {"median_s": statistics.median(per_repeat), "repeats_s": per_repeat, "median_cpu_s": statistics.median(cpu),
-            "steps": steps}
+        cpu_s[0], calls[0] = 0.0, 0
+        measurements.append(timer.timeit(steps))
+        cpu.append(cpu_s[0] / calls[0])
+    merged = benchmark.Measurement.merge(measurements)[0]
+    return {"median_s": merged.median, "iqr_s": merged.iqr, "repeats_s": [m.mean for m in measurements],
+            "median_cpu_s": statistics.median(cpu), "steps": steps}
 
 
 def interleaved(a: Callable[[], Any], b: Callable[[], Any], steps: int, repeats: int,
                 reset: Callable[[], None] | None = None) -> dict[str, Any]:
     """Time `a` and `b` alternately, one repeat of `steps` calls each at a time, so drift and other load on the
-    machine hit both alike. Returns medians over repeats of seconds per call: wall (`a_s`, `b_s`) and this
-    process's CPU time (`a_cpu_s`, `b_cpu_s`), plus the per-repeat wall times."""
+    machine hit both alike (the ratios `overhead`, `ingest` and `batch` report rely on this: timing all of `a`
+    and then all of `b` would put a change of load into the ratio). Each repeat is one `median_time` repeat.
+    Returns medians over repeats of seconds per call: wall (`a_s`, `b_s`) and this process's CPU time
+    (`a_cpu_s`, `b_cpu_s`), plus the per-repeat wall times."""
     ta, tb = [], []
     for _ in range(repeats):
         ta.append(median_time(a, steps, 1, reset))
