@@ -74,8 +74,10 @@ def add_model_options(
     add_model_option(p, model_default, model_help)
     p.add_argument("--threads", type=non_negative_int, default=threads_default, help=threads_help)
     if device_and_dtype:
-        p.add_argument("--device", default="auto", choices=DEVICES)
-        p.add_argument("--dtype", default="auto", choices=DTYPES)
+        p.add_argument("--device", default="auto", choices=DEVICES,
+                       help="where the model runs (default auto: cuda when available, else cpu)")
+        p.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="weights and activations (default auto: float32 on CPU, bfloat16 or float16 on CUDA)")
 
 
 def load_model_for_cli(name: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from pipeline.cli.main import build_parser, main
@@ -9,13 +11,31 @@ from pipeline.cli.main import build_parser, main
 COMMANDS = ["score", "run", "eval", "bench", "anomaly", "demo", "stack", "model"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_help_explains_every_command(command, capsys):
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_help_explains_every_command_and_option(command, capsys):
+    """Every command has a description and every option a help text, and --help shows them."""
+    sub = _subparsers()[command]
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"usage: sinkstream {command}") and len(out) > 200
+    out = " ".join(capsys.readouterr().out.split())  # argparse re-wraps text to the terminal width
+    assert out.startswith(f"usage: sinkstream {command}")
+    assert sub.description and " ".join(sub.description.split())[:60] in out
+    for action in sub._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue  # positionals list their choices in the usage line
+        assert action.help, f"sinkstream {command} {action.option_strings[-1]}: expected a help text, found none"
+        assert all(option in out for option in action.option_strings)
+        assert " ".join(action.help.split())[:40].replace("%%", "%") in out
+
+
+def test_every_command_is_registered():
+    assert set(COMMANDS) <= set(_subparsers())
 
 
 def test_top_level_help_lists_every_command():
