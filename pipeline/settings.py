@@ -193,6 +193,9 @@ class ServiceSettings(_Section):
     # Tokens the model steps per group of records (many streams together); the service checks SIGTERM,
     # checkpoint cadence and poll age between groups. Larger groups batch better; smaller answer faster.
     batch_tokens: int = Field(2048, ge=1, le=1_048_576)
+    # Keep resident streams in one preallocated KV pool and step many streams per forward pass (RoPE and
+    # GPT-2 style models; others always use one cache per stream). Memory: see docs/operations.md.
+    kv_pool: bool = True
     # Bytes of one record that are read; the rest is skipped and reported in an `error` annotation.
     max_record_bytes: int = Field(1_048_576, ge=1)
     # Tokens of one record that are scored; lines past the budget are skipped and reported (`error`).

@@ -52,8 +52,9 @@ def _model_only(engine: Engine, records: list[tuple[str, bytes]]) -> dict[str, f
         token_lists.setdefault(key, []).append(ids)
     start = time.perf_counter()
     tokens = 0
+    c = engine.settings.cache
     for lists in token_lists.values():
-        cache = engine.new_cache()
+        cache = engine.runner.new_cache(c.sinks, c.window, max_chunk=c.chunk)  # the model alone, one cache
         for ids in lists:
             engine.runner.nll(cache, ids)
             tokens += len(ids)

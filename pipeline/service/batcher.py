@@ -1,15 +1,21 @@
 """The model step of a group of records: every stream's tokens through the shared model, failures isolated.
 
-A group holds the prepared records (`RecordWork`) of many streams, in input order. The batcher feeds each
-stream's records in order (a stream's records must enter its cache in order), with the stream's own
-`prev_logits`, and puts the per-token NLLs on the records. This backend steps one stream at a time through its
-own `SinkCache`; forward passes are cut by each record's content alone, so a resumed run is bit-identical to
-an uninterrupted one on CPU.
+A group holds the prepared records (`RecordWork`) of many streams, in input order. Each stream's records enter
+its cache in order, each record in forward passes of at most `cache.chunk` tokens cut by the record's own
+content (so results never depend on how a poll grouped the records), with the stream's own `prev_logits`; the
+per-token NLLs go onto the records. Right after each record, `StreamSession.after_step` notes the token count
+and generates a due note, so both describe exactly that point of the stream.
 
-Failure isolation: a stream whose model step raises is rolled back (its cache is as before the group; see
-`SinkModel.nll`), its records get `error` set, and the other streams go on. On CUDA an out-of-memory error is
-retried once with the stream's tokens in smaller forward passes before the stream is given up. An exception
-that is not an ordinary failure of the step (KeyboardInterrupt, SystemExit) propagates.
+- Pooled backend (`PoolBackend`): round after round, every stream with tokens left contributes its next chunk
+  and the chunks go through ONE packed forward pass, up to `service.batch_tokens` tokens per pass.
+- One cache per stream (`SinkBackend`): streams are stepped one after another.
+
+Failure isolation. A pooled forward that raises leaves every slot as before (the pool saves what it
+overwrites); its streams are then retried one by one (on CUDA out-of-memory this is the retry with a smaller
+batch), and a stream that fails alone is rolled back to the start of its failing record (a record longer than
+one pass is fed from a backup slot taken before it) and its records left in the group get `error` set; the
+other streams go on. With one cache per stream a failing stream is rolled back to before the group. An
+exception that is not an ordinary failure of the step (KeyboardInterrupt, SystemExit) propagates.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import structlog
 import torch
 
 from pipeline.service import metrics
+from pipeline.service.backend import PoolBackend
 from pipeline.service.session import RecordWork, StreamSession
 
 log = structlog.get_logger(__name__)
@@ -35,6 +42,12 @@ class Batcher:
         for work in works:
             if not work.replay and work.error is None:
                 by_stream.setdefault(id(work.session), []).append(work)
+        if not by_stream:
+            return
+        backend = next(iter(by_stream.values()))[0].session.engine.backend
+        if isinstance(backend, PoolBackend):
+            _PooledRun(backend, list(by_stream.values())).run()
+            return
         for stream_works in by_stream.values():
             self._run_stream(stream_works[0].session, stream_works)
 
@@ -76,7 +89,7 @@ class Batcher:
                 w.nll = nll
 
     def _step(self, session: StreamSession, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        runner = session.engine.runner
+        runner = session.engine.backend.runner
         try:
             return runner.nll(session.cache, ids, prev_logits=session.last_logits)
         except torch.OutOfMemoryError:
@@ -91,3 +104,130 @@ class Batcher:
                 return runner.nll(cache, ids, prev_logits=session.last_logits)
             finally:
                 cache.max_chunk = saved
+
+
+class _Lane:
+    """One stream's place in a pooled group: its records, the record being fed and how far."""
+
+    def __init__(self, works: list[RecordWork]):
+        self.session = works[0].session
+        self.works = works
+        self.index = 0  # record being fed
+        self.pos = 0  # tokens of it fed so far
+        self.ids: list[int] = []
+        self.pieces: list[torch.Tensor] = []
+        self.backup: int | None = None  # slot copy taken before a record longer than one pass
+        self.last_before: torch.Tensor | None = None  # the stream's prev_logits when the backup was taken
+        self._load()
+
+    def _load(self) -> None:
+        w = self.current
+        self.ids = [] if w is None else [t for line in w.token_lists for t in line]
+        self.pos, self.pieces = 0, []
+
+    @property
+    def current(self) -> RecordWork | None:
+        return self.works[self.index] if self.index < len(self.works) else None
+
+    def settle(self) -> None:
+        """Finish records with nothing (left) to feed: skipped ones, empty ones, fully fed ones."""
+        while (w := self.current) is not None:
+            if w.skip_score:
+                w.tokens_seen = self.session.tokens_seen
+            elif self.pos < len(self.ids):
+                return
+            else:
+                w.nll = torch.cat(self.pieces) if self.pieces else torch.empty(0)
+                self.session.after_step(w)
+            self.index += 1
+            self._load()
+
+    def fail(self, reason: str) -> None:
+        for w in self.works[self.index :]:
+            w.tokens_seen, w.note = None, None
+            if not w.skip_score:
+                w.error = reason
+        self.index = len(self.works)
+
+
+class _PooledRun:
+    """The rounds of one group on the pooled backend (see the module docstring)."""
+
+    def __init__(self, backend: PoolBackend, groups: list[list[RecordWork]]):
+        self.backend = backend
+        self.budget = max(1, groups[0][0].session.engine.settings.service.batch_tokens)
+        self.lanes = [_Lane(works) for works in groups]
+
+    def run(self) -> None:
+        try:
+            while True:
+                for lane in self.lanes:
+                    lane.settle()
+                active = [lane for lane in self.lanes if lane.current is not None]
+                if not active:
+                    return
+                batch: list[tuple[_Lane, list[int]]] = []
+                used = 0
+                for lane in active:
+                    chunk = lane.ids[lane.pos : lane.pos + self.backend.chunk]
+                    if batch and used + len(chunk) > self.budget:
+                        break
+                    batch.append((lane, chunk))
+                    used += len(chunk)
+                self._forward(batch)
+        finally:
+            for lane in self.lanes:
+                self._drop_backup(lane)
+
+    def _forward(self, batch: list[tuple[_Lane, list[int]]]) -> None:
+        for lane, _ in batch:
+            if lane.pos == 0 and len(lane.ids) > self.backend.chunk and lane.backup is None:
+                self._take_backup(lane)
+        start = time.perf_counter()
+        try:
+            results = self.backend.step([lane.session.cache for lane, _ in batch], [c for _, c in batch],
+                                        [lane.session.last_logits for lane, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every slot is as before; find the stream(s) that fail alone
+            if len(batch) == 1:
+                self._give_up(batch[0][0], exc)
+                return
+            log.warning("model.batch_retry", streams=len(batch), error=f"{type(exc).__name__}: {exc}")
+            for item in batch:
+                self._forward([item])
+            return
+        metrics.MODEL_STEP_SECONDS.observe(time.perf_counter() - start)
+        metrics.BATCH_TOKENS.observe(sum(len(c) for _, c in batch))
+        metrics.BATCH_STREAMS.observe(len(batch))
+        for (lane, chunk), result in zip(batch, results):
+            lane.pieces.append(result.nll)
+            lane.session.last_logits = result.last_logits
+            lane.pos += len(chunk)
+            if lane.pos >= len(lane.ids):
+                self._drop_backup(lane)
+
+    def _give_up(self, lane: _Lane, exc: BaseException) -> None:
+        session = lane.session
+        if lane.pos and lane.backup is not None:  # part of the record went in: back to its start
+            self.backend.copy_slot(lane.backup, session.cache)
+            session.last_logits = lane.last_before
+        elif lane.pos:  # no backup slot was free: the stream's context cannot be trusted any more
+            session.reset()
+        self._drop_backup(lane)
+        reason = (f"model step failed for stream {session.key!r} (record of {len(lane.ids)} tokens): "
+                  f"{type(exc).__name__}: {exc}")
+        log.error("model.step_failed", stream=session.key, tokens=len(lane.ids), error=f"{type(exc).__name__}: {exc}")
+        metrics.ERRORS.labels("model_step").inc()
+        lane.fail(reason)
+
+    def _take_backup(self, lane: _Lane) -> None:
+        pool = self.backend.pool
+        if pool.free_slots <= 1:  # keep the scratch slot for notes
+            return
+        lane.backup = pool.allocate()
+        self.backend.copy_slot(lane.session.cache, lane.backup)
+        lane.last_before = lane.session.last_logits
+
+    def _drop_backup(self, lane: _Lane) -> None:
+        if lane.backup is not None:
+            self.backend.pool.free(lane.backup)
+            lane.backup = None

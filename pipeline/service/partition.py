@@ -25,6 +25,7 @@ from connectors.errors import MissingSnapshotError, StateStoreError
 from connectors.protocols import CheckpointStore
 from model.snapshot import SnapshotError
 from pipeline.service import metrics
+from pipeline.service.backend import CacheFull
 from pipeline.service.session import Engine, SessionCapture, StreamSession
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,15 @@ class Residency:
             if len(self._lru) <= self.limit or (pid, cold_key) == (part.id, key):
                 break
             if owner.spill(cold_key):
+                del self._lru[(pid, cold_key)]
+
+    def make_room(self, part: PartitionState, key: str) -> None:
+        """Before a stream becomes resident: spill the coldest sessions so that it fits the limit (its KV slot
+        must be free before the new session takes one)."""
+        for (pid, cold_key), owner in list(self._lru.items()):
+            if len(self._lru) < self.limit:
+                break
+            if (pid, cold_key) != (part.id, key) and owner.spill(cold_key):
                 del self._lru[(pid, cold_key)]
 
     def forget(self, part_id: str) -> None:
@@ -111,7 +121,11 @@ class PartitionState:
         """
         session = self.sessions.get(key)
         if session is None:
-            session = self._load(key)
+            self.residency.make_room(self, key)
+            try:
+                session = self._load(key)
+            except CacheFull as exc:  # spills failed (store down): no KV slot for this stream yet
+                raise StoreUnavailable(f"no KV slot for stream {key!r} of {self.id}: {exc}") from exc
             self.sessions[key] = session
         self.residency.touch(self, key)
         return session
@@ -143,6 +157,13 @@ class PartitionState:
         self.changed(key)  # the fresh session must replace the refused blob at the next checkpoint
         return StreamSession(self.engine, key)
 
+    def close(self) -> None:
+        """The partition leaves this process: give every resident session's KV slot back."""
+        for session in self.sessions.values():
+            session.release()
+        self.sessions.clear()
+        self.residency.forget(self.id)
+
     def take_reset_notice(self, key: str) -> str | None:
         """The reason this stream's (or partition's) context was reset, once; None when it was not."""
         return self.context_resets.pop(key, None) or self.context_resets.pop("*", None)
@@ -166,6 +187,7 @@ class PartitionState:
             self.spilled.add(key)
             self.dirty.pop(key, None)
         del self.sessions[key]
+        session.release()
         metrics.STREAMS_SPILLED.inc()
         log.debug("session.spilled", partition=self.id, stream=key)
         return True

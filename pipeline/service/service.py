@@ -136,7 +136,7 @@ class Service:
             part = self.parts.pop(tp, None)
             if part is not None:
                 self._final_checkpoint(part, "revoke")
-                self.residency.forget(part.id)
+                part.close()
                 log.info("partition.revoked", partition=part.id)
         metrics.PARTITIONS.set(len(self.parts))
 
@@ -147,7 +147,7 @@ class Service:
             self.blocked.pop(tp, None)
             part = self.parts.pop(tp, None)
             if part is not None:
-                self.residency.forget(part.id)
+                part.close()
                 log.warning("partition.lost", partition=part.id, unsaved_records=part.records_since_checkpoint)
         metrics.PARTITIONS.set(len(self.parts))
 
@@ -392,7 +392,7 @@ class Service:
         log.error("partition.replay", partition=part.id, error=error, resume_offset=part.restored_offset)
         metrics.ERRORS.labels("kafka").inc()
         self.parts.pop(tp, None)
-        self.residency.forget(part.id)
+        part.close()
         if not self._claim(tp):
             self.unclaimed[tp] = time.monotonic() + self.settings.checkpoint.retry_initial_s
             self.source.pause([tp])
@@ -400,7 +400,7 @@ class Service:
     def _drop(self, part: PartitionState, why: str) -> None:
         self.parts.pop((part.topic, part.partition), None)
         metrics.STATUS.partitions.pop(part.id, None)
-        self.residency.forget(part.id)
+        part.close()
         log.warning("partition.dropped", partition=part.id, why=why)
         metrics.PARTITIONS.set(len(self.parts))
 
@@ -428,7 +428,7 @@ class Service:
         parts, self.parts = list(self.parts.values()), {}
         for part in parts:
             self._final_checkpoint(part, "shutdown")
-            self.residency.forget(part.id)
+            part.close()
         self.health.ready = False
         metrics.READY.set(0)
         self.checkpointer.close()

@@ -25,14 +25,13 @@ import torch
 
 from connectors.protocols import Record
 from model.loader import LoadedModel
-from model.sink_cache import CacheState, SinkCache
-from model.snapshot import dump_cache, load_cache
 from model.stepper import SinkModel
 from pipeline.service import annotations as ann
+from pipeline.service.backend import Capture, make_backend
 from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
 from pipeline.service.scoring import LineScore, LineScorer, RunningStats
-from pipeline.service.sink_token import prime_sink_token, resolve_sink_token
+from pipeline.service.sink_token import resolve_sink_token
 from pipeline.settings import Settings
 
 RESET_HEADER = "sinkstream-reset"
@@ -55,14 +54,16 @@ class Engine:
         # `cache.sink_token` (issue 13): fed into every new stream's cache before its text, never scored.
         vocab = lm.model.config.get_text_config().vocab_size
         self.sink_token = resolve_sink_token(lm.tokenizer, settings.cache.sink_token, vocab)
+        # Where every stream's KV state lives: one pooled set of slots, or a SinkCache each (`backend`).
+        self.backend = make_backend(lm, settings)
 
-    def new_cache(self) -> SinkCache:
-        """A new stream's cache; primed with the sink token when `cache.sink_token` is set."""
-        c = self.settings.cache
-        cache = self.runner.new_cache(c.sinks, c.window, max_chunk=c.chunk)
+    def new_cache(self) -> Any:
+        """A new stream's KV handle (a pool slot or a SinkCache, see `backend`); primed with the sink token
+        when `cache.sink_token` is set. Raises `CacheFull` when no KV slot is free."""
+        handle = self.backend.new()
         if self.sink_token is not None:
-            prime_sink_token(self.runner, cache, self.sink_token)
-        return cache
+            self.backend.prime(handle, self.sink_token)
+        return handle
 
     def tokenize(self, line: str) -> list[int]:
         text = normalize_line(line) if self.settings.score.normalize else line
@@ -116,7 +117,6 @@ class RecordWork:
 class SessionMark:
     """Everything a rollback restores (see the module docstring)."""
 
-    cache: CacheState
     pending: bytes
     stats: RunningStats
     counters: Counters
@@ -127,11 +127,12 @@ class SessionMark:
 class StreamSession:
     """State and processing of one stream."""
 
-    def __init__(self, engine: Engine, key: str):
+    def __init__(self, engine: Engine, key: str, cache: Any = None):
         self.engine = engine
         self.key = key
-        self.cache = engine.new_cache()
-        self.primed = self.cache.seen  # the sink token, if any: in the cache, not in the stream's token count
+        # A KV handle of `engine.backend` (a pool slot or a SinkCache); a new, primed one unless given.
+        self.cache = engine.new_cache() if cache is None else cache
+        self.primed = engine.backend.seen(self.cache)  # the sink token, if any: in the cache, not counted
         self.chunker = LineChunker(engine.settings.service.max_pending_bytes)
         self.stats = RunningStats()
         self.counters = Counters(next_note_at=engine.settings.note.every_tokens)
@@ -140,7 +141,7 @@ class StreamSession:
 
     @property
     def tokens_seen(self) -> int:
-        return self.cache.seen - self.primed
+        return self.engine.backend.seen(self.cache) - self.primed
 
     @property
     def quarantined(self) -> bool:
@@ -149,18 +150,23 @@ class StreamSession:
     def reset(self) -> None:
         """Start the stream afresh (the `sinkstream-reset` header): new cache, statistics and pending input."""
         offset = self.counters.next_offset
+        self.release()
         self.__init__(self.engine, self.key)  # type: ignore[misc]
         self.counters.next_offset = offset
 
+    def release(self) -> None:
+        """Give the stream's KV slot back (the session is dropped: spilled, revoked or reset)."""
+        if self.cache is not None:
+            self.engine.backend.release(self.cache)
+            self.cache = None
+
     # ---- rollback ---------------------------------------------------------------------------------------------
     def mark(self) -> SessionMark:
-        return SessionMark(
-            self.cache.state(), self.chunker.pending, copy.copy(self.stats), copy.copy(self.counters),
-            self.last_logits, self.failures,
-        )
+        return SessionMark(self.chunker.pending, copy.copy(self.stats), copy.copy(self.counters), self.last_logits,
+                           self.failures)
 
     def rollback(self, mark: SessionMark) -> None:
-        self.cache.restore(mark.cache)
+        """Undo `prepare` (it never touches the KV cache: the model step rolls that back itself)."""
         self.chunker.pending = mark.pending
         self.stats, self.counters = copy.copy(mark.stats), copy.copy(mark.counters)
         self.last_logits, self.failures = mark.last_logits, mark.failures
@@ -290,8 +296,8 @@ class StreamSession:
         tok = self.engine.tokenizer
         prompt = tok(cfg.prompt, add_special_tokens=False)["input_ids"]
         eos = getattr(tok, "eos_token_id", None)
-        generated = self.engine.runner.generate(
-            self.cache, prompt, cfg.max_new_tokens, stop=lambda t: t == eos or "\n" in tok.decode([t])
+        generated = self.engine.backend.generate(
+            self.cache, prompt, cfg.max_new_tokens, lambda t: t == eos or "\n" in tok.decode([t]), self.last_logits
         )
         text = tok.decode(generated, skip_special_tokens=True).strip()
         work.note = {"prompt": cfg.prompt, "text": text, "generated": len(generated), "tokens_seen": self.tokens_seen,
@@ -308,7 +314,7 @@ class StreamSession:
             "primed": self.primed,
         }
         tensors = {"last_logits": self.last_logits} if self.last_logits is not None else {}
-        return SessionCapture(self.cache.state(), self.cache, extra, tensors)
+        return SessionCapture(self.engine.backend.capture(self.cache), extra, tensors)
 
     def snapshot(self) -> bytes:
         return self.capture().serialize()
@@ -316,9 +322,12 @@ class StreamSession:
     @classmethod
     def restore(cls, engine: Engine, blob: bytes) -> StreamSession:
         """Rebuild a session from `snapshot()` bytes; raises `SnapshotError` for a foreign or damaged blob."""
-        cache, extra, tensors = load_cache(engine.lm, blob)
-        session = cls(engine, extra["stream"])
-        session.cache = cache
+        cache, extra, tensors = engine.backend.restore(blob)
+        try:
+            session = cls(engine, extra["stream"], cache=cache)
+        except BaseException:
+            engine.backend.release(cache)
+            raise
         session.primed = int(extra.get("primed", 0))  # snapshots from before `cache.sink_token` hold none
         session.counters = Counters(**extra["counters"])
         session.stats = RunningStats(**extra["stats"])
@@ -329,21 +338,12 @@ class StreamSession:
 
 @dataclass
 class SessionCapture:
-    """A session frozen at one instant: serializable later, on another thread, while the session moves on.
+    """A session frozen at one instant on the model thread; `serialize` may run later on another thread while
+    the session moves on (the backend's capture holds references or copies of that instant)."""
 
-    Sound because cache updates never write a tensor in place (`model.sink_cache`): the captured references
-    keep the tensors of that instant alive; `serialize` swaps them into a shallow copy of the cache.
-    """
-
-    state: CacheState
-    cache: SinkCache
+    kv: Capture
     extra: dict[str, Any]
     tensors: dict[str, torch.Tensor]
 
     def serialize(self) -> bytes:
-        frozen = copy.copy(self.cache)
-        frozen.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in frozen.layers:
-            layer.cache = frozen
-        frozen.restore(self.state)
-        return dump_cache(frozen, extra=self.extra, tensors=self.tensors)
+        return self.kv.serialize(self.extra, self.tensors)

@@ -102,11 +102,11 @@ def test_priming_needs_a_new_cache(tiny) -> None:
 LINES = [f"2025-01-01 12:00:{i:02d} INFO worker {i % 7} started the quick brown fox\n" for i in range(24)]
 
 
-def _session_settings(sink_token):
+def _session_settings(sink_token, kv_pool=True):
     from pipeline.settings import load_settings
 
     return load_settings(None, cache={"sinks": 1, "window": 16, "chunk": 8, "sink_token": sink_token},
-                         score={"warmup_lines": 2})
+                         score={"warmup_lines": 2}, service={"kv_pool": kv_pool})
 
 
 def _records(key: bytes = b"s1", start: int = 0, lines=LINES, headers=None):
@@ -123,7 +123,7 @@ def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -
     from pipeline.service.session import Engine, StreamSession
 
     sink = tiny.tokenizer.convert_tokens_to_ids(SINK_TOKEN)
-    engine = Engine(tiny, _session_settings(SINK_TOKEN))
+    engine = Engine(tiny, _session_settings(SINK_TOKEN, kv_pool=False))  # inspects SinkCache tensors
     assert engine.sink_token == sink
     session = StreamSession(engine, "s1")
     assert session.cache.seen == 1 and session.tokens_seen == 0
@@ -132,7 +132,7 @@ def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -
     assert session.tokens_seen == text_tokens and session.cache.seen == text_tokens + 1
     assert annotations[-1]["tokens_seen"] == text_tokens
     # the same lines and token counts are annotated as without a sink token; the scores differ (other context)
-    plain = StreamSession(Engine(tiny, _session_settings(None)), "s1")
+    plain = StreamSession(Engine(tiny, _session_settings(None, kv_pool=False)), "s1")
     plain_annotations = [a for r in _records() for a in plain.process(r)]
     with_sink, without = _scores(annotations), _scores(plain_annotations)
     assert [(i, [t for t, _ in lines]) for i, lines in with_sink] == [(i, [t for t, _ in lines]) for i, lines in without]
@@ -168,7 +168,7 @@ def test_sink_token_session_snapshot_resume_is_exact(tiny) -> None:
 def test_reset_primes_the_new_cache_again(tiny) -> None:
     from pipeline.service.session import RESET_HEADER, Engine, StreamSession
 
-    engine = Engine(tiny, _session_settings(SINK_TOKEN))
+    engine = Engine(tiny, _session_settings(SINK_TOKEN, kv_pool=False))  # inspects SinkCache tensors
     session = StreamSession(engine, "s1")
     for r in _records(lines=LINES[:8]):
         session.process(r)
