@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; replies are deterministic given it")
     p.add_argument("--system", default=None, help="system prompt of the first turn (default: the template's own)")
     p.add_argument("--script", type=Path, help="replay user turns from FILE (one per line) instead of reading the terminal")
-    p.add_argument("--resume", type=Path, help="continue a conversation saved with /save FILE (bit-exact)")
+    p.add_argument("--resume", type=Path, help="continue a conversation saved with /save FILE, bit-exactly (its sinks, window "
+                   "and generation settings are kept; generation flags given here override them)")
     p.add_argument("--report", type=Path, help="write per-turn figures (tokens, cache, evictions, RSS) as JSON to FILE")
     p.set_defaults(func=run)
 
