@@ -159,6 +159,9 @@ class CheckpointSettings(_Section):
     # While checkpoints fail, a partition keeps processing until it holds this many records not covered by a
     # checkpoint, then pauses until one goes through (bounds replay work and memory during a Redis outage).
     max_uncheckpointed_records: int = Field(2000, ge=1)
+    # Captured snapshots a checkpoint hands to the background writer at once; bounds host memory during a
+    # checkpoint to this many stream states (plus one serialized blob), however many streams changed.
+    max_inflight_snapshots: int = Field(4, ge=1)
 
 
 class ScoreSettings(_Section):

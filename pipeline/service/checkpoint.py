@@ -9,9 +9,12 @@ The commit order (each step only starts once the one before it succeeded):
 
 1. Flush the producer: all annotations of records before N are acknowledged by the broker. (Model thread.)
 2. Write the snapshots of streams that changed since the last checkpoint, under new keys (the last good
-   checkpoint stays intact if we die here). The model thread only captures the sessions (references to
-   tensors that are never written in place); the writer thread serializes and writes them one at a time, so
-   at most one serialized snapshot (plus the store's bounded write pipeline) is in host memory at once.
+   checkpoint stays intact if we die here). The model thread captures each session (a copy of its pool slot,
+   or references to a SinkCache's tensors, which are never written in place) and hands the captures to the
+   writer thread through a queue of `checkpoint.max_inflight_snapshots`; the writer serializes and writes
+   them one at a time. So at most that many captures plus one serialized snapshot (plus the store's bounded
+   write pipeline) are in host memory at once, whatever the number of streams; the model thread waits for
+   the writer only when the queue is full.
 3. Write the manifest: a compare-and-set on the owner epoch switches the pointer to the new snapshots and
    offset N. A zombie that lost the partition is refused here (`FencedError`). (Writer thread.)
 4. Commit N to Kafka. For monitoring only: the manifest in Redis is the source of truth (as in Flink and
@@ -49,7 +52,7 @@ log = structlog.get_logger(__name__)
 class _Job:
     part: PartitionState
     reason: str
-    captures: list[tuple[str, SessionCapture]]
+    captures: queue.Queue[tuple[str, SessionCapture] | None]
     reuse: list[str]
     manifest: dict[str, Any]
     ticket: CheckpointTicket
@@ -58,6 +61,7 @@ class _Job:
     error: BaseException | None = None
     written_bytes: int = 0
     written_streams: int = 0
+    drained: bool = False  # the end marker of `captures` was taken
 
 
 class Checkpointer:
@@ -92,10 +96,14 @@ class Checkpointer:
             return False
         # Step 1: flush the producer.
         self.sink.flush(self.flush_timeout_s)
-        # Step 2 (capture): references to the dirty sessions' state as of now.
-        captures, reuse, manifest, ticket = part.capture()
+        # Step 2 (capture): the dirty sessions' state as of now, handed over through a bounded queue.
+        dirty, reuse, manifest, ticket = part.capture()
         part.in_flight = ticket
-        self._jobs.put(_Job(part, reason, captures, reuse, manifest, ticket))
+        job = _Job(part, reason, queue.Queue(maxsize=self.settings.max_inflight_snapshots), reuse, manifest, ticket)
+        self._jobs.put(job)
+        for key, session in dirty:
+            job.captures.put((key, session.capture()))  # waits while the writer is that many behind
+        job.captures.put(None)
         return True
 
     def collect(self, wait_for: PartitionState | None = None, timeout_s: float | None = None) -> list[PartitionState]:
@@ -212,14 +220,28 @@ class Checkpointer:
             except BaseException as exc:  # noqa: BLE001 - handed back to the model thread
                 job.error = exc
             finally:
-                job.captures = []  # drop the references: the tensors may be freed now
+                while self._drain(job):  # a failed write leaves captures queued: free them, unblock the model thread
+                    pass
                 self._finished.put(job)
                 self._jobs.task_done()
 
     @staticmethod
+    def _drain(job: _Job) -> bool:
+        """Take one capture off a failed job's queue; False after the end marker (or if it was consumed)."""
+        if job.drained:
+            return False
+        item = job.captures.get()
+        if item is None:
+            job.drained = True
+        return item is not None
+
+    @staticmethod
     def _serialized(job: _Job) -> Iterator[tuple[str, bytes]]:
-        for key, capture in job.captures:
+        while (item := job.captures.get()) is not None:
+            key, capture = item
             blob = capture.serialize()
+            del item, capture  # only the serialized blob stays alive while it is written
             job.written_bytes += len(blob)
             job.written_streams += 1
             yield key, blob
+        job.drained = True

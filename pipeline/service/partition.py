@@ -26,7 +26,7 @@ from connectors.protocols import CheckpointStore
 from model.snapshot import SnapshotError
 from pipeline.service import metrics
 from pipeline.service.backend import CacheFull
-from pipeline.service.session import Engine, SessionCapture, StreamSession
+from pipeline.service.session import Engine, StreamSession
 
 log = structlog.get_logger(__name__)
 
@@ -212,11 +212,11 @@ class PartitionState:
             or time.monotonic() - self.last_checkpoint >= every_seconds
         )
 
-    def capture(self) -> tuple[list[tuple[str, SessionCapture]], list[str], dict[str, Any], CheckpointTicket]:
-        """On the model thread: (captures of resident dirty sessions, streams whose stored blob is reused,
-        user manifest, ticket). Captures are references; serializing them happens on the writer thread."""
-        captures = [(k, s.capture()) for k, s in sorted(self.sessions.items()) if k in self.dirty]
-        captured = {k for k, _ in captures}
+    def capture(self) -> tuple[list[tuple[str, StreamSession]], list[str], dict[str, Any], CheckpointTicket]:
+        """On the model thread: (resident dirty sessions to capture now, streams whose stored blob is reused,
+        user manifest, ticket). The caller captures the sessions before the model thread moves on."""
+        dirty = [(k, s) for k, s in sorted(self.sessions.items()) if k in self.dirty]
+        captured = {k for k, _ in dirty}
         known = set(self.stored) | self.spilled | set(self.sessions)
         reuse = sorted(k for k in known if k not in captured)
         assert self.next_offset is not None
@@ -224,7 +224,7 @@ class PartitionState:
         ticket = CheckpointTicket(
             self.next_offset, self.records_since_checkpoint, {k: self.dirty[k] for k in captured}, time.monotonic()
         )
-        return captures, reuse, manifest, ticket
+        return dirty, reuse, manifest, ticket
 
     def checkpointed(self, ticket: CheckpointTicket, doc: dict[str, Any]) -> None:
         """Bookkeeping after the manifest switched to `doc` (covering what `ticket` captured)."""

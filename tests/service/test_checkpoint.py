@@ -136,3 +136,40 @@ def test_the_snapshot_is_the_state_at_capture_while_the_session_moves_on(setup):
     assert doc["manifest"]["next_offset"] == 2
     assert store.read_snapshot(doc["snapshots"]["a"]) == expected
     assert "a" in part.dirty and part.records_since_checkpoint == 1  # the third record still needs a checkpoint
+
+
+def test_a_checkpoint_holds_a_bounded_number_of_captures(text_lm, monkeypatch):
+    """Captures go to the writer through a queue of checkpoint.max_inflight_snapshots: with 6 changed streams and
+    a bound of 1, never more than 1 queued + 1 waiting to be queued + 1 being serialized exist at once."""
+    from connectors.memory import MemoryStore
+    from pipeline.service import session as session_module
+
+    settings = load_settings(None, cache={"sinks": 4, "window": 32, "chunk": 16},
+                             checkpoint={"max_inflight_snapshots": 1}, service={"max_resident_streams": 8})
+    engine = Engine(text_lm, settings)
+    store = MemoryStore()
+    part = PartitionState("in", 0, store.claim("in:0"), engine, store, Residency(8), None)
+    _feed(part, 0, ["a", "b", "c", "d", "e", "f"])
+    alive, peak = [0], [0]
+    real_capture, real_serialize = session_module.StreamSession.capture, session_module.SessionCapture.serialize
+
+    def capture(self):
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        return real_capture(self)
+
+    def serialize(self):
+        import time
+
+        time.sleep(0.05)  # a slow writer: the model thread must wait instead of capturing everything
+        blob = real_serialize(self)
+        alive[0] -= 1
+        return blob
+
+    monkeypatch.setattr(session_module.StreamSession, "capture", capture)
+    monkeypatch.setattr(session_module.SessionCapture, "serialize", serialize)
+    journal = Journal()
+    cp = Checkpointer(FakeSource(journal), FakeSink(journal), store, settings.checkpoint)
+    assert cp.checkpoint_now(part, "test", timeout_s=30)
+    assert sorted(store.read_manifest("in:0")["snapshots"]) == ["a", "b", "c", "d", "e", "f"]
+    assert 2 <= peak[0] <= 3, peak[0]
