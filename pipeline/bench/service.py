@@ -68,7 +68,9 @@ def _session_only(engine: Engine, records: list[tuple[str, bytes]]) -> dict[str,
     tokens = 0
     for offset, (key, value) in enumerate(records):
         record = Record("bench", 0, offset, key.encode(), value, {}, 0)
-        session = sessions.setdefault(stream_key(record), StreamSession(engine, key))
+        if stream_key(record) not in sessions:
+            sessions[stream_key(record)] = StreamSession(engine, key)
+        session = sessions[stream_key(record)]
         tokens += sum(a["score"]["tokens"] for a in session.process(record) if a["kind"] == "score")
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}

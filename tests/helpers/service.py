@@ -56,14 +56,18 @@ def baseline(settings: Settings, lm, topic: str, records: dict[int, list]) -> di
 
 
 def _baseline(settings: Settings, lm, topic: str, records: dict[int, list]) -> dict[str, bytes]:
-    engine = Engine(lm, settings)
+    # Every stream stays resident here (the service spills and reloads them; exact resume makes that invisible).
+    roomy = settings.model_copy(update={"service": settings.service.model_copy(update={"max_resident_streams": 64})})
+    engine = Engine(lm, roomy)
     result: dict[str, bytes] = {}
     for partition, items in records.items():
         sessions: dict[str, StreamSession] = {}
         for offset, (key, value, headers) in enumerate(items):
             record = Record(topic, partition, offset, key, value, headers, 0)
             name = stream_key(record)
-            session = sessions.setdefault(name, StreamSession(engine, name))
+            if name not in sessions:
+                sessions[name] = StreamSession(engine, name)
+            session = sessions[name]
             for annotation in session.process(record):
                 result[annotation["id"]] = encode(annotation)
     return result

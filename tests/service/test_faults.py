@@ -327,7 +327,9 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
     _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False)
     engine, sessions, expected = Engine(text_lm, settings), {}, []
     for r in topic.partitions[0]:
-        session = sessions.setdefault(r.key, StreamSession(engine, r.key.decode()))
+        if r.key not in sessions:
+            sessions[r.key] = StreamSession(engine, r.key.decode())
+        session = sessions[r.key]
         expected += [ann.encode(a) for a in session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))]
     got = [ann.encode(a) for a in sink.values("out")]
     assert any(b'"kind":"note"' in x for x in got)
