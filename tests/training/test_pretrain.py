@@ -6,7 +6,6 @@ tiny models for 24 steps each (about 10-20 s per run on one thread).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -15,18 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import pretrain
+from pipeline.cli.main import main
 from pipeline.training.config import QUICK
 
 STEPS = QUICK.steps
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    pretrain.add_parser(sub)
-    args = parser.parse_args(["pretrain", *argv, "--threads", "1", "--no-progress"])
-    return args.func(args)
+    """`sinkstream pretrain ...` through the real entry point (registration, logging, exit codes)."""
+    return main(["--log-format", "json", "--log-level", "WARNING", "pretrain", *argv, "--threads", "1", "--no-progress"])
 
 
 @pytest.fixture(scope="module")
