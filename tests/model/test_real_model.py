@@ -33,7 +33,8 @@ def test_score_cli_reproduces_attention_sinks_peer(real_lm, tmp_path):
     assert [r["i"] for r in rows] == list(range(len(ids) - 1))
     assert [r["target"] for r in rows] == ids[1:]
     diff = torch.tensor([r["nll"] for r in rows]) - torch.tensor(ref["nll"])
-    assert diff.abs().mean() < 1e-3 and diff.abs().max() < 2e-2, (diff.abs().mean(), diff.abs().max())
+    # measured: mean 1e-5, max 6e-5 (float32 on CPU); the bounds leave an order of magnitude for other BLAS
+    assert diff.abs().mean() < 1e-4 and diff.abs().max() < 1e-3, (diff.abs().mean(), diff.abs().max())
 
 
 @pytest.mark.parametrize("policy", ["sink", "window", "dense", "recompute"])
