@@ -12,7 +12,7 @@ import torch
 from model.loader import wrap_model
 from model.stepper import SinkModel
 from pipeline.evaluation import recall as rc
-from tests.dialogue.conftest import build_tiny_chat_model
+from tests.dialogue.tiny import build_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
