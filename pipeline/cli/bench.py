@@ -19,7 +19,7 @@ from pipeline.bench import batch, common, ingest, latency, memory, overhead
 from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation.plots import Panel, save_figure
 
-BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service")
+BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service", "streams")
 
 
 
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "model-only, and the cost of checkpointing one full stream. Writes bench_<name>.json/.png under --out."
         ),
     )
-    p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "all"], default="all")
+    p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "soak", "all"], default="all")  # soak: not in "all"
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
     p.add_argument("--quick", action="store_true", help="fewer sizes, steps and repeats; shorter memory run")
     p.add_argument("--repeats", type=positive_int, default=None, help="repeats per measurement (median is reported)")
@@ -44,9 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunks", type=int_list, default=None, help="ingest: chunk sizes (default 1,16,64,256,512)")
     p.add_argument("--sinks", type=non_negative_int, default=4, help="sinks S of the sink caches (default 4)")
     p.add_argument("--window", type=positive_int, default=1020, help="ingest, memory, batch: window W (default 1020)")
-    p.add_argument("--streams", type=int_list, default=None, help="batch: stream counts (default 1,4,16)")
+    p.add_argument("--streams", type=int_list, default=None,
+                   help="batch: stream counts (default 1,4,16); streams: stream counts (default 1,16,64,256)")
     p.add_argument("--memory-tokens", type=int_list, default=None, help="memory: checkpoints for --model (default 10000,100000)")
     p.add_argument("--tiny-tokens", type=int_list, default=None, help="memory: checkpoints for the tiny model (default 10000,100000,1000000)")
+    p.add_argument("--minutes", type=float, default=10.0, help="soak: run length in minutes (default 10; --streams K: keyed streams, default 4)")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -142,7 +144,32 @@ def _service(lm, args, note):
     return r, lambda path: plot_service(r, path), lines
 
 
+def _streams(lm, args, note):
+    from pipeline.bench.streams import bench_streams, plot_streams
+
+    counts = args.streams or ([4, 16] if args.quick else [1, 16, 64, 256])
+    r = bench_streams(lm, counts, sinks=args.sinks, window=args.window, lines_per_stream=2 if args.quick else 4,
+                      decode_sizes=[1, 4] if args.quick else [1, 4, 16, 64], repeats=_pick(args.repeats, 2, 1, args.quick),
+                      progress=note)
+    lines = [
+        f"N={x['streams']}: service {x['service_pool']['tokens_per_s']:.0f} tok/s ({x['service_pool']['lines_per_s']:.1f} lines/s), "
+        f"raw padded forward {x['raw_padded']['tokens_per_s']:.0f} tok/s: {x['pool_vs_raw']:.2f}x (goal >= 1.0 at 64)"
+        + (f"; one cache per stream {x['service_per_stream']['tokens_per_s']:.0f} tok/s ({x['pool_vs_per_stream']:.2f}x)"
+           if x["service_per_stream"] else "")
+        for x in r["rows"]
+    ]
+    for d in r.get("decode", {}).get("rows", []):
+        lines.append(f"decode B={d['streams']}: pooled {d['tokens_per_s']['pool_batched']:.0f} tok/s, "
+                     f"DynamicCache batched {d['tokens_per_s']['dynamic_batched']:.0f} tok/s: {d['pool_vs_dynamic']:.2f}x "
+                     f"(goal >= 0.8 at 16); one by one {d['tokens_per_s']['pool_one_by_one']:.0f} tok/s")
+    lines.append(f"memory per resident stream: {r['bytes_per_resident_stream'] / 1e6:.1f} MB")
+    return r, lambda path: plot_streams(r, path), lines
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.benchmark == "soak":  # the real service under faults (pipeline/bench/soak.py); loads no model here
+        from pipeline.bench.soak import run_cli
+        return run_cli(args)
     lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,195 @@
+"""`sinkstream bench streams`: many keyed streams, one log line per record, through the service (issue 9).
+
+For N streams (default 1, 16, 64, 256), in one run, on the same Loghub lines:
+
+- `service_pool`: the real `Service` loop (sessions, chunker, pooled batched step, scoring, annotations,
+  checkpoints) over the in-memory connectors (`connectors.memory`), so the figure is the service's own cost
+  without broker and Redis I/O (`sinkstream bench service` measures those). Every stream first gets a warm-up
+  record of about `window` tokens, so every timed line attends to a full window, like the raw baseline;
+  only groups made of timed records count.
+- `service_per_stream`: the same with `service.kv_pool: false` (one SinkCache per stream, one stream per
+  forward: the path before the pooled cache), for N <= `per_stream_max`.
+- `raw_padded`: plain transformers over the same token lists, right-padded into one batch with a
+  `DynamicCache` holding a (sinks + window)-token history per stream (the limit for this model: no service,
+  no sink handling), timed per round of one line per stream.
+
+Plus `model.pool_bench.decode` (B streams, one token each: pooled batched step vs one by one vs transformers'
+batched DynamicCache decode) and the memory one resident stream needs (`model.pool.bytes_per_slot`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
+from model.loader import LoadedModel
+from model.pool import bytes_per_slot
+from model.pool_bench import _crop, _dynamic_prefix, _plain_sdpa, _prefix_ids, decode
+from pipeline.evaluation.datasets import loghub_dir
+from pipeline.service.service import Service
+from pipeline.service.session import Engine
+from pipeline.settings import load_settings
+
+
+def _lines(count: int, per_stream: int, warmup_lines: int) -> list[list[str]]:
+    """Per stream: `warmup_lines` + `per_stream` Loghub lines, streams drawing from the sample files in turn."""
+    files = sorted(loghub_dir().glob("*.log"))
+    texts = [f.read_text(errors="replace").splitlines() for f in files]
+    out = []
+    for s in range(count):
+        text = texts[s % len(texts)]
+        start = (s // len(texts)) * (warmup_lines + per_stream) % max(1, len(text) - warmup_lines - per_stream)
+        out.append([line + "\n" for line in text[start : start + warmup_lines + per_stream]])
+    return out
+
+
+def _service_run(lm: LoadedModel, streams: list[list[str]], warmup_lines: int, values: dict[str, Any]) -> dict[str, Any]:
+    settings = load_settings(None, **values)
+    topic = MemoryTopic("bench")
+    for s, lines in enumerate(streams):  # warm-up: one record of many lines per stream
+        topic.append(0, f"s{s}".encode(), "".join(lines[:warmup_lines]).encode())
+    timed_from = len(streams)
+    per_stream = len(streams[0]) - warmup_lines
+    for i in range(per_stream):  # then one line per record, streams interleaved
+        for s, lines in enumerate(streams):
+            topic.append(0, f"s{s}".encode(), lines[warmup_lines + i].encode())
+    service = Service(settings, Engine(lm, settings), MemorySource.factory(topic), MemorySink(), MemoryStore())
+    timed = {"seconds": 0.0, "tokens": 0, "records": 0, "groups": 0}
+    original = service._run_group
+
+    def run_group(works):
+        start = time.perf_counter()
+        original(works)
+        if all(w.record.offset >= timed_from for w in works):
+            timed["seconds"] += time.perf_counter() - start
+            timed["tokens"] += sum(w.tokens for w in works)
+            timed["records"] += len(works)
+            timed["groups"] += 1
+
+    service._run_group = run_group  # type: ignore[method-assign]
+    service.run(idle_exit_s=0.2, install_signals=False)
+    if not timed["seconds"]:
+        raise RuntimeError("no group consisted of timed records only; raise --streams or the line count")
+    return {**timed, "tokens_per_s": timed["tokens"] / timed["seconds"], "lines_per_s": timed["records"] / timed["seconds"]}
+
+
+@torch.inference_mode()
+def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, repeats: int) -> dict[str, Any]:
+    """Plain transformers: each round (one line per stream) as one right-padded batch over a DynamicCache."""
+    count = len(token_rounds[0])
+    prefix_ids = _prefix_ids(lm, prefix)
+    with _plain_sdpa(lm):
+        dyn = _dynamic_prefix(lm, prefix_ids, count)
+    seconds, tokens = 0.0, 0
+    for chunks in token_rounds:
+        n_max = max(len(c) for c in chunks)
+        padded = torch.zeros(count, n_max, dtype=torch.long, device=lm.device)
+        mask = torch.zeros(count, prefix + n_max, dtype=torch.long, device=lm.device)
+        mask[:, :prefix] = 1
+        for b, c in enumerate(chunks):
+            padded[b, : len(c)] = torch.tensor(c)
+            mask[b, prefix : prefix + len(c)] = 1
+        pos = torch.arange(prefix, prefix + n_max, device=lm.device)[None].expand(count, -1)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with _plain_sdpa(lm):
+                lm.model(input_ids=padded, attention_mask=mask, position_ids=pos, past_key_values=dyn, use_cache=True)
+            times.append(time.perf_counter() - start)
+            _crop(dyn, prefix)
+        seconds += statistics.median(times)
+        tokens += sum(len(c) for c in chunks)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def bench_streams(
+    lm: LoadedModel,
+    counts: list[int],
+    sinks: int = 4,
+    window: int = 1020,
+    chunk: int = 64,
+    lines_per_stream: int = 4,
+    per_stream_max: int = 64,
+    decode_sizes: list[int] | None = None,
+    repeats: int = 2,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """The figures of the module docstring, one row per stream count."""
+    warmup_lines = max(1, window // 24)  # ~20-40 tokens a Loghub line: about a window of history
+    rows = []
+    for count in counts:
+        streams = _lines(count, lines_per_stream, warmup_lines)
+        batch_tokens = max(2048, count * chunk)
+        values = {"cache": {"sinks": sinks, "window": window, "chunk": chunk}, "kafka": {"max_poll_records": count},  # a poll: the warm-ups, then one line per stream
+                  "checkpoint": {"every_records": 100_000, "every_seconds": 3600},
+                  "service": {"max_resident_streams": count, "batch_tokens": batch_tokens}}
+        if progress:
+            progress(f"streams N={count}: service (pooled)")
+        pooled = _service_run(lm, streams, warmup_lines, values)
+        per_stream = None
+        if count <= per_stream_max:
+            if progress:
+                progress(f"streams N={count}: service (one cache per stream)")
+            values["service"] = {**values["service"], "kv_pool": False}
+            per_stream = _service_run(lm, streams, warmup_lines, values)
+        if progress:
+            progress(f"streams N={count}: raw padded forward")
+        tokenize = lm.tokenizer
+        rounds = [[tokenize(streams[s][warmup_lines + i], add_special_tokens=False)["input_ids"][:chunk] for s in range(count)]
+                  for i in range(lines_per_stream)]
+        raw = _raw_run(lm, rounds, sinks + window, repeats)
+        rows.append({
+            "streams": count, "service_pool": pooled, "service_per_stream": per_stream, "raw_padded": raw,
+            "pool_vs_raw": pooled["tokens_per_s"] / raw["tokens_per_s"],
+            "pool_vs_per_stream": pooled["tokens_per_s"] / per_stream["tokens_per_s"] if per_stream else None,
+        })
+    result: dict[str, Any] = {
+        "benchmark": "streams", "sinks": sinks, "window": window, "chunk": chunk, "lines_per_stream": lines_per_stream,
+        "threads": torch.get_num_threads(), "rows": rows,
+        "bytes_per_resident_stream": bytes_per_slot(lm, sinks, window, chunk),
+    }
+    if decode_sizes:
+        if progress:
+            progress("streams: batched decode")
+        result["decode"] = decode(lm, sizes=decode_sizes, sinks=sinks, window=window, max_chunk=chunk, repeats=repeats)
+    return result
+
+
+def plot_streams(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2 if "decode" in result else 1, figsize=(12 if "decode" in result else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    xs = range(len(rows))
+    width = 0.27
+    series = [("service_pool", "service, pooled batch"), ("service_per_stream", "service, one cache per stream"),
+              ("raw_padded", "raw transformers, padded batch")]
+    for k, (name, label) in enumerate(series):
+        ax.bar([x + (k - 1) * width for x in xs], [(r[name] or {}).get("tokens_per_s", 0) for r in rows], width, label=label)
+    ax.set_xticks(list(xs), [str(r["streams"]) for r in rows])
+    ax.set_xlabel("streams (one log line per record)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("ingest with a full window per stream")
+    ax.legend(fontsize=8)
+    if "decode" in result:
+        ax = axes[0][1]
+        d = result["decode"]["rows"]
+        for name in ("pool_batched", "dynamic_batched", "pool_one_by_one", "sinkcache_one_by_one"):
+            ax.plot([r["streams"] for r in d], [r["tokens_per_s"][name] for r in d], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("streams B (one token each)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title("decode step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
