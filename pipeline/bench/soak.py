@@ -1,0 +1,481 @@
+"""`sinkstream bench soak`: the real service under random faults for many minutes, then an audit of its output.
+
+What runs (all on loopback, in a fresh temporary folder):
+
+- the embedded broker (tansu) and Redis, started like `sinkstream stack up` does (`pipeline.devstack.processes`);
+- a producer (confluent-kafka, independent of the service's client) writing keyed streams of real Loghub lines
+  at a steady rate (default 0.5 records/s: what one torch thread keeps up with on a busy 2-core machine) for the
+  first ~70 % of the run; records carry 1-3 lines and some end in the middle of a line;
+- `sinkstream run` as a subprocess with the small settings of the integration tests (window 252, chunk 64,
+  one torch thread, checkpoints every 5 records or 5 s);
+- a chaos schedule, bounded in count and time, that one event at a time: SIGKILLs the service and restarts it
+  after 1-4 s, pauses Redis (SIGSTOP, 3-30 s, SIGCONT), or pauses the broker (SIGSTOP, 3-15 s, SIGCONT);
+- a reader (confluent-kafka, by assignment, no group) that keeps every annotation with the time it arrived.
+
+After the schedule, the service gets until the output covers every produced input (or a drain timeout), then
+SIGTERM; its exit code is reported. The audit, by input offset and annotation id:
+
+- `inputs_lost`: produced records with neither a `score` nor an `error` annotation (must be 0);
+- `duplicates_before_dedupe`: annotation messages minus distinct ids (replays after kills are expected);
+- `payload_mismatches_after_dedupe`: ids whose copies are not byte-identical (must be 0: a replay re-publishes
+  the same bytes);
+- `worst_record_latency_s`: the longest time from a record's acknowledgement by the broker to its first
+  annotation arriving at the reader (it includes restarts and pauses, by design);
+- `peak_rss_mb`: the largest VmHWM of any service incarnation, sampled from /proc every 0.5 s.
+
+`soak()` returns the report (a dict) and writes `bench_soak.json` and a timeline `bench_soak.png` under `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from connectors.kafka.admin import create_topics
+from pipeline.bench import common
+from pipeline.devstack.processes import ManagedProcess, start_redis, start_tansu
+from pipeline.evaluation.datasets import loghub_dir
+
+log = structlog.get_logger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = ["HDFS_2k.log", "OpenSSH_2k.log", "Zookeeper_2k.log", "Apache_2k.log", "Linux_2k.log", "BGL_2k.log",
+           "Hadoop_2k.log", "Spark_2k.log"]
+PRODUCE_SHARE = 0.7  # records are produced during this share of the run; the rest lets the service catch up
+
+
+@dataclass
+class _Service:
+    """One `sinkstream run` incarnation and what was seen of it."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started: float
+    peak_kb: int = 0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class _Run:
+    """Shared state of one soak run (the threads write, the audit reads)."""
+
+    t0: float
+    acked: dict[tuple[int, int], float] = field(default_factory=dict)  # (partition, offset) -> ack time (s)
+    produce_errors: int = 0
+    messages: list[tuple[float, bytes]] = field(default_factory=list)  # (arrival time s, raw annotation)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _service_config(bootstrap: str, redis_url: str, topic: str, out_topic: str, model: str, threads: int) -> dict[str, Any]:
+    """The integration tests' small settings (tests/helpers/service.py) with a short Redis timeout."""
+    return {
+        "log_format": "json",
+        "log_level": "INFO",
+        "model": {"name": model, "threads": threads},
+        "cache": {"sinks": 4, "window": 252, "chunk": 64},
+        "kafka": {"bootstrap_servers": bootstrap, "input_topic": topic, "output_topic": out_topic, "group_id": "soak",
+                  "max_poll_records": 4, "session_timeout_ms": 6000, "max_poll_interval_ms": 120000},
+        "redis": {"url": redis_url, "key_prefix": "soak", "socket_timeout_s": 3.0},
+        "checkpoint": {"every_records": 5, "every_seconds": 5.0},
+        "service": {"max_resident_streams": 3},
+    }
+
+
+def _start_service(config_path: Path, workdir: Path, n: int, run: _Run) -> _Service:
+    log_path = workdir / f"service{n}.log"
+    argv = [sys.executable, "-m", "pipeline.cli.main", "--log-format", "json", "run", "--config", str(config_path)]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run.events.append({"t": run.now(), "event": "service_start", "pid": proc.pid})
+    return _Service(proc, log_path, run.now())
+
+
+def _sample_rss(services: list[_Service], run: _Run) -> None:
+    """Keep each live incarnation's VmHWM (peak resident set) up to date."""
+    while not run.stop.is_set():
+        for svc in list(services):
+            if not svc.alive():
+                continue
+            try:
+                status = Path(f"/proc/{svc.proc.pid}/status").read_text()
+                svc.peak_kb = max(svc.peak_kb, int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError, ValueError):
+                pass
+        run.stop.wait(0.5)
+
+
+def _stream_lines(streams: int, seed: int) -> dict[str, list[str]]:
+    folder = loghub_dir()
+    out = {}
+    for i in range(streams):
+        name = SOURCES[i % len(SOURCES)]
+        lines = (folder / name).read_text(errors="replace").splitlines()
+        start = random.Random(seed + i).randrange(0, max(1, len(lines) - 500))
+        out[f"{name.split('_')[0].lower()}-{i}"] = lines[start:] + lines[:start]
+    return out
+
+
+def _produce(bootstrap: str, topic: str, streams: int, rate: float, until_s: float, seed: int, run: _Run) -> None:
+    """Keyed records at `rate` per second (all streams together) until `until_s` into the run."""
+    from confluent_kafka import Producer
+
+    rng = random.Random(seed)
+    texts = _stream_lines(streams, seed)
+    keys = list(texts)
+    cursor = dict.fromkeys(keys, 0)
+    pending = dict.fromkeys(keys, b"")
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                         "message.timeout.ms": 600000})
+
+    def acked(err, msg) -> None:
+        with run.lock:
+            if err is not None:
+                run.produce_errors += 1
+            else:
+                run.acked[(msg.partition(), msg.offset())] = run.now()
+
+    sent = 0
+    while run.now() < until_s and not run.stop.is_set():
+        key = rng.choice(keys)
+        lines = texts[key]
+        n = rng.randint(1, 3)
+        data = pending[key] + "".join(lines[(cursor[key] + j) % len(lines)] + "\n" for j in range(n)).encode()
+        cursor[key] += n
+        cut = len(data) if rng.random() < 0.7 else rng.randint(1, len(data))  # some records end mid-line
+        pending[key] = data[cut:]
+        producer.produce(topic, key=key.encode(), value=data[:cut], on_delivery=acked)
+        sent += 1
+        producer.poll(0)
+        time.sleep(1.0 / rate)  # steady pace; delivery callbacks run inside poll()
+    remaining = producer.flush(120)
+    if remaining:
+        with run.lock:
+            run.produce_errors += remaining
+    run.events.append({"t": run.now(), "event": "production_done", "sent": sent})
+
+
+def _read(bootstrap: str, out_topic: str, run: _Run) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"soak-reader-{time.monotonic_ns()}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(out_topic, 0, 0)])
+    try:
+        while not run.stop.is_set():
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            with run.lock:
+                run.messages.append((run.now(), msg.value()))
+    finally:
+        consumer.close()
+
+
+def _covered(run: _Run, topic: str) -> tuple[int, int]:
+    """(inputs acknowledged, inputs with a score or error annotation so far)."""
+    with run.lock:
+        acked = set(run.acked)
+        raw = [m for _, m in run.messages]
+    done = set()
+    for value in raw:
+        doc = json.loads(value)
+        src = doc["source"]
+        if src["topic"] == topic and doc["kind"] in ("score", "error"):
+            done.add((src["partition"], src["offset"]))
+    return len(acked), len(acked & done)
+
+
+def _schedule(rng: random.Random, kills: int, redis_pauses: int, broker_pauses: int, start_s: float, end_s: float,
+              max_redis_pause_s: float, max_broker_pause_s: float) -> list[tuple[float, str, float]]:
+    """(time, kind, duration) of each fault, one at a time, spread over [start_s, end_s] with jitter."""
+    kinds = ["kill"] * kills + ["redis"] * redis_pauses + ["broker"] * broker_pauses
+    rng.shuffle(kinds)
+    durations = {"kill": lambda: rng.uniform(1.0, 4.0), "redis": lambda: rng.uniform(3.0, max_redis_pause_s),
+                 "broker": lambda: rng.uniform(3.0, max_broker_pause_s)}
+    plan = [(kind, durations[kind]()) for kind in kinds]
+    busy = sum(d for _, d in plan)
+    slack = max(0.0, (end_s - start_s) - busy)
+    gaps = sorted(rng.uniform(0, slack) for _ in plan)
+    out, t, prev_gap = [], start_s, 0.0
+    for (kind, duration), gap in zip(plan, gaps):
+        t += gap - prev_gap
+        prev_gap = gap
+        out.append((t, kind, duration))
+        t += duration
+    return out
+
+
+def _pause(proc: ManagedProcess, seconds: float, run: _Run, name: str) -> None:
+    run.events.append({"t": run.now(), "event": f"{name}_pause", "seconds": round(seconds, 1)})
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        run.stop.wait(seconds)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    run.events.append({"t": run.now(), "event": f"{name}_resume"})
+
+
+def soak(
+    minutes: float,
+    streams: int,
+    out: Path,
+    *,
+    kills: int | None = None,
+    redis_pauses: int | None = None,
+    broker_pauses: int | None = None,
+    rate: float = 0.5,
+    model: str = "smollm2-135m",
+    threads: int = 1,
+    seed: int = 0,
+    max_redis_pause_s: float = 30.0,
+    max_broker_pause_s: float = 15.0,
+    drain_timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Run the soak (see the module docstring) and return its report; also written to `out/bench_soak.json`.
+
+    Fault counts default to one SIGKILL per minute, one Redis pause per two minutes and one broker pause per three
+    (at least one of each). `rate` is records per second over all `streams`.
+    """
+    if minutes <= 0 or streams < 1 or rate <= 0:
+        raise ValueError(f"expected minutes > 0, streams >= 1 and rate > 0, got {minutes}, {streams}, {rate}")
+    kills = max(1, round(minutes)) if kills is None else kills
+    redis_pauses = max(1, round(minutes / 2)) if redis_pauses is None else redis_pauses
+    broker_pauses = max(1, round(minutes / 3)) if broker_pauses is None else broker_pauses
+    duration_s = minutes * 60.0
+    drain_timeout_s = max(180.0, duration_s) if drain_timeout_s is None else drain_timeout_s
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    load_at_start = common.machine()["load_average"]
+    workdir = Path(tempfile.mkdtemp(prefix="sinkstream-soak-"))
+    broker = start_tansu(workdir / "kafka")
+    redis_proc = start_redis(workdir / "redis")
+    run = _Run(time.monotonic())
+    services: list[_Service] = []
+    threads_: list[threading.Thread] = []
+    kill_log: list[dict[str, Any]] = []
+    final_exit: int | None = None
+    try:
+        bootstrap, redis_url = f"127.0.0.1:{broker.port}", f"redis://127.0.0.1:{redis_proc.port}/0"
+        partitions = min(streams, 4)
+        topic, out_topic = "soak.in", "soak.out"
+        create_topics(bootstrap, {topic: partitions, out_topic: 1})
+        config_path = workdir / "service.yaml"
+        config_path.write_text(yaml.safe_dump(_service_config(bootstrap, redis_url, topic, out_topic, model, threads)))
+        services.append(_start_service(config_path, workdir, 0, run))
+        produce_until = duration_s * PRODUCE_SHARE
+        for target, args in ((_sample_rss, (services, run)), (_read, (bootstrap, out_topic, run)),
+                             (_produce, (bootstrap, topic, streams, rate, produce_until, seed, run))):
+            th = threading.Thread(target=target, args=args, daemon=True)
+            th.start()
+            threads_.append(th)
+        # Faults start once the first incarnation wrote a checkpoint (so a kill exercises the resume path), and
+        # end with the run.
+        deadline = time.monotonic() + 300
+        while '"checkpoint.done"' not in services[0].log_text():
+            if not services[0].alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the service wrote no checkpoint within 300 s: {services[0].log_text()[-2000:]}")
+            time.sleep(0.5)
+        run.events.append({"t": run.now(), "event": "first_checkpoint"})
+        start_s = run.now() + 5.0
+        plan = _schedule(rng, kills, redis_pauses, broker_pauses, start_s, max(start_s + 1.0, duration_s),
+                         max_redis_pause_s, max_broker_pause_s)
+        run.events.append({"t": run.now(), "event": "chaos_plan", "plan": [(round(t, 1), k, round(d, 1)) for t, k, d in plan]})
+        for at, kind, seconds in plan:
+            while run.now() < at:
+                time.sleep(0.2)
+            if kind == "kill":
+                svc = services[-1]
+                if svc.alive():
+                    svc.proc.send_signal(signal.SIGKILL)
+                    svc.proc.wait(60)
+                run.events.append({"t": run.now(), "event": "kill", "pid": svc.proc.pid})
+                time.sleep(seconds)
+                services.append(_start_service(config_path, workdir, len(services), run))
+                kill_log.append({"t": round(at, 1), "killed_pid": svc.proc.pid, "restarted_pid": services[-1].proc.pid})
+            elif kind == "redis":
+                _pause(redis_proc, seconds, run, "redis")
+            else:
+                _pause(broker, seconds, run, "broker")
+        # Drain: production is over; wait until every acknowledged input is annotated (or the timeout).
+        threads_[2].join(timeout=180)
+        drain_deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < drain_deadline:
+            acked, done = _covered(run, topic)
+            if acked and done == acked:
+                break
+            if not services[-1].alive():  # an unexpected exit: note it and restart, the audit will tell
+                run.events.append({"t": run.now(), "event": "service_exited", "code": services[-1].proc.returncode})
+                services.append(_start_service(config_path, workdir, len(services), run))
+            time.sleep(1.0)
+        run.events.append({"t": run.now(), "event": "drained"})
+        svc = services[-1]
+        if svc.alive():
+            svc.proc.send_signal(signal.SIGTERM)
+            try:
+                final_exit = svc.proc.wait(180)
+            except subprocess.TimeoutExpired:
+                svc.proc.kill()
+                final_exit = svc.proc.wait(30)
+        else:
+            final_exit = svc.proc.returncode
+        run.events.append({"t": run.now(), "event": "service_stopped", "code": final_exit})
+        time.sleep(2.0)  # the reader catches the shutdown's last annotations
+    finally:
+        run.stop.set()
+        for svc in services:
+            if svc.alive():
+                svc.proc.kill()
+                svc.proc.wait(30)
+        for th in threads_:
+            th.join(timeout=10)
+        for proc in (redis_proc, broker):
+            try:
+                os.kill(proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            proc.stop()
+    report = _audit(run, topic, services, kill_log, final_exit)
+    report.update({
+        "benchmark": "soak", "minutes": minutes, "streams": streams, "partitions": min(streams, 4),
+        "rate_records_per_s": rate, "model": model, "torch_threads": threads, "seed": seed,
+        "settings": {"window": 252, "sinks": 4, "chunk": 64, "checkpoint_every_records": 5,
+                     "checkpoint_every_seconds": 5.0, "redis_socket_timeout_s": 3.0},
+        "load_average_at_start": load_at_start, "load_average_at_end": common.machine()["load_average"],
+        "machine": common.machine(), "workdir": str(workdir), "events": run.events,
+    })
+    path = out / "bench_soak.json"
+    path.write_text(json.dumps(report, indent=1))
+    plot_timeline(run, report, out / "bench_soak.png")
+    return report
+
+
+def _audit(run: _Run, topic: str, services: list[_Service], kill_log: list[dict[str, Any]], final_exit: int | None) -> dict[str, Any]:
+    copies: dict[str, list[bytes]] = defaultdict(list)
+    first_seen: dict[tuple[int, int], float] = {}
+    kinds: dict[str, int] = defaultdict(int)
+    for at, raw in run.messages:
+        doc = json.loads(raw)
+        copies[doc["id"]].append(raw)
+        src = doc["source"]
+        if src["topic"] == topic and doc["kind"] in ("score", "error"):
+            key = (src["partition"], src["offset"])
+            first_seen.setdefault(key, at)
+    for aid in copies:
+        kinds[aid.rsplit("/", 1)[-1]] += 1
+    acked = dict(run.acked)
+    lost = sorted(k for k in acked if k not in first_seen)
+    latencies = [first_seen[k] - t for k, t in acked.items() if k in first_seen]
+    mismatched = sorted(aid for aid, blobs in copies.items() if any(b != blobs[0] for b in blobs))
+    restarts_ok = 0
+    for svc in services[1:]:
+        if '"partition.assigned"' in svc.log_text():
+            restarts_ok += 1
+    tracebacks = sum(1 for svc in services if "Traceback" in svc.log_text())
+    return {
+        "records_produced": len(acked),
+        "produce_errors": run.produce_errors,
+        "records_processed": len(first_seen),
+        "annotations_received": len(run.messages),
+        "distinct_annotations": len(copies),
+        "annotations_by_kind": dict(kinds),
+        "duplicates_before_dedupe": len(run.messages) - len(copies),
+        "inputs_lost": len(lost),
+        "lost_examples": [list(k) for k in lost[:10]],
+        "payload_mismatches_after_dedupe": len(mismatched),
+        "mismatch_examples": mismatched[:10],
+        "kills": len(kill_log),
+        "kills_survived": min(len(kill_log), restarts_ok),
+        "kill_log": kill_log,
+        "redis_pauses": sum(1 for e in run.events if e["event"] == "redis_pause"),
+        "redis_pause_s": [e["seconds"] for e in run.events if e["event"] == "redis_pause"],
+        "broker_pauses": sum(1 for e in run.events if e["event"] == "broker_pause"),
+        "broker_pause_s": [e["seconds"] for e in run.events if e["event"] == "broker_pause"],
+        "service_incarnations": len(services),
+        "unexpected_exits": sum(1 for e in run.events if e["event"] == "service_exited"),
+        "logs_with_traceback": tracebacks,
+        "final_exit_code": final_exit,
+        "worst_record_latency_s": round(max(latencies), 2) if latencies else None,
+        "median_record_latency_s": round(sorted(latencies)[len(latencies) // 2], 2) if latencies else None,
+        "peak_rss_mb": round(max((s.peak_kb for s in services), default=0) / 1024, 1),
+        "run_s": round(run.now(), 1),
+    }
+
+
+def plot_timeline(run: _Run, report: dict[str, Any], path: Path) -> None:
+    """Inputs acknowledged and inputs annotated over time, with the faults marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acked_times = sorted(run.acked.values())
+    seen: dict[tuple[int, int], float] = {}
+    for at, raw in run.messages:
+        doc = json.loads(raw)
+        if doc["kind"] in ("score", "error"):
+            seen.setdefault((doc["source"]["partition"], doc["source"]["offset"]), at)
+    done_times = sorted(seen.values())
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.step(acked_times, range(1, len(acked_times) + 1), where="post", label="records produced (acked)")
+    ax.step(done_times, range(1, len(done_times) + 1), where="post", label="records annotated")
+    starts: dict[str, float] = {}
+    labelled: set[str] = set()
+    for e in run.events:
+        name = e["event"]
+        if name.endswith("_pause"):
+            starts[name[:-6]] = e["t"]
+        elif name.endswith("_resume"):
+            what = name[:-7]
+            color = "tab:red" if what == "redis" else "tab:orange"
+            ax.axvspan(starts.pop(what, e["t"]), e["t"], color=color, alpha=0.2,
+                       label=None if what in labelled else f"{what} paused")
+            labelled.add(what)
+        elif name == "kill":
+            ax.axvline(e["t"], color="k", ls="--", lw=1, label=None if "kill" in labelled else "SIGKILL + restart")
+            labelled.add("kill")
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("records")
+    ax.set_title(f"soak: {report['records_produced']} records, {report['kills']} kills, {report['redis_pauses']} Redis "
+                 f"and {report['broker_pauses']} broker pauses; lost {report['inputs_lost']}, "
+                 f"mismatches {report['payload_mismatches_after_dedupe']}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_cli(args: Any) -> int:
+    """`sinkstream bench soak --minutes M --streams K --out DIR` (registered in `pipeline.cli.bench`)."""
+    streams = args.streams[0] if args.streams else 4
+    report = soak(args.minutes, streams, args.out, model=args.model, threads=args.threads or 1)
+    keys = ["records_produced", "records_processed", "kills", "kills_survived", "redis_pauses", "broker_pauses",
+            "duplicates_before_dedupe", "inputs_lost", "payload_mismatches_after_dedupe", "worst_record_latency_s",
+            "peak_rss_mb", "final_exit_code"]
+    sys.stdout.write("\n## bench soak\n" + "\n".join(f"{k}: {report[k]}" for k in keys)
+                     + f"\nwrote {args.out / 'bench_soak.json'} and .png\n")
+    return 0 if report["inputs_lost"] == 0 and report["payload_mismatches_after_dedupe"] == 0 else 1
