@@ -165,9 +165,11 @@ class PoolBackend:
 
 
 def make_backend(lm: LoadedModel, settings: Any) -> SinkBackend | PoolBackend:
-    """The pooled backend where the architecture allows it and `service.kv_pool` is on, else one cache each."""
+    """The pooled backend where the architecture allows it and `service.kv_pool` is on, else one cache each.
+    Dialogue mode (`service.mode: dialogue`) always uses one cache each: a reply is generated token by token
+    into its conversation's own `SinkCache` (`pipeline.service.dialogue_mode`)."""
     c, s = settings.cache, settings.service
-    if s.kv_pool:
+    if s.kv_pool and getattr(s, "mode", "score") != "dialogue":
         try:
             check_poolable(lm)
         except ValueError:
