@@ -184,7 +184,27 @@ class NoteSettings(_Section):
     max_new_tokens: int = Field(32, ge=1)
 
 
+class DialogueSettings(_Section):
+    """Replies in `service.mode: dialogue`; the fields of `pipeline.dialogue.GenerationSettings` (a test keeps
+    the two in step; this copy keeps torch out of the settings import)."""
+
+    # Most tokens in one reply (the end-of-turn token included); a reply cut here is closed by the template.
+    max_reply_tokens: int = Field(64, ge=1)
+    # 0 = greedy (argmax). > 0 samples from softmax(logits / temperature), seeded per conversation turn.
+    temperature: float = Field(0.0, ge=0.0)
+    # Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 = all).
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Seed of the per-turn generators when sampling (null: 0); with the turn number it fixes every draw.
+    seed: int | None = None
+    # System prompt of each conversation's first turn; null keeps the chat template's default.
+    system_prompt: str | None = None
+
+
 class ServiceSettings(_Section):
+    # `score`: records are text, every line is scored (`score` annotations). `dialogue`: every record is a user
+    # turn of the conversation named by its key; the reply is generated into that conversation's cache and
+    # published as a `reply` annotation (settings: `dialogue`). Dialogue mode uses one cache per stream.
+    mode: Literal["score", "dialogue"] = "score"
     # Most stream sessions kept in memory; colder ones are spilled to Redis and reloaded on demand.
     max_resident_streams: int = Field(64, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
@@ -229,6 +249,7 @@ class Settings(BaseSettings):
     checkpoint: CheckpointSettings = CheckpointSettings()
     score: ScoreSettings = ScoreSettings()
     note: NoteSettings = NoteSettings()
+    dialogue: DialogueSettings = DialogueSettings()
     service: ServiceSettings = ServiceSettings()
 
     @field_validator("log_level")

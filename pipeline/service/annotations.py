@@ -6,8 +6,9 @@ Nothing time-dependent is inside an annotation; the Kafka record timestamp says 
 
 Kinds: `score` (per record: its complete lines, scored), `note` (generated text about the recent context,
 rolled back), `error` (what could not be scored, and why: limits, a failed model step, a quarantined
-stream, unreadable input, a context reset after broken state). A record can carry a `score` and an `error`
-(part of it scored, the rest skipped).
+stream, unreadable input, a context reset after broken state), `reply` (`service.mode: dialogue`: the
+assistant's answer to the user turn in the record; it stays in the conversation's cache). A record can carry a
+`score` (or a `reply`) and an `error` (part of it scored, the rest skipped; or a conversation reset notice).
 
 The published JSON Schema (`schemas/annotation.v1.json`) is generated from these models:
 `python -m pipeline.service.annotations > pipeline/service/schemas/annotation.v1.json`; a test fails when
@@ -89,6 +90,18 @@ class Note(_Doc):
     tokens_generated: int = Field(ge=0)
 
 
+class Reply(_Doc):
+    """The assistant's reply to one user turn (dialogue mode); its tokens stay in the conversation's cache."""
+
+    text: str = Field(description="The reply's text (the end-of-turn token and the template's markup excluded)")
+    tokens_generated: int = Field(ge=1, description="Tokens generated, the end-of-turn token included if reached")
+    prompt_tokens: int = Field(ge=0, description="Tokens fed before generating: the template's closing of the "
+                                                 "previous reply and this user turn, in the chat template")
+    stopped: Literal["end_of_turn", "max_tokens"] = Field(
+        description="Why generation stopped: the model ended its turn, or `dialogue.max_reply_tokens` was reached")
+    turn: int = Field(ge=0, description="Index of this reply in its conversation (0 = the first)")
+
+
 class Problem(_Doc):
     reason: Literal[
         "record_too_large", "record_too_many_tokens", "model_step_failed", "quarantined", "bad_input",
@@ -133,7 +146,12 @@ class ErrorAnnotation(_Base):
     error: Error
 
 
-Annotation = Annotated[ScoreAnnotation | NoteAnnotation | ErrorAnnotation, Field(discriminator="kind")]
+class ReplyAnnotation(_Base):
+    kind: Literal["reply"] = "reply"
+    reply: Reply
+
+
+Annotation = Annotated[ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation, Field(discriminator="kind")]
 
 
 class _Envelope(BaseModel):
@@ -164,7 +182,7 @@ def schema() -> dict[str, Any]:
     return json.loads(resources.files("pipeline.service").joinpath(SCHEMA_FILE).read_text())
 
 
-def validate(document: dict[str, Any]) -> ScoreAnnotation | NoteAnnotation | ErrorAnnotation:
+def validate(document: dict[str, Any]) -> ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation:
     """Parse a published annotation back into its model (raises pydantic's ValidationError)."""
     return _Envelope.model_validate({"annotation": document}).annotation
 
@@ -208,6 +226,16 @@ def note_annotation(
     """The `note` annotation: generated text about the stream's recent context (context rolled back after)."""
     return {**_head(record_id, "note", stream, tokens_seen, meta),
             "note": {"prompt": prompt, "text": text, "tokens_generated": generated}}
+
+
+def reply_annotation(
+    record_id: dict[str, Any], stream: str, text: str, tokens_generated: int, prompt_tokens: int, stopped: str,
+    turn: int, tokens_seen: int, meta: dict[str, Any],
+) -> dict[str, Any]:
+    """The `reply` annotation (dialogue mode): the reply to the record's user turn, kept in the conversation."""
+    return {**_head(record_id, "reply", stream, tokens_seen, meta),
+            "reply": {"text": text, "tokens_generated": tokens_generated, "prompt_tokens": prompt_tokens,
+                      "stopped": stopped, "turn": turn}}
 
 
 def error_annotation(

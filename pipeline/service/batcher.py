@@ -44,7 +44,12 @@ class Batcher:
                 by_stream.setdefault(id(work.session), []).append(work)
         if not by_stream:
             return
-        backend = next(iter(by_stream.values()))[0].session.engine.backend
+        engine = next(iter(by_stream.values()))[0].session.engine
+        if engine.dialogue is not None:  # dialogue mode: each conversation's turns answered in order
+            for stream_works in by_stream.values():
+                engine.dialogue.run(stream_works[0].session, stream_works)
+            return
+        backend = engine.backend
         if isinstance(backend, PoolBackend):
             _PooledRun(backend, list(by_stream.values())).run()
             return

@@ -56,6 +56,12 @@ class Engine:
         self.sink_token = resolve_sink_token(lm.tokenizer, settings.cache.sink_token, vocab)
         # Where every stream's KV state lives: one pooled set of slots, or a SinkCache each (`backend`).
         self.backend = make_backend(lm, settings)
+        # `service.mode: dialogue`: records are user turns, answered by `dialogue_mode` (None in score mode).
+        self.dialogue = None
+        if settings.service.mode == "dialogue":
+            from pipeline.service.dialogue_mode import DialogueMode  # it imports this module
+
+            self.dialogue = DialogueMode(lm, settings)
 
     def new_cache(self) -> Any:
         """A new stream's KV handle (a pool slot or a SinkCache, see `backend`); primed with the sink token
@@ -107,6 +113,7 @@ class RecordWork:
     note: dict[str, Any] | None = None  # a note generated right after this record's step, if one was due
     replay: bool = False  # already folded into the session (a replay after restore): publish nothing
     skip_score: bool = False  # nothing of the record was fed to the model (quarantine, unreadable input)
+    dialogue: Any = None  # dialogue mode: the user turn and its reply (`pipeline.service.dialogue_mode.Turn`)
 
     @property
     def tokens(self) -> int:
@@ -138,6 +145,8 @@ class StreamSession:
         self.counters = Counters(next_note_at=engine.settings.note.every_tokens)
         self.last_logits: torch.Tensor | None = None
         self.failures = 0  # consecutive failed model steps (in memory only: a restart forgives)
+        # Dialogue mode: the conversation's `ConversationState` (None before its first reply; snapshotted).
+        self.dialogue: Any = None
 
     @property
     def tokens_seen(self) -> int:
@@ -184,6 +193,8 @@ class StreamSession:
         """
         if record.offset < self.counters.next_offset:
             return RecordWork(record, self, [], [], replay=True)
+        if self.engine.dialogue is not None:  # dialogue mode: the record is a user turn
+            return self.engine.dialogue.prepare(self, record)
         limits = self.engine.settings.service
         problems: list[dict[str, Any]] = []
         if self.quarantined:
@@ -237,6 +248,8 @@ class StreamSession:
         When the model step failed (`work.error`), the record gets an `error` annotation, its lines are not
         scored (the cache was rolled back by the batcher), and the stream counts one more failure.
         """
+        if self.engine.dialogue is not None:  # dialogue mode: the `reply` annotation
+            return self.engine.dialogue.finish(self, work)
         record = work.record
         rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         out: list[dict[str, Any]] = []
@@ -313,6 +326,8 @@ class StreamSession:
             "pending": base64.b64encode(self.chunker.pending).decode(),
             "primed": self.primed,
         }
+        if self.engine.dialogue is not None:
+            self.engine.dialogue.save(self, extra)
         tensors = {"last_logits": self.last_logits} if self.last_logits is not None else {}
         return SessionCapture(self.engine.backend.capture(self.cache), extra, tensors)
 
@@ -333,6 +348,8 @@ class StreamSession:
         session.stats = RunningStats(**extra["stats"])
         session.chunker.pending = base64.b64decode(extra["pending"])
         session.last_logits = tensors.get("last_logits")
+        if engine.dialogue is not None:
+            engine.dialogue.load(session, extra)
         return session
 
 
