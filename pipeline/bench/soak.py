@@ -90,7 +90,9 @@ class _Run:
         return time.monotonic() - self.t0
 
 
-def _service_config(bootstrap: str, redis_url: str, topic: str, out_topic: str, model: str, threads: int) -> dict[str, Any]:
+def _service_config(
+    bootstrap: str, redis_url: str, topic: str, out_topic: str, model: str, threads: int
+) -> dict[str, Any]:
     """The integration tests' small settings (tests/helpers/service.py) with a short Redis timeout."""
     return {
         "log_format": "json",
@@ -109,7 +111,7 @@ def _start_service(config_path: Path, workdir: Path, n: int, run: _Run) -> _Serv
     log_path = workdir / f"service{n}.log"
     argv = [sys.executable, "-m", "pipeline.cli.main", "--log-format", "json", "run", "--config", str(config_path)]
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603 - our own argv
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     run.events.append({"t": run.now(), "event": "service_start", "pid": proc.pid})
     return _Service(proc, log_path, run.now())
@@ -304,12 +306,18 @@ def soak(
         start_s = run.now() + 5.0
         plan = _schedule(rng, kills, redis_pauses, broker_pauses, start_s, max(start_s + 1.0, duration_s),
                          max_redis_pause_s, max_broker_pause_s)
-        run.events.append({"t": run.now(), "event": "chaos_plan", "plan": [(round(t, 1), k, round(d, 1)) for t, k, d in plan]})
+        planned = [(round(t, 1), k, round(d, 1)) for t, k, d in plan]
+        run.events.append({"t": run.now(), "event": "chaos_plan", "plan": planned})
         for at, kind, seconds in plan:
             while run.now() < at:
                 time.sleep(0.2)
             if kind == "kill":
                 svc = services[-1]
+                # Kill an incarnation only once it took its partitions (survived the previous kill): on a slow
+                # machine a restart takes longer than the gap between two planned kills.
+                ready_by = time.monotonic() + 180
+                while svc.alive() and '"partition.assigned"' not in svc.log_text() and time.monotonic() < ready_by:
+                    time.sleep(0.5)
                 if svc.alive():
                     svc.proc.send_signal(signal.SIGKILL)
                     svc.proc.wait(60)
@@ -332,7 +340,9 @@ def soak(
                 run.events.append({"t": run.now(), "event": "service_exited", "code": services[-1].proc.returncode})
                 services.append(_start_service(config_path, workdir, len(services), run))
             time.sleep(1.0)
-        run.events.append({"t": run.now(), "event": "drained"})
+        acked, done = _covered(run, topic)
+        run.events.append({"t": run.now(), "event": "drained" if acked and done == acked else "drain_timeout",
+                           "acked": acked, "annotated": done})
         svc = services[-1]
         if svc.alive():
             svc.proc.send_signal(signal.SIGTERM)
@@ -374,7 +384,9 @@ def soak(
     return report
 
 
-def _audit(run: _Run, topic: str, services: list[_Service], kill_log: list[dict[str, Any]], final_exit: int | None) -> dict[str, Any]:
+def _audit(
+    run: _Run, topic: str, services: list[_Service], kill_log: list[dict[str, Any]], final_exit: int | None
+) -> dict[str, Any]:
     copies: dict[str, list[bytes]] = defaultdict(list)
     first_seen: dict[tuple[int, int], float] = {}
     kinds: dict[str, int] = defaultdict(int)
@@ -404,6 +416,9 @@ def _audit(run: _Run, topic: str, services: list[_Service], kill_log: list[dict[
         "distinct_annotations": len(copies),
         "annotations_by_kind": dict(kinds),
         "duplicates_before_dedupe": len(run.messages) - len(copies),
+        # Inputs without an annotation when the run ended; with `drained` False the service was still behind
+        # (throughput), not necessarily losing them: the next run would resume from its last checkpoint.
+        "drained": any(e["event"] == "drained" for e in run.events),
         "inputs_lost": len(lost),
         "lost_examples": [list(k) for k in lost[:10]],
         "payload_mismatches_after_dedupe": len(mismatched),

@@ -17,7 +17,7 @@ def test_short_soak_loses_nothing_and_replays_identical_bytes(tmp_path):
     report = soak(1.25, 3, tmp_path, kills=1, redis_pauses=1, broker_pauses=0, rate=0.5, max_redis_pause_s=20.0,
                   drain_timeout_s=240.0)
     assert report["records_produced"] >= 15 and report["produce_errors"] == 0
-    assert report["inputs_lost"] == 0, report["lost_examples"]
+    assert report["drained"] and report["inputs_lost"] == 0, report["lost_examples"]
     assert report["payload_mismatches_after_dedupe"] == 0, report["mismatch_examples"]
     assert report["kills"] == 1 and report["kills_survived"] == 1
     assert report["redis_pauses"] == 1

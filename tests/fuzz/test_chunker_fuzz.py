@@ -33,7 +33,8 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 # Lines of any bytes (invalid UTF-8, NUL, control, CR, multi-byte characters), each shorter than `limit`.
-_byte = st.sampled_from([b"a", b"Z", b"0", b" ", b"\r", b"\x00", b"\x1b", b"\xff", b"\xc3", b"\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80"])
+_byte = st.sampled_from([b"a", b"Z", b"0", b" ", b"\r", b"\x00", b"\x1b", b"\xff", b"\xc3", b"\xa9",
+                         b"\xe2\x82\xac", b"\xf0\x9f\x98\x80"])
 
 
 @st.composite
@@ -62,8 +63,9 @@ def test_lines_shorter_than_the_limit_come_out_the_same_however_the_bytes_are_sp
 
 @given(data=st.data(), limit=st.integers(4, 64))
 def test_valid_utf8_round_trips_through_any_split(data, limit):
-    text = data.draw(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=limit // 4))
-    lines_in = data.draw(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n")), max_size=8))
+    chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\n")
+    text = data.draw(st.text(chars, max_size=limit // 4))
+    lines_in = data.draw(st.lists(st.text(chars), max_size=8))
     stream = "".join(line.encode()[: limit - 1].decode(errors="ignore") + "\n" for line in lines_in) + text
     raw = stream.encode()
     assume(len(text.encode()) < limit)

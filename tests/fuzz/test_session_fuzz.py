@@ -50,8 +50,10 @@ def _session(engine, key: str = "s"):
             release()
 
 
-_records = st.lists(st.one_of(st.binary(max_size=200), st.text(max_size=80).map(lambda t: t.encode("utf-8", "surrogatepass")),
-                              st.sampled_from([b"\n" * 300, b"\xff\xfe\x00\x01", b"\xe2\x82", b"\xac ok\n", b"x" * 700])),
+_records = st.lists(st.one_of(st.binary(max_size=200),
+                              st.text(max_size=80).map(lambda t: t.encode("utf-8", "surrogatepass")),
+                              st.sampled_from([b"\n" * 300, b"\xff\xfe\x00\x01", b"\xe2\x82", b"\xac ok\n",
+                                               b"x" * 700])),
                     min_size=1, max_size=8)
 
 
@@ -70,7 +72,8 @@ def test_prepare_takes_any_bytes_and_stays_within_the_limits(engine, values):
             session.counters.next_offset = offset + 1  # what finish() does
 
 
-@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=12), max_size=6),
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=12),
+                max_size=6),
        st.lists(st.integers(0, 10_000), max_size=10))
 def test_valid_utf8_lines_round_trip_through_prepare_however_records_cut_them(engine, lines, cuts):
     text = "".join(line + "\n" for line in lines)  # lines of at most 48 bytes: below max_pending_bytes

@@ -24,15 +24,21 @@ from pipeline.errors import UserError
 from pipeline.settings import Settings, load_settings, settings_env_names
 
 SECTIONS = {name: info.annotation for name, info in Settings.model_fields.items()}
-FIELD_NAMES = sorted({f for s in SECTIONS.values() if hasattr(s, "model_fields") for f in s.model_fields} | set(SECTIONS))
+FIELD_NAMES = sorted(
+    {f for s in SECTIONS.values() if hasattr(s, "model_fields") for f in s.model_fields} | set(SECTIONS)
+)
 ENV_NAMES = sorted(settings_env_names())
 
 _scalar = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20), st.sampled_from(["auto", "cpu", "json", "INFO", "redis://127.0.0.1:1/0", "127.0.0.1:9092", "64", "-1"]),
+    st.text(max_size=20),
+    st.sampled_from(["auto", "cpu", "json", "INFO", "redis://127.0.0.1:1/0", "127.0.0.1:9092", "64", "-1"]),
 )
 _key = st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=8))
-_value = st.recursive(_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_key, inner, max_size=4)), max_leaves=12)
+_value = st.recursive(
+    _scalar, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_key, inner, max_size=4)),
+    max_leaves=12,
+)
 _overrides = st.dictionaries(_key, _value, max_size=5)
 # Environment text: no NUL (the OS refuses it); otherwise anything, JSON-looking or not.
 _env_text = st.one_of(st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30),
@@ -87,7 +93,9 @@ def test_any_yaml_mapping_with_str_keys_gives_settings_or_a_validation_error(doc
     assert isinstance(result, (Settings, *OK_ERRORS))
 
 
-_field_env = st.sampled_from([n for n in ENV_NAMES if "__" in n or n in ("SINKSTREAM_LOG_LEVEL", "SINKSTREAM_LOG_FORMAT")])
+_field_env = st.sampled_from(
+    [n for n in ENV_NAMES if "__" in n or n in ("SINKSTREAM_LOG_LEVEL", "SINKSTREAM_LOG_FORMAT")]
+)
 _unknown_env = st.text(st.sampled_from("ABCDEFXYZ_"), min_size=1, max_size=10).map(lambda s: "SINKSTREAM_" + s)
 
 
@@ -98,7 +106,8 @@ def test_any_field_level_environment_gives_settings_or_a_user_facing_error(env):
     assert isinstance(result, (Settings, *OK_ERRORS))
 
 
-@given(st.dictionaries(st.sampled_from(sorted(SECTIONS)), st.dictionaries(st.sampled_from(FIELD_NAMES), _value, max_size=3), max_size=3))
+@given(st.dictionaries(st.sampled_from(sorted(SECTIONS)),
+                       st.dictionaries(st.sampled_from(FIELD_NAMES), _value, max_size=3), max_size=3))
 def test_valid_settings_survive_a_round_trip_through_yaml(sections):
     with _isolated({}, yaml.safe_dump(sections)) as path:
         result = _load(path)

@@ -168,7 +168,8 @@ def test_header_edits_of_cache_geometry_are_refused_or_change_nothing(field, del
 
 @pytest.mark.xfail(strict=True, reason=(
     "snapshot bug: a header whose sinks + window exceed the model's position table raises ValueError from SinkCache "
-    "(model/arch.py), not SnapshotError; the service survives only because PartitionState._load also catches ValueError"))
+    "(model/arch.py), not SnapshotError; the service survives only because PartitionState._load also catches "
+    "ValueError"))
 @given(st.sampled_from(["sinks", "window", "max_chunk"]), _json_value)
 @example("sinks", 501)
 def test_header_edits_of_geometry_never_raise_anything_but_snapshot_error(field, value):
