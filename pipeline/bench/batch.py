@@ -12,6 +12,7 @@ import torch
 
 from model.batch import step_many
 from model.loader import LoadedModel
+from model.sink_cache import CacheState, SinkCache
 from model.stepper import SinkModel
 from pipeline.bench.common import Tokens, filled_cache, interleaved, vocab_size
 
@@ -42,7 +43,7 @@ def batch(
         states = [c.state() for c in caches]
         ids = tokens(size)
 
-        def reset() -> None:
+        def reset(caches: list[SinkCache] = caches, states: list[CacheState] = states) -> None:
             for c, s in zip(caches, states):
                 c.restore(s)
 
@@ -51,7 +52,8 @@ def batch(
         reset()
         one_logits = torch.stack([runner.step(c, [int(t)])[0] for c, t in zip(caches, ids)])
         diff = float((batched_logits - one_logits).abs().max())
-        t = interleaved(lambda: step_many(lm, caches, ids), lambda: [runner.step(c, [int(x)]) for c, x in zip(caches, ids)],
+        t = interleaved(lambda cs=caches, xs=ids: step_many(lm, cs, xs),
+                        lambda cs=caches, xs=ids: [runner.step(c, [int(x)]) for c, x in zip(cs, xs)],
                         steps, repeats, reset)
         rows.append({"streams": size, "lengths": [s.seen for s in states], "batched_tokens_per_s": size / t["a_s"],
                      "sequential_tokens_per_s": size / t["b_s"], "speedup": t["b_s"] / t["a_s"],

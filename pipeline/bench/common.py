@@ -61,7 +61,9 @@ def tiny_model(vocab: int = 512, positions: int = 8192, seed: int = 0) -> Loaded
     return wrap_model(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
 
 
-def median_time(fn: Callable[[], Any], steps: int, repeats: int, reset: Callable[[], None] | None = None) -> dict[str, Any]:
+def median_time(
+    fn: Callable[[], Any], steps: int, repeats: int, reset: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """Median over `repeats` of the mean seconds per call of `steps` calls of `fn` (`reset` runs untimed before each).
 
     Each repeat is one `torch.utils.benchmark.Timer.timeit(steps)`: `reset` (the Timer's untimed setup), a few
@@ -106,7 +108,8 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], steps: int, repeats:
         tb.append(median_time(b, steps, 1, reset))
     med = lambda ts, key: statistics.median(t[key] for t in ts)  # noqa: E731
     return {"a_s": med(ta, "median_s"), "b_s": med(tb, "median_s"), "a_cpu_s": med(ta, "median_cpu_s"),
-            "b_cpu_s": med(tb, "median_cpu_s"), "a_repeats_s": [t["median_s"] for t in ta], "b_repeats_s": [t["median_s"] for t in tb]}
+            "b_cpu_s": med(tb, "median_cpu_s"), "a_repeats_s": [t["median_s"] for t in ta],
+            "b_repeats_s": [t["median_s"] for t in tb]}
 
 
 class Tokens:
@@ -124,7 +127,9 @@ def vocab_size(lm: LoadedModel) -> int:
     return int(lm.model.config.get_text_config().vocab_size)
 
 
-def filled_cache(runner: SinkModel, sinks: int, window: int | None, fill: int, tokens: Tokens, chunk: int = 256) -> SinkCache:
+def filled_cache(
+    runner: SinkModel, sinks: int, window: int | None, fill: int, tokens: Tokens, chunk: int = 256
+) -> SinkCache:
     """A SinkCache that has already consumed `fill` random tokens."""
     cache = runner.new_cache(sinks, window, max_chunk=chunk)
     if fill:
@@ -150,7 +155,8 @@ class DynamicDecoder:
         if n > 1:  # causal mask over past + chunk, as transformers' sdpa path would build it
             q = torch.arange(self.past, self.past + n, device=self.lm.device)[:, None]
             kwargs["attention_mask"] = (torch.arange(self.past + n, device=self.lm.device)[None, :] <= q)[None, None]
-        out = self.lm.model(input_ids=ids[None].to(self.lm.device), past_key_values=self.cache, use_cache=True, **kwargs)
+        out = self.lm.model(input_ids=ids[None].to(self.lm.device), past_key_values=self.cache, use_cache=True,
+                            **kwargs)
         for layer, (k, v) in zip(self.cache.layers, self.saved):  # updates never write in place: roll back
             layer.keys, layer.values = k, v
         return out.logits

@@ -13,7 +13,6 @@ from model.loader import LoadedModel
 from model.stepper import SinkModel
 from pipeline.bench.common import Tokens, filled_cache, median_time, vocab_size
 
-
 LATENCY_POLICIES = ("sink", "window", "dense", "recompute")
 
 
@@ -55,7 +54,7 @@ def latency(
                 state = cache.state()
                 one = tokens(1)
                 reset = (lambda c=cache, st=state: c.restore(st)) if policy == "dense" else None
-                t = median_time(lambda c=cache: runner.step(c, one), steps, repeats, reset)
+                t = median_time(lambda c=cache, x=one: runner.step(c, x), steps, repeats, reset)
                 del cache, state
             ms[policy][size] = 1000.0 * t["median_s"]
             cpu[policy][size] = 1000.0 * t["median_cpu_s"]

@@ -25,7 +25,7 @@ import torch
 
 from model.loader import LoadedModel
 from model.stepper import SinkModel
-from pipeline.bench.common import Tokens, vocab_size, tiny_model
+from pipeline.bench.common import Tokens, tiny_model, vocab_size
 
 TINY = "tiny"
 
@@ -100,7 +100,10 @@ def memory(
            "--window", str(window), "--chunk", str(chunk), "--checkpoints", ",".join(map(str, checkpoints)),
            "--threads", str(threads)]
     readings: list[dict[str, Any]] = []
-    with tempfile.TemporaryFile("w+") as stderr, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+    with (
+        tempfile.TemporaryFile("w+") as stderr,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc,  # noqa: S603 - our own worker
+    ):
         watchdog = threading.Timer(timeout_s, proc.kill)  # a stuck worker must not hang the bench
         watchdog.start()
         try:

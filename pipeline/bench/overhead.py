@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
 from model.loader import LoadedModel
 from model.stepper import SinkModel
 from pipeline.bench.common import DynamicDecoder, Tokens, filled_cache, interleaved, vocab_size
@@ -31,10 +30,13 @@ def overhead(
         cache = filled_cache(runner, sinks, n - sinks, n + 64, tokens)
         dyn = DynamicDecoder(lm, tokens(n - 1))
         one = tokens(1)
-        t = interleaved(lambda: runner.step(cache, one), lambda: dyn.forward(one), steps, repeats)
+        t = interleaved(lambda c=cache, x=one: runner.step(c, x), lambda d=dyn, x=one: d.forward(x), steps, repeats)
         rows.append({"keys": n, "sink_ms": 1000 * t["a_s"], "dynamic_ms": 1000 * t["b_s"], "ratio": t["a_s"] / t["b_s"],
-                     "sink_cpu_ms": 1000 * t["a_cpu_s"], "dynamic_cpu_ms": 1000 * t["b_cpu_s"], "cpu_ratio": t["a_cpu_s"] / t["b_cpu_s"],
-                     "sink_repeats_ms": [1000 * x for x in t["a_repeats_s"]], "dynamic_repeats_ms": [1000 * x for x in t["b_repeats_s"]]})
+                     "sink_cpu_ms": 1000 * t["a_cpu_s"], "dynamic_cpu_ms": 1000 * t["b_cpu_s"],
+                     "cpu_ratio": t["a_cpu_s"] / t["b_cpu_s"],
+                     "sink_repeats_ms": [1000 * x for x in t["a_repeats_s"]],
+                     "dynamic_repeats_ms": [1000 * x for x in t["b_repeats_s"]]})
         del cache, dyn
-    return {"benchmark": "overhead", "sinks": sinks, "steps": steps, "repeats": repeats, "rows": rows, "goal_ratio_max": 1.05}
+    return {"benchmark": "overhead", "sinks": sinks, "steps": steps, "repeats": repeats, "rows": rows,
+            "goal_ratio_max": 1.05}
 

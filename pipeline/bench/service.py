@@ -23,13 +23,14 @@ from typing import Any
 import redis
 import torch
 
+from connectors.kafka.admin import create_topics
 from connectors.protocols import Record
 from connectors.redis_store import RedisStateStore
+from model.loader import LoadedModel
+from pipeline.devstack.processes import start_redis, start_tansu
 from pipeline.evaluation.datasets import bgl_labels, loghub_dir
 from pipeline.service.session import Engine, StreamSession, stream_key
 from pipeline.settings import Settings, load_settings
-from connectors.kafka.admin import create_topics
-from pipeline.devstack.processes import start_redis, start_tansu
 
 STREAMS = {"hdfs": "HDFS_2k.log", "ssh": "OpenSSH_2k.log", "bgl": "BGL_2k.log", "zk": "Zookeeper_2k.log"}
 
@@ -76,7 +77,9 @@ def _session_only(engine: Engine, records: list[tuple[str, bytes]]) -> dict[str,
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def _end_to_end(settings_values: dict[str, Any], lm, records: list[tuple[str, bytes]], workdir: Path) -> dict[str, float]:
+def _end_to_end(
+    settings_values: dict[str, Any], lm: LoadedModel, records: list[tuple[str, bytes]], workdir: Path
+) -> dict[str, float]:
     from kafka import KafkaProducer
 
     from pipeline.service.wiring import build_service
@@ -99,7 +102,8 @@ def _end_to_end(settings_values: dict[str, Any], lm, records: list[tuple[str, by
         service.run(idle_exit_s=3.0, install_signals=False)
         p = service.progress
         seconds = p["last"] - p["first"]
-        return {"tokens": p["tokens"], "records": p["records"], "seconds": seconds, "tokens_per_s": p["tokens"] / seconds}
+        return {"tokens": p["tokens"], "records": p["records"], "seconds": seconds,
+                "tokens_per_s": p["tokens"] / seconds}
     finally:
         broker.stop()
         store.stop()
@@ -111,7 +115,8 @@ def _checkpoint_cost(engine: Engine, settings: Settings, workdir: Path, repeats:
     offset = 0
     span = settings.cache.sinks + settings.cache.window
     while session.tokens_seen < span + 64:  # a full cache: sinks + window, evictions under way
-        session.process(Record("bench", 0, offset, b"hdfs", "".join(x + "\n" for x in lines[offset * 4 : offset * 4 + 4]).encode(), {}, 0))
+        text = "".join(x + "\n" for x in lines[offset * 4 : offset * 4 + 4])
+        session.process(Record("bench", 0, offset, b"hdfs", text.encode(), {}, 0))
         offset += 1
     server = start_redis(workdir / "redis-cp")
     try:
@@ -168,7 +173,7 @@ def plot_service(result: dict[str, Any], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = ["model only", "session", "end to end"]
-    values = [result["model_only"]["tokens_per_s"], result["session"]["tokens_per_s"], result["end_to_end"]["tokens_per_s"]]
+    values = [result[key]["tokens_per_s"] for key in ("model_only", "session", "end_to_end")]
     a.bar(names, values, color=["#4c72b0", "#55a868", "#c44e52"])
     a.set_ylabel("tokens / s")
     a.set_title("service throughput")

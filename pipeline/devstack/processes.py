@@ -199,7 +199,9 @@ def _wait_ready(proc: ManagedProcess, check: Callable[[], Any], timeout_s: float
                          f"(last error: {exc!r}); last lines of {proc.log_path}:\n{_log_tail(proc.log_path)}") from exc
 
 
-def _start(name: str, argv: list[str], port: int, state_dir: Path, check: Callable[[], Any], timeout_s: float) -> ManagedProcess:
+def _start(
+    name: str, argv: list[str], port: int, state_dir: Path, check: Callable[[], Any], timeout_s: float
+) -> ManagedProcess:
     log_path = state_dir / f"{name}.log"
     popen = _spawn(name, argv, log_path)
     proc = ManagedProcess(name, popen.pid, port, log_path, popen)

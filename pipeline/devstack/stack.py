@@ -71,7 +71,9 @@ def _load(home: Path) -> StackInfo | None:
     except FileNotFoundError:
         return None
     except ValidationError as exc:
-        raise StackError(f"{path}: expected JSON written by `sinkstream stack up`, got unreadable content: {exc}") from exc
+        raise StackError(
+            f"{path}: expected JSON written by `sinkstream stack up`, got unreadable content: {exc}"
+        ) from exc
 
 
 def read_stack(home: Path) -> StackInfo | None:
@@ -157,6 +159,7 @@ def stack_status(home: Path) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             procs[name]["error"] = str(exc)
     running = all(p["reachable"] for p in procs.values())
-    return {"running": running, "bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url, "processes": procs}
+    return {"running": running, "bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url,
+            "processes": procs}
 
 

@@ -1,8 +1,8 @@
 """How well sinkstream's per-line score ranks labelled anomalies: ROC-AUC, average precision, precision at k.
 
-A labelled log (Loghub `BGL_2k.log`: label field stripped by `pipeline.evaluation.datasets.bgl_labels`, so it cannot leak)
-is streamed through a real `StreamSession`, i.e. exactly the service's scoring path: records of a few complete
-lines -> chunker -> tokenizer (with or without `normalize_line`) -> sink-cache model -> `LineScorer`. Each
+A labelled log (Loghub `BGL_2k.log`: label field stripped by `pipeline.evaluation.datasets.bgl_labels`, so it
+cannot leak) is streamed through a real `StreamSession`, i.e. exactly the service's scoring path: records of a
+few complete lines -> chunker -> tokenizer (with or without `normalize_line`) -> sink-cache model -> `LineScorer`. Each
 line's published `mean_nll`, `z`, `anomaly` flag and its most surprising token (`top[0].nll`) become rankers,
 next to two baselines that need no model: line length in characters and in tokens (raw text).
 

@@ -53,7 +53,7 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
     """Run `cmd`, capturing output; never raises on a non-zero exit (callers decide)."""
     log.debug("datasets.run", cmd=cmd, cwd=str(cwd) if cwd else None)
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)  # noqa: S603 - argv built here
 
 
 def _tail(text: str, lines: int = 15) -> str:

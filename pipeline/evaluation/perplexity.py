@@ -46,7 +46,8 @@ class Scored:
 
     def perplexity(self, lo: int = 0, hi: int | None = None, only: set[int] | None = None) -> float:
         """exp(mean NLL) over targets i with lo <= i < hi (and i in `only`); NaN when there are none."""
-        picked = [n for i, n in zip(self.indices, self.nlls) if i >= lo and (hi is None or i < hi) and (only is None or i in only)]
+        picked = [n for i, n in zip(self.indices, self.nlls)
+                  if i >= lo and (hi is None or i < hi) and (only is None or i in only)]
         return perplexity(picked)
 
     @property
@@ -93,7 +94,8 @@ def segments(indices: Sequence[int], nlls: Sequence[float], size: int, total: in
             raise ValueError(f"target index {i} outside 0..{total - 1}")
         buckets[i // size].append(n)
     return [
-        {"start": k * size, "end": min((k + 1) * size, total), "targets": len(b), "mean_nll": mean(b), "perplexity": perplexity(b)}
+        {"start": k * size, "end": min((k + 1) * size, total), "targets": len(b), "mean_nll": mean(b),
+         "perplexity": perplexity(b)}
         for k, b in enumerate(buckets)
     ]
 
@@ -143,7 +145,8 @@ def score_run(
     stream = [newline] * sinks + list(ids) if name == NEWLINE else list(ids)
     out = Scored(name, config, stride=stride if name == RECOMPUTE else 1)
     started = time.perf_counter()
-    with tqdm(total=max(len(stream) - 1, 0), desc=f"{name} {config}", unit="tok", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=max(len(stream) - 1, 0), desc=f"{name} {config}", unit="tok", file=sys.stderr,
+              disable=not progress) as bar:
         advance = lambda n: bar.update(min(n, bar.total - bar.n))  # noqa: E731 (strided progress may overshoot)
         for i, _, nll in score_ids(lm, stream, policy, s, w, step, out.stride, progress=advance):
             if i >= offset:
@@ -199,7 +202,9 @@ def length_experiment(
     ranges.append((f"all {len(ids)} tokens", total, None))
     by_name = {s.name: s for s in scored}
     if RECOMPUTE in by_name and stride > 1:  # also compare every run on exactly the targets re-computation scored
-        ranges.append((f"all {len(ids)} tokens, every {ordinal(stride)} target", total, set(by_name[RECOMPUTE].indices)))
+        ranges.append(
+            (f"all {len(ids)} tokens, every {ordinal(stride)} target", total, set(by_name[RECOMPUTE].indices))
+        )
     header = ["Text", *[s.label for s in scored]]
     rows = []
     for title, hi, only in ranges:
@@ -288,7 +293,10 @@ def cache_ablation(
     return _ablation_result("cache", {"sinks": sinks, "sizes": list(sizes)}, scored, rows, len(ids), total, segment)
 
 
-def _ablation_result(experiment: str, settings: dict[str, Any], scored, rows, tokens: int, total: int, segment: int) -> dict[str, Any]:
+def _ablation_result(
+    experiment: str, settings: dict[str, Any], scored: Sequence[Scored], rows: list[list[Any]], tokens: int,
+    total: int, segment: int,
+) -> dict[str, Any]:
     """The JSON of an ablation: its settings, per-run summaries and segments, the Markdown table, raw NLLs."""
     return {
         "experiment": experiment,

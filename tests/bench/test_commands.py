@@ -41,7 +41,8 @@ def test_eval_cli_writes_json_table_and_plot(tiny_cli, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "window_over_sink" in printed and "sink_over_recompute" in printed
     for name, args in (("sinks", ["--cache", "32", "--sink-counts", "0,2,4"]), ("cache", ["--cache-sizes", "16,32"])):
-        assert main(["eval", name, "--ids", str(ids), "--max-tokens", "300", "--chunk", "64", "--out", str(out), *args]) == 0
+        argv = ["eval", name, "--ids", str(ids), "--max-tokens", "300", "--chunk", "64", "--out", str(out), *args]
+        assert main(argv) == 0
         result = json.loads((out / f"eval_{name}.json").read_text())
         assert result["tokens"] == 300 and len(result["runs"]) == len(args[-1].split(","))
         _png_ok(out / f"eval_{name}.png")

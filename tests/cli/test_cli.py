@@ -87,7 +87,8 @@ def test_demo_stops_the_stack_it_started_when_it_fails(tmp_path, monkeypatch, ca
     monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path))
     monkeypatch.setattr(demo_command, "_streams", lambda args, home: {"s": [b"line\n"]})
     monkeypatch.setattr(stack, "read_stack", lambda home: None)
-    monkeypatch.setattr(stack, "stack_up", lambda home: calls.append("up") or stack.StackInfo(bootstrap_servers="127.0.0.1:1", redis_url="redis://127.0.0.1:2/0", pids={}))
+    info = stack.StackInfo(bootstrap_servers="127.0.0.1:1", redis_url="redis://127.0.0.1:2/0", pids={})
+    monkeypatch.setattr(stack, "stack_up", lambda home: calls.append("up") or info)
     monkeypatch.setattr(stack, "stack_down", lambda home: calls.append("down"))
     monkeypatch.setattr(demo_command, "_demo", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -59,12 +58,14 @@ def test_out_of_range_and_unknown_enum_values_say_what_was_expected_and_what_arr
     (tmp_path / "config.yaml").write_text("kafka:\n  security_protocol: TLS\n  session_timeout_ms: 0\n")
     line = one_line(sinkstream("run", "--config", "config.yaml", tmp_path=tmp_path))
     assert "kafka.session_timeout_ms: Input should be greater than 0; got 0" in line
-    assert "kafka.security_protocol: Input should be 'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'; got 'TLS'" in line
+    assert ("kafka.security_protocol: Input should be 'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'; "
+            "got 'TLS'") in line
 
 
 def test_unknown_environment_variable_is_one_line_naming_it(tmp_path):
     line = one_line(sinkstream("run", tmp_path=tmp_path, env={"SINKSTREAM_KAFKA__BOOTSTRAP_SERVER": "h:9092"}))
-    assert line.startswith("sinkstream: error: unknown environment variable SINKSTREAM_KAFKA__BOOTSTRAP_SERVER: expected")
+    assert line.startswith(
+        "sinkstream: error: unknown environment variable SINKSTREAM_KAFKA__BOOTSTRAP_SERVER: expected")
 
 
 def test_missing_config_file_is_one_line(tmp_path):

@@ -28,7 +28,8 @@ def test_eval_libraries_are_loaded_when_a_metric_or_chart_is_made(tmp_path):
         "from pathlib import Path\n"
         "from pipeline.evaluation import anomaly_report as ar, plots, tables\n"
         "ar.roc_auc([1.0, 2.0], [False, True]); tables.markdown_table(['a'], [[1.0]])\n"
-        f"plots.save_figure(Path({str(tmp_path / 'x.png')!r}), [plots.Panel('t', 'x', 'y', {{'s': ([1, 2], [1, 2])}})])\n"
+        f"png = Path({str(tmp_path / 'x.png')!r})\n"
+        "plots.save_figure(png, [plots.Panel('t', 'x', 'y', {'s': ([1, 2], [1, 2])})])\n"
         "print(json.dumps(sorted(m for m in ['matplotlib', 'sklearn', 'tabulate'] if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -14,8 +13,6 @@ import structlog
 
 from pipeline.evaluation import datasets
 from pipeline.evaluation.datasets import DatasetError, bgl_labels, canterbury, loghub_dir
-
-
 
 # --- Loghub / BGL -------------------------------------------------------------------------------------
 
