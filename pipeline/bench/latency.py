@@ -53,7 +53,9 @@ def latency(
                 cache = filled_cache(runner, s, w, fill, tokens)
                 state = cache.state()
                 one = tokens(1)
-                reset = (lambda c=cache, st=state: c.restore(st)) if policy == "dense" else None
+                reset: Callable[[], None] | None = None
+                if policy == "dense":
+                    reset = lambda c=cache, st=state: c.restore(st)  # noqa: E731 - binds this size's cache
                 t = median_time(lambda c=cache, x=one: runner.step(c, x), steps, repeats, reset)
                 del cache, state
             ms[policy][size] = 1000.0 * t["median_s"]

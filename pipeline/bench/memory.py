@@ -104,6 +104,7 @@ def memory(
         tempfile.TemporaryFile("w+") as stderr,
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc,  # noqa: S603 - our own worker
     ):
+        assert proc.stdout is not None  # stdout=PIPE
         watchdog = threading.Timer(timeout_s, proc.kill)  # a stuck worker must not hang the bench
         watchdog.start()
         try:

@@ -131,7 +131,9 @@ def _checkpoint_cost(engine: Engine, settings: Settings, workdir: Path, repeats:
             t2 = time.perf_counter()
             StreamSession.restore(engine, store.read_snapshot(doc["snapshots"]["hdfs"]))
             t3 = time.perf_counter()
-            dump.append(t1 - t0), write.append(t2 - t1), restore.append(t3 - t2)
+            dump.append(t1 - t0)
+            write.append(t2 - t1)
+            restore.append(t3 - t2)
         med = statistics.median
         return {"tokens_in_cache": session.cache.buffered(), "bytes": len(blob), "snapshot_ms": 1000 * med(dump),
                 "redis_write_ms": 1000 * med(write), "checkpoint_ms": 1000 * (med(dump) + med(write)),

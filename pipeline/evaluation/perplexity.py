@@ -142,7 +142,7 @@ def score_run(
     else:
         raise ValueError(f"run must be one of {RUNS}, got {name!r}")
     offset = sinks if name == NEWLINE else 0
-    stream = [newline] * sinks + list(ids) if name == NEWLINE else list(ids)
+    stream = [newline] * sinks + list(ids) if name == NEWLINE and newline is not None else list(ids)
     out = Scored(name, config, stride=stride if name == RECOMPUTE else 1)
     started = time.perf_counter()
     with tqdm(total=max(len(stream) - 1, 0), desc=f"{name} {config}", unit="tok", file=sys.stderr,
@@ -198,7 +198,8 @@ def length_experiment(
     limit = lm.arch.max_positions
     # Dense scores the targets inside the model's positions: the first `limit` tokens hold `limit - 1` targets.
     # Rows: (title, last target, only these targets or None for all).
-    ranges = [(f"first {limit} tokens", limit - 1, None)] if limit and limit - 1 < total else []
+    ranges: list[tuple[str, int, set[int] | None]] = (
+        [(f"first {limit} tokens", limit - 1, None)] if limit and limit - 1 < total else [])
     ranges.append((f"all {len(ids)} tokens", total, None))
     by_name = {s.name: s for s in scored}
     if RECOMPUTE in by_name and stride > 1:  # also compare every run on exactly the targets re-computation scored

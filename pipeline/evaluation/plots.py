@@ -51,10 +51,10 @@ def _draw(ax: Any, panel: Panel) -> None:
         if label in panel.colors:
             style["color"] = panel.colors[label]
         ax.plot(xs, ys, label=label, linewidth=1.4, **style)
-    for k, (label, x) in enumerate(panel.vlines.items()):
-        ax.axvline(x, linestyle="--", linewidth=0.9, color=f"C{7 + k % 3}", label=label)
-    for k, (label, y) in enumerate(panel.hlines.items()):
-        ax.axhline(y, linestyle=":", linewidth=0.9, color=f"C{7 + k % 3}", label=label)
+    for k, (label, at_x) in enumerate(panel.vlines.items()):
+        ax.axvline(at_x, linestyle="--", linewidth=0.9, color=f"C{7 + k % 3}", label=label)
+    for k, (label, at_y) in enumerate(panel.hlines.items()):
+        ax.axhline(at_y, linestyle=":", linewidth=0.9, color=f"C{7 + k % 3}", label=label)
     if panel.logx:
         ax.set_xscale("log", base=2)
     if panel.logy:
