@@ -17,6 +17,7 @@ never in timed tests.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,8 @@ from model.pool import KVPool, bytes_per_slot
 from model.pool_step import PoolStepper
 from model.stepper import SinkModel
 
-LOGHUB = Path(__file__).resolve().parents[2] / "shared" / "data" / "loghub"
+# `SINKSTREAM_LOGHUB` (the variable `pipeline.evaluation.datasets` reads too) points elsewhere, e.g. on a GPU host
+LOGHUB = Path(os.environ.get("SINKSTREAM_LOGHUB") or Path(__file__).resolve().parents[2] / "shared/data/loghub")
 
 
 def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path = LOGHUB) -> list[list[int]]:
@@ -63,17 +65,28 @@ def _plain_sdpa(lm: LoadedModel):
         lm.model.set_attn_implementation(before)
 
 
-def _timed(fns: dict[str, Callable[[], Any]], repeats: int, cpu: dict[str, float] | None = None) -> dict[str, float]:
-    """Median wall seconds per call of each fn; one warm-up each; variants interleaved within every repeat.
+def _sync() -> None:
+    """Wait for queued CUDA work, so that wall-clock times cover it (kernels run asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _timed(
+    fns: dict[str, Callable[[], Any]], repeats: int, cpu: dict[str, float] | None = None, warmup: bool = True
+) -> dict[str, float]:
+    """Median wall seconds per call of each fn; one warm-up each (unless `warmup=False`); variants interleaved
+    within every repeat.
 
     `cpu`, when given, receives the median process CPU seconds per call (less sensitive to a loaded machine).
     """
     samples: dict[str, list[float]] = {name: [] for name in fns}
     cpu_samples: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats + 1):
+    for r in range(0 if warmup else 1, repeats + 1):
         for name, fn in fns.items():
+            _sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
+            _sync()
             if r:
                 samples[name].append(time.perf_counter() - start)
                 cpu_samples[name].append(time.process_time() - start_cpu)
@@ -204,8 +217,12 @@ def ingest(
     repeats: int = 2,
     sequential_max: int = 64,
     progress: Callable[[str], None] | None = None,
+    warmup: bool = True,
 ) -> dict[str, Any]:
-    """Tokens/s of N streams each ingesting one Loghub line (see the module docstring)."""
+    """Tokens/s of N streams each ingesting one Loghub line (see the module docstring).
+
+    `sequential_max` caps how many streams the one-forward-per-stream variant runs (its tokens/s is over those).
+    """
     prefix = sinks + window
     prefix_ids = _prefix_ids(lm, prefix)
     pool, stepper, slots, last = _filled_pool(lm, max(counts), sinks, window, max_chunk, prefix_ids)
@@ -248,7 +265,7 @@ def ingest(
             "sinkcache_one_by_one": sink_one_by_one,
         }
         cpu = {}
-        t = _timed(fns, repeats, cpu)
+        t = _timed(fns, repeats, cpu, warmup)
         seq_tokens = sum(len(c) for c in chunks[:sequential_max])
         tps = {"pool_ragged": tokens / t["pool_ragged"], "raw_padded": tokens / t["raw_padded"],
                "sinkcache_one_by_one": seq_tokens / t["sinkcache_one_by_one"]}
@@ -265,6 +282,8 @@ def ingest(
             "pool_vs_raw_padded_cpu": cpu["raw_padded"] / cpu["pool_ragged"],
             "pool_vs_sinkcache_one_by_one": tps["pool_ragged"] / tps["sinkcache_one_by_one"],
         })
+        if progress:
+            progress(f"ingest N={count} done: {rows[-1]}")
         del dyn
     return {"benchmark": "pool_ingest", "sinks": sinks, "window": window, "max_chunk": max_chunk,
             "prefix_tokens": prefix, "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows}

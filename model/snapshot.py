@@ -128,7 +128,8 @@ def parse_header(blob: bytes) -> SnapshotHeader:
 def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any], dict[str, torch.Tensor]]:
     """Restore a cache for `lm` from `dump_cache` bytes; returns (cache, extra, tensors)."""
     header = parse_header(blob)
-    for key, have in (("fingerprint", lm.fingerprint), ("dtype", str(lm.dtype))):
+    # dtype first: the fingerprint covers the dtype too, and a bf16 snapshot offered to an fp32 model says so
+    for key, have in (("dtype", str(lm.dtype)), ("fingerprint", lm.fingerprint)):
         if getattr(header, key) != have:
             raise SnapshotError(
                 f"snapshot {key} mismatch: this model has {have!r}, the snapshot was taken with {getattr(header, key)!r}"
