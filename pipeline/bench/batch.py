@@ -6,6 +6,7 @@ difference between them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,9 +53,10 @@ def batch(
         reset()
         one_logits = torch.stack([runner.step(c, [int(t)])[0] for c, t in zip(caches, ids)])
         diff = float((batched_logits - one_logits).abs().max())
-        t = interleaved(lambda cs=caches, xs=ids: step_many(lm, cs, xs),
-                        lambda cs=caches, xs=ids: [runner.step(c, [int(x)]) for c, x in zip(cs, xs)],
-                        steps, repeats, reset)
+        def one_by_one(cs: list[SinkCache] = caches, xs: torch.Tensor = ids) -> list[torch.Tensor]:
+            return [runner.step(c, [int(x)]) for c, x in zip(cs, xs)]
+
+        t = interleaved(partial(step_many, lm, caches, ids), one_by_one, steps, repeats, reset)
         rows.append({"streams": size, "lengths": [s.seen for s in states], "batched_tokens_per_s": size / t["a_s"],
                      "sequential_tokens_per_s": size / t["b_s"], "speedup": t["b_s"] / t["a_s"],
                      "cpu_speedup": t["b_cpu_s"] / t["a_cpu_s"], "max_abs_logit_diff": diff})

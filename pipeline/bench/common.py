@@ -15,12 +15,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
 from torch.utils import benchmark
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from model.loader import LoadedModel, wrap_model
 from model.sink_cache import SinkCache
@@ -146,7 +147,9 @@ class DynamicDecoder:
         self.cache = DynamicCache(config=lm.model.config)
         with torch.inference_mode():
             lm.model(input_ids=prefix.view(1, -1).to(lm.device), past_key_values=self.cache, use_cache=True)
-        self.saved = [(layer.keys, layer.values) for layer in self.cache.layers]
+        # A DynamicCache built from a plain decoder config holds DynamicLayers only.
+        self.layers = cast(list[DynamicLayer], self.cache.layers)
+        self.saved = [(layer.keys, layer.values) for layer in self.layers]
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -157,6 +160,6 @@ class DynamicDecoder:
             kwargs["attention_mask"] = (torch.arange(self.past + n, device=self.lm.device)[None, :] <= q)[None, None]
         out = self.lm.model(input_ids=ids[None].to(self.lm.device), past_key_values=self.cache, use_cache=True,
                             **kwargs)
-        for layer, (k, v) in zip(self.cache.layers, self.saved):  # updates never write in place: roll back
+        for layer, (k, v) in zip(self.layers, self.saved):  # updates never write in place: roll back
             layer.keys, layer.values = k, v
         return out.logits

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from model.loader import LoadedModel
@@ -31,7 +32,7 @@ def ingest(
         forwards = max(2, min(32, 1024 // chunk))
         cache = filled_cache(runner, sinks, window, sinks + window + chunk, tokens, chunk=max(256, chunk))
         ids = tokens(chunk)
-        t = interleaved(lambda c=cache, x=ids: runner.step(c, x), lambda x=ids: dyn.forward(x), forwards, repeats)
+        t = interleaved(partial(runner.step, cache, ids), partial(dyn.forward, ids), forwards, repeats)
         rows.append({"chunk": chunk, "forwards": forwards, "sink_tokens_per_s": chunk / t["a_s"],
                      "raw_tokens_per_s": chunk / t["b_s"],
                      "ratio": t["b_s"] / t["a_s"], "cpu_ratio": t["b_cpu_s"] / t["a_cpu_s"]})

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,10 +54,8 @@ def latency(
                 cache = filled_cache(runner, s, w, fill, tokens)
                 state = cache.state()
                 one = tokens(1)
-                reset: Callable[[], None] | None = None
-                if policy == "dense":
-                    reset = lambda c=cache, st=state: c.restore(st)  # noqa: E731 - binds this size's cache
-                t = median_time(lambda c=cache, x=one: runner.step(c, x), steps, repeats, reset)
+                reset = partial(cache.restore, state) if policy == "dense" else None
+                t = median_time(partial(runner.step, cache, one), steps, repeats, reset)
                 del cache, state
             ms[policy][size] = 1000.0 * t["median_s"]
             cpu[policy][size] = 1000.0 * t["median_cpu_s"]

@@ -5,6 +5,7 @@ holding the same number of keys.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from model.loader import LoadedModel
@@ -30,7 +31,7 @@ def overhead(
         cache = filled_cache(runner, sinks, n - sinks, n + 64, tokens)
         dyn = DynamicDecoder(lm, tokens(n - 1))
         one = tokens(1)
-        t = interleaved(lambda c=cache, x=one: runner.step(c, x), lambda d=dyn, x=one: d.forward(x), steps, repeats)
+        t = interleaved(partial(runner.step, cache, one), partial(dyn.forward, one), steps, repeats)
         rows.append({"keys": n, "sink_ms": 1000 * t["a_s"], "dynamic_ms": 1000 * t["b_s"], "ratio": t["a_s"] / t["b_s"],
                      "sink_cpu_ms": 1000 * t["a_cpu_s"], "dynamic_cpu_ms": 1000 * t["b_cpu_s"],
                      "cpu_ratio": t["a_cpu_s"] / t["b_cpu_s"],
