@@ -142,3 +142,94 @@ def _manifest(redis_server, config: dict, partition: int) -> dict:
     raw = redis_server.client().get(key)
     assert raw is not None, f"no manifest at {key}"
     return json.loads(raw)
+
+
+def test_redis_paused_30s_mid_run_loses_nothing_and_exits_0(scenario, read_topic, kafka_stack, redis_server, tmp_path):
+    """Issue 10: a Redis that hangs for 30 s never crashes the service; every input is annotated exactly once
+    after dedupe (byte-identical to the uninterrupted baseline) and the run ends with exit code 0."""
+    import os
+
+    config, out_topic, expected = scenario(partitions=2, per_partition=24)
+    config["redis"]["socket_timeout_s"] = 3.0
+    svc = ServiceProcess.start(config, tmp_path, "redis-pause", idle_exit_s=6)
+    svc.wait_for_log('"checkpoint.done"')
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        svc.wait_for_log('"redis.unavailable"', timeout_s=60)
+        time.sleep(30)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    assert svc.wait(300) == 0, svc.log()[-3000:]
+    log = svc.log()
+    assert '"redis.available"' in log and "Traceback" not in log, log[-3000:]
+    messages = read_topic(kafka_stack.bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60)
+    _check_output(messages, expected)
+    for p in range(2):
+        assert _manifest(redis_server, config, p)["manifest"]["next_offset"] == 24
+
+
+def test_hostile_records_through_the_real_broker_each_get_a_result(kafka_stack, redis_server, read_topic, tmp_path):
+    """Issue 10: invalid UTF-8, NUL/control bytes, an invalid-UTF-8 key, unknown headers, an empty value, a
+    tombstone, a 1 MB value without a newline, a 5 MB value and 100,000 newlines, between normal lines: each gets
+    a score or an error annotation within the limits, normal lines after them keep flowing, memory stays bounded."""
+    import threading
+
+    from confluent_kafka import Producer
+
+    topic = kafka_stack.make_topic("hostile", 1)
+    out_topic = kafka_stack.make_topic("hostile-out", 1)
+    config = service_settings(kafka_stack.bootstrap, redis_server.url, topic, out_topic,
+                              kafka_stack.group("hostile"), redis_server.unique_prefix("hostile"))
+    config["service"].update({"max_record_tokens": 512})
+    config["kafka"]["max_poll_records"] = 8
+    normal = [(b"s", f"INFO block {i} replicated to 3 nodes\n".encode(), None) for i in range(4)]
+    hostile = [
+        (b"s", b"\xff\xfe bad utf-8 \x00\x01\x02 control\n", None),
+        (b"\xc3\x28", b"line under an invalid-UTF-8 key\n", {"x-unknown": b"\x00\xff"}),
+        (b"s", b"", None),
+        (b"s", None, None),  # tombstone
+        (b"s", b"A" * 1_000_000, None),  # 1 MB, no newline
+        (b"s", (b"word " * 200 + b"\n") * 5_000, None),  # 5 MB
+        (b"s", b"\n" * 100_000, None),
+    ]
+    items = normal + hostile + normal
+    producer = Producer({"bootstrap.servers": kafka_stack.bootstrap, "message.max.bytes": 8_000_000})
+    for key, value, headers in items:
+        producer.produce(topic, key=key, value=value, headers=list((headers or {}).items()), partition=0)
+    assert producer.flush(60) == 0
+    svc = ServiceProcess.start(config, tmp_path, "hostile", idle_exit_s=4)
+    peak = {"kb": 0}
+
+    def sample():
+        while svc.proc.poll() is None:
+            try:
+                status = open(f"/proc/{svc.proc.pid}/status").read()
+                peak["kb"] = max(peak["kb"], int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError):
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    assert svc.wait(600) == 0, svc.log()[-3000:]
+    seconds = time.monotonic() - started
+    watcher.join(2)
+    scored = lambda g: {m["value"]["source"]["offset"] for m in g if m["value"]["kind"] == "score"}  # noqa: E731
+    messages = read_topic(kafka_stack.bootstrap, out_topic, 1, until=lambda g: scored(g) >= set(range(len(items))),
+                          timeout_s=60)
+    by_offset = defaultdict(dict)
+    for m in messages:
+        by_offset[m["value"]["source"]["offset"]][m["value"]["kind"]] = m["value"]
+    assert sorted(by_offset) == list(range(len(items)))  # every record got a result
+    assert all("score" in by_offset[o] for o in by_offset)
+    reasons = {o: [p["reason"] for p in a["error"]["problems"]] for o, d in by_offset.items() for k, a in d.items() if k == "error"}
+    assert reasons[8] == ["record_too_many_tokens"]  # 1 MB without newline: cut into long lines, budget applies
+    assert reasons[9][0] == "record_too_large"  # 5 MB: only the first MiB is read
+    assert reasons[10] == ["record_too_many_tokens"]  # 100,000 newlines
+    assert sorted(reasons) == [8, 9, 10]
+    assert by_offset[5]["score"]["stream"] == "hex:c328"
+    tail = [by_offset[o]["score"] for o in range(len(items) - 4, len(items))]
+    assert all(t["score"]["lines"] and t["score"]["tokens"] > 0 for t in tail)  # normal lines after the hostile ones
+    print(f"hostile run: {seconds:.1f} s for {len(items)} records, service peak RSS {peak['kb'] / 1024:.0f} MiB")
+    assert peak["kb"] < 3 * 1024 * 1024, f"peak RSS {peak['kb'] / 1024:.0f} MiB above the documented 3 GiB bound"
