@@ -222,3 +222,39 @@ def test_record_limits_and_reset_header_in_dialogue_mode(tiny_chat_lm, one_threa
     first = by_offset[(0, "reply")]
     assert by_offset[(3, "reply")]["tokens_seen"] < by_offset[(2, "reply")]["tokens_seen"]
     assert first["reply"]["prompt_tokens"] > 0
+
+
+def test_a_failing_turn_leaves_its_conversation_as_it_was_and_quarantine_applies(tiny_chat_lm, one_thread, monkeypatch):
+    settings = _settings(service={"quarantine_after": 2, "batch_tokens": 1})  # a record a group
+    topic = MemoryTopic("in")
+    for i, text in enumerate(["Hello", "poison one", "Still there?", "poison two", "poison three", "Anyone?"]):
+        topic.append(0, b"bad", text.encode())
+        topic.append(0, b"good", f"Turn {i}".encode())
+    engine = Engine(tiny_chat_lm, settings)
+    runner = engine.backend.runner
+    real, attempted = runner.step, []
+
+    def step(cache, ids):
+        if "poison" in tiny_chat_lm.tokenizer.decode(list(ids)):
+            attempted.append(list(ids))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return real(cache, ids)
+
+    monkeypatch.setattr(runner, "step", step)
+    sink = MemorySink()
+    service = Service(settings, engine, MemorySource.factory(topic), sink, MemoryStore())
+    assert service.run(idle_exit_s=0.2, install_signals=False) == 0
+    values = sink.values("out")
+    for a in values:
+        ann.validate(a)
+    good = [a for a in values if a["stream"] == "good"]
+    assert [a["kind"] for a in good] == ["reply"] * 6 and [a["reply"]["turn"] for a in good] == list(range(6))
+    bad = [(a["kind"], a["reply"]["turn"] if a["kind"] == "reply" else a["error"]["problems"][0]["reason"])
+           for a in values if a["stream"] == "bad"]
+    # A failed turn is not part of the conversation (the next reply is turn 1); the second failure in a row
+    # quarantines the conversation, whose later turns never reach the model.
+    assert bad == [("reply", 0), ("error", "model_step_failed"), ("reply", 1), ("error", "model_step_failed"),
+                   ("error", "quarantined"), ("error", "quarantined")]
+    assert len(attempted) == 3
+    by_offset = {a["source"]["offset"]: a for a in values if a["stream"] == "bad"}
+    assert by_offset[2]["tokens_seen"] == by_offset[0]["tokens_seen"]  # the failed turn left the cache as it was
