@@ -65,6 +65,7 @@ class _Service:
     proc: subprocess.Popen[bytes]
     log_path: Path
     started: float
+    messages_at_start: int = 0  # annotations the reader had received when this incarnation started
     peak_kb: int = 0
 
     def alive(self) -> bool:
@@ -114,7 +115,7 @@ def _start_service(config_path: Path, workdir: Path, n: int, run: _Run) -> _Serv
         proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603 - our own argv
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     run.events.append({"t": run.now(), "event": "service_start", "pid": proc.pid})
-    return _Service(proc, log_path, run.now())
+    return _Service(proc, log_path, run.now(), len(run.messages))
 
 
 def _sample_rss(services: list[_Service], run: _Run) -> None:
@@ -313,10 +314,13 @@ def soak(
                 time.sleep(0.2)
             if kind == "kill":
                 svc = services[-1]
-                # Kill an incarnation only once it took its partitions (survived the previous kill): on a slow
-                # machine a restart takes longer than the gap between two planned kills.
+                # Kill an incarnation only once it published annotations of its own (so it survived the previous
+                # kill, and the kill lands between publishing and a checkpoint): on a slow machine a restart takes
+                # longer than the gap between two planned kills. Bounded wait.
                 ready_by = time.monotonic() + 180
-                while svc.alive() and '"partition.assigned"' not in svc.log_text() and time.monotonic() < ready_by:
+                while svc.alive() and time.monotonic() < ready_by and not (
+                    '"partition.assigned"' in svc.log_text() and len(run.messages) > svc.messages_at_start
+                ):
                     time.sleep(0.5)
                 if svc.alive():
                     svc.proc.send_signal(signal.SIGKILL)
