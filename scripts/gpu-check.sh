@@ -37,20 +37,26 @@
 # Quick CPU smoke run of the same code (tiny random model, seconds; what tests/bench/test_gpu_check.py runs):
 #   bash scripts/gpu-check.sh /tmp/gpu-check --device cpu --quick
 set -uo pipefail
-cd "$(dirname "$0")/.."
-if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
-  echo "usage: bash scripts/gpu-check.sh OUTDIR [--device auto|cuda|cpu] [--quick] [--parts a,b] [...]" >&2
-  exit 2
-fi
-OUTDIR=$1
-shift
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1
-"$PY" -m pipeline.bench.gpu_check --out "$OUTDIR" "$@" 2>&1 | tee "$OUTDIR/gpu_check.log"
-rc=${PIPESTATUS[0]}
-echo "gpu-check: exit $rc; summary in $OUTDIR/gpu_check.md and $OUTDIR/gpu_check.json"
-exit "$rc"
+
+# Everything inside one function, parsed before it runs: editing this file during a run cannot derail it.
+main() {
+  if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
+    echo "usage: bash scripts/gpu-check.sh OUTDIR [--device auto|cuda|cpu] [--quick] [--parts a,b] [...]" >&2
+    return 2
+  fi
+  local outdir py rc
+  outdir=$(mkdir -p "$1" && cd "$1" && pwd) || return 2
+  shift
+  cd "$(dirname "${BASH_SOURCE[0]}")/.." || return 2
+  py=${PYTHON:-}
+  if [ -z "$py" ]; then
+    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+  fi
+  export PYTHONUNBUFFERED=1
+  "$py" -m pipeline.bench.gpu_check --out "$outdir" "$@" 2>&1 | tee "$outdir/gpu_check.log"
+  rc=${PIPESTATUS[0]}
+  echo "gpu-check: exit $rc; summary in $outdir/gpu_check.md and $outdir/gpu_check.json"
+  return "$rc"
+}
+main "$@"
+exit $?

@@ -217,15 +217,19 @@ def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _text_ids(lm, n: int, seed: int = 0) -> tuple[list[int], str]:
-    """n token ids of Loghub-like text when a tokenizer exists (a fixed English sentence mix), else random ids."""
+def _text_ids(lm, cfg: Config, n: int, seed: int = 0) -> tuple[list[int], str]:
+    """The first n token ids of the Canterbury prose (else the Loghub samples) when a tokenizer exists, else
+    random ids."""
     vocab = lm.model.get_output_embeddings().out_features
-    if lm.tokenizer is None:
+    files = sorted(cfg.canterbury.glob("*.txt")) or sorted(cfg.loghub.glob("*.log"))
+    if lm.tokenizer is None or not files:
         return _random_ids(n, vocab, seed), "random ids"
-    text = ("The quick brown fox jumps over the lazy dog. 081109 203615 148 INFO dfs.DataNode$PacketResponder: "
-            "PacketResponder 1 for block blk_38865049064139660 terminating\n")
-    ids = lm.tokenizer(text * (n // 20 + 2), add_special_tokens=False)["input_ids"]
-    return ids[:n], "repeated sample text"
+    ids: list[int] = []
+    for f in files:
+        ids += lm.tokenizer(f.read_text(errors="replace")[: 8 * n], add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            return ids[:n], f"{f.name} ({f.parent.name})"
+    return (ids * (n // max(1, len(ids)) + 1))[:n], f"{files[0].parent.name}, repeated"
 
 
 @contextmanager
@@ -328,7 +332,7 @@ def _sink_and_dense(lm, ids: list[int], cfg: Config) -> tuple[torch.Tensor, torc
 def part_sink_vs_dense(cfg: Config) -> dict[str, Any]:
     """Sink vs dense logits before eviction (S + W tokens): exact in fp32, as close as dense itself in low precision."""
     lm32 = load_lm(cfg, torch.float32)
-    ids, source = _text_ids(lm32, cfg.sinks + cfg.window)
+    ids, source = _text_ids(lm32, cfg, cfg.sinks + cfg.window)
     sink32, dense32 = _sink_and_dense(lm32, ids, cfg)
     del lm32
     low = load_lm(cfg, cfg.dtype)
