@@ -162,6 +162,8 @@ class KVPool:
         self.ring = window + self.max_chunk - 1
         self.columns = sinks + self.ring
         self.dtype = dtype or lm.dtype
+        if self.dtype != lm.dtype:
+            raise ValueError(f"the pool stores keys in the model's dtype: expected {lm.dtype}, got {self.dtype}")
         self.device = torch.device(device) if device is not None else lm.device
         self.n_layers, self.kv_heads, self.head_dim = kv_geometry(lm)
         shape = (capacity, self.kv_heads, self.columns, self.head_dim)  # (slots, Hkv, S + R, D)

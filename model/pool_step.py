@@ -378,8 +378,9 @@ class PoolStepper:
                 min(S, t0s[b] + n), visible[off : off + n],
                 sink_cos[off : off + n] if use else None, sink_sin[off : off + n] if use else None)))
         mode = self.mode
-        if mode == "auto":
-            mode = "batched" if (dev.type == "cuda" or max(lengths) == 1) else "loop"
+        if mode == "auto":  # CPU: batch decode steps over a (nearly) contiguous slot range, loop otherwise
+            dense = slots[-1] - slots[0] + 1 <= 2 * len(slots)
+            mode = "batched" if (dev.type == "cuda" or (max(lengths) == 1 and dense)) else "loop"
         slots_t = torch.tensor(list(slots))
         has_next = (j < n_t[sid] - 1).to(dev)
         plan = PoolPlan(pool, streams, mode, slots_t[sid].to(dev), pool.column(tq).to(dev), j.to(dev), visible,
@@ -458,14 +459,16 @@ class PoolStepper:
             if rows_all is not None:
                 rows_all.append(logits)
         logits_all = torch.cat(rows_all) if rows_all is not None else None
+        with_prev = [k for k, b in enumerate(order) if prev_logits is not None and prev_logits[order[k]] is not None]
+        if with_prev:  # first tokens, scored by the logits each stream carried over (one batched op)
+            prev = torch.stack([prev_logits[order[k]].float().to(nll.device) for k in with_prev])  # (k, vocab)
+            firsts = torch.tensor([offsets[k] for k in with_prev], device=nll.device)
+            nll[firsts] = -torch.log_softmax(prev, -1).gather(1, packed[firsts][:, None])[:, 0]
         nll_cpu = nll.cpu()
         results: list[StreamResult | None] = [None] * len(order)
         for k, b in enumerate(order):
             off, n = offsets[k], plan.streams[k].length
             stream_nll = nll_cpu[off : off + n].clone()
-            prev = prev_logits[b] if prev_logits is not None else None
-            if prev is not None:
-                stream_nll[0] = float(-torch.log_softmax(prev.float(), -1)[packed[off]])
             results[b] = StreamResult(stream_nll, last[k].clone(),
                                       logits_all[off : off + n] if logits_all is not None else None)
         return results

@@ -332,3 +332,16 @@ def test_attention_modes_agree(tiny_lm, arch):
         results[mode] = torch.cat(out)
     for mode in ("batched", "flex"):
         assert (results[mode] - results["loop"]).abs().max() <= 1e-5, mode
+
+
+def test_window_policy_pool_equals_sink_model(tiny_lm):
+    """sinks=0 (plain window attention) runs through the pool too, equal to SinkModel's window policy."""
+    lm = tiny_lm("llama")
+    ids = _ids(70, seed=8)
+    pool = KVPool(lm, 1, 0, W, max_chunk=C)
+    ours, _ = _feed_chunks(PoolStepper(pool), pool.allocate(), _ragged(ids, seed=5))
+    runner = SinkModel(lm)
+    theirs, _ = runner.nll(runner.new_cache(0, W, max_chunk=1), ids)
+    assert (ours[1:] - theirs[1:]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="model's dtype"):
+        KVPool(lm, 1, S, W, dtype=torch.bfloat16)
