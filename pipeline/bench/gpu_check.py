@@ -57,19 +57,24 @@ import structlog
 import torch
 from pydantic import BaseModel, Field
 
+from model.pool_step import Mode
+
 log = structlog.get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("cuda_tests", "oracle_fp32", "sink_vs_dense", "many_streams", "checkpoint_cost", "perplexity_4m")
 GOAL_TOKENS_PER_S = 100_000
 # SmolLM2-135M's architecture (the default model), for random weights when the real ones are absent.
-SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+SMOLLM2_CONFIG: dict[str, Any] = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                       rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TINY_CONFIG: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+Status = Literal["ok", "skipped", "failed"]
 
 
 class Skip(Exception):
@@ -80,7 +85,7 @@ class PartResult(BaseModel):
     """One part of the check: status, why, how long, and its figures."""
 
     name: str
-    status: Literal["ok", "skipped", "failed"]
+    status: Status
     reason: str
     seconds: float
     checks: dict[str, bool] = Field(default_factory=dict)
@@ -194,7 +199,7 @@ def random_lm(cfg: Config, dtype: torch.dtype, seed: int = 0):
 
     kwargs = dict(TINY_CONFIG, vocab_size=SMOLLM2_CONFIG["vocab_size"]) if cfg.quick else SMOLLM2_CONFIG
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    model: Any = LlamaForCausalLM(LlamaConfig(**kwargs))
     # Random init predicts nearly uniformly; sharpen it (as tests.helpers.models does) so that attention spans
     # and rounding change the NLLs measurably. Speed does not depend on the values.
     with torch.no_grad():
@@ -243,7 +248,7 @@ def plain_sdpa(lm):
         lm.model.set_attn_implementation(before)
 
 
-def _checks_reason(checks: dict[str, bool], ok: str) -> tuple[str, str]:
+def _checks_reason(checks: dict[str, bool], ok: str) -> tuple[Status, str]:
     bad = [name for name, passed in checks.items() if not passed]
     if bad:
         return "failed", "checks failed: " + ", ".join(bad)
@@ -267,9 +272,10 @@ def part_cuda_tests(cfg: Config) -> dict[str, Any]:
     (cfg.out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.exists():
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        counts = {k: int(suite.get(k, 0)) for k in counts}
+        root = ET.parse(xml).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        if suite is not None:
+            counts = {k: int(suite.get(k, 0)) for k in counts}
     checks = {"pytest_exit_0": proc.returncode == 0, "tests_ran": counts["tests"] > 0,
               "none_skipped_on_cuda": counts["skipped"] == 0}
     return {"checks": checks, "metrics": dict(counts, returncode=proc.returncode,
@@ -341,7 +347,7 @@ def part_sink_vs_dense(cfg: Config) -> dict[str, Any]:
     d = lambda a, b: (a - b).abs()  # noqa: E731
     fp32 = d(sink32, dense32)
     sink_err, dense_err = d(sink_lo, dense32), d(dense_lo, dense32)
-    metrics = {
+    metrics: dict[str, Any] = {
         "tokens": len(ids), "text": source, "weights": "real" if cfg.real else "random", "dtype": str(cfg.dtype),
         "fp32_sink_vs_dense_max": float(fp32.max()), "fp32_sink_vs_dense_mean": float(fp32.mean()),
         "low_sink_vs_dense_max": float(d(sink_lo, dense_lo).max()),
@@ -372,7 +378,7 @@ def _loghub_chunks(lm, cfg: Config, count: int, seed: int) -> tuple[list[list[in
 
 
 @torch.inference_mode()
-def packed_throughput(lm, cfg: Config, mode: str, rounds: int) -> dict[str, Any]:
+def packed_throughput(lm, cfg: Config, mode: Mode, rounds: int) -> dict[str, Any]:
     """B streams, each with a full window of history (one prefix, forked), then `rounds` packed forwards that
     feed every stream one chunk: tokens/s of the batched pooled path (median of the timed rounds)."""
     from model.pool import KVPool, bytes_per_slot
