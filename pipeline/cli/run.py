@@ -36,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.service.wiring import build_service
 
     settings = load_settings(args.config)
-    if args.log_format is None:  # no --log-format on the command line: the settings decide
-        configure_logging(settings.log_format, settings.log_level)
+    # What the command line did not say, the settings decide: the format without --log-format, the level when
+    # --log-level is left at the parser's default (INFO), so `log_level: DEBUG` in config.yaml also applies
+    # under `--log-format json`.
+    level = settings.log_level if args.log_level == "INFO" else args.log_level
+    configure_logging(args.log_format or settings.log_format, level)
     service = build_service(settings)
     if settings.service.metrics_port:
         metrics.serve(settings.service.metrics_host, settings.service.metrics_port, service.health)
