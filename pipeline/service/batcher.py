@@ -68,6 +68,8 @@ class Batcher:
                     w.tokens_seen = session.tokens_seen
                     results.append(None)
                     continue
+                if w.reset:
+                    session.reset_cache()
                 ids = [t for line in w.token_lists for t in line]
                 nll, last = self._step(session, ids) if ids else (torch.empty(0), None)
                 results.append(nll)
@@ -129,6 +131,8 @@ class _Lane:
         w = self.current
         self.ids = [] if w is None else [t for line in w.token_lists for t in line]
         self.pos, self.pieces = 0, []
+        if w is not None and w.reset and not w.skip_score:  # `sinkstream-reset`: a fresh cache, in order
+            self.session.reset_cache()
 
     @property
     def current(self) -> RecordWork | None:

@@ -113,6 +113,7 @@ class RecordWork:
     note: dict[str, Any] | None = None  # a note generated right after this record's step, if one was due
     replay: bool = False  # already folded into the session (a replay after restore): publish nothing
     skip_score: bool = False  # nothing of the record was fed to the model (quarantine, unreadable input)
+    reset: bool = False  # the record starts the stream afresh (`sinkstream-reset`): applied in order
     dialogue: Any = None  # dialogue mode: the user turn and its reply (`pipeline.service.dialogue_mode.Turn`)
 
     @property
@@ -157,11 +158,23 @@ class StreamSession:
         return self.failures >= self.engine.settings.service.quarantine_after
 
     def reset(self) -> None:
-        """Start the stream afresh (the `sinkstream-reset` header): new cache, statistics and pending input."""
+        """Start the stream afresh: new cache, statistics and pending input (everything at once; used when the
+        stream's context cannot be trusted). The `sinkstream-reset` header resets in three steps instead, each
+        when the record's turn comes: pending bytes in `prepare`, the cache in the model step
+        (`reset_cache`), the statistics in `finish`, so records of the stream before it in the same group are
+        not affected."""
         offset = self.counters.next_offset
         self.release()
         self.__init__(self.engine, self.key)  # type: ignore[misc]
         self.counters.next_offset = offset
+
+    def reset_cache(self) -> None:
+        """The model-step part of a reset: a new (primed) cache, no previous logits, notes counted afresh."""
+        self.release()
+        self.cache = self.engine.new_cache()
+        self.primed = self.engine.backend.seen(self.cache)
+        self.last_logits = None
+        self.counters.next_note_at = self.engine.settings.note.every_tokens
 
     def release(self) -> None:
         """Give the stream's KV slot back (the session is dropped: spilled, revoked or reset)."""
@@ -204,8 +217,9 @@ class StreamSession:
                 "message": f"stream {self.key!r} is quarantined after {self.failures} failed model steps in a "
                            "row; its records are not scored until the service restarts",
             }])
-        if RESET_HEADER in record.headers:
-            self.reset()
+        reset = RESET_HEADER in record.headers
+        if reset:
+            self.chunker.reset()  # the rest of the reset happens when the record's turn comes (see `reset`)
         value = record.value
         if len(value) > limits.max_record_bytes:
             problems.append({
@@ -240,7 +254,7 @@ class StreamSession:
                 "skipped_lines": skipped_lines,
                 "skipped_tokens": skipped_tokens,
             })
-        return RecordWork(record, self, kept_lines, token_lists, problems)
+        return RecordWork(record, self, kept_lines, token_lists, problems, reset=reset)
 
     def finish(self, work: RecordWork) -> list[dict[str, Any]]:
         """Score the record's lines from `work.nll` and return its annotations (`score`, maybe `note`/`error`).
@@ -254,6 +268,9 @@ class StreamSession:
         rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         out: list[dict[str, Any]] = []
         problems = list(work.problems)
+        if work.reset:  # the statistics part of a `sinkstream-reset` (see `reset`)
+            self.stats = RunningStats()
+            self.counters.lines_seen = 0
         if work.skip_score:
             pass
         elif work.error is not None:

@@ -322,8 +322,9 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
 
     settings = _settings(note={"every_tokens": 25, "max_new_tokens": 3}, service={"batch_tokens": 100_000})
     topic, sink = MemoryTopic("in"), MemorySink()
-    for i in range(12):
-        topic.append(0, b"a" if i % 3 else b"b", f"GET /item/{i} 200 {i * 7} bytes\npart".encode())
+    for i in range(12):  # record 7 resets stream "a" after earlier records of "a" in the same group
+        headers = {"sinkstream-reset": b"1"} if i == 7 else {}
+        topic.append(0, b"a" if i % 3 else b"b", f"GET /item/{i} 200 {i * 7} bytes\npart".encode(), headers)
     _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False)
     engine, sessions, expected = Engine(text_lm, settings), {}, []
     for r in topic.partitions[0]:
@@ -333,4 +334,6 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
         expected += [ann.encode(a) for a in session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))]
     got = [ann.encode(a) for a in sink.values("out")]
     assert any(b'"kind":"note"' in x for x in got)
+    reset = [x for x in got if b'/7/score' in x][0]
+    assert b'"line_no":0' in reset  # the reset took effect at its own record, not earlier in the group
     assert got == expected

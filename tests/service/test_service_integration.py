@@ -233,3 +233,26 @@ def test_hostile_records_through_the_real_broker_each_get_a_result(kafka_stack, 
     assert all(t["score"]["lines"] and t["score"]["tokens"] > 0 for t in tail)  # normal lines after the hostile ones
     print(f"hostile run: {seconds:.1f} s for {len(items)} records, service peak RSS {peak['kb'] / 1024:.0f} MiB")
     assert peak["kb"] < 3 * 1024 * 1024, f"peak RSS {peak['kb'] / 1024:.0f} MiB above the documented 3 GiB bound"
+
+
+def test_sigterm_with_a_full_poll_pending_exits_within_the_grace_period(scenario, read_topic, kafka_stack, tmp_path):
+    """Issue 10: shutdown is checked between groups, not after a whole poll: with 48 records in one poll, SIGTERM
+    after the first annotation ends the process (exit 0, final checkpoint written) well inside the 120 s grace
+    period of deploy/, and the records it did not reach are simply processed by the next owner."""
+    config, out_topic, expected = scenario(partitions=1, per_partition=48)
+    config["kafka"]["max_poll_records"] = 256
+    config["service"]["batch_tokens"] = 64  # a few records per group
+    svc = ServiceProcess.start(config, tmp_path, "sigterm")
+    read_topic(kafka_stack.bootstrap, out_topic, 1, until=lambda g: len(g) >= 1, timeout_s=120)
+    started = time.monotonic()
+    svc.kill(signal.SIGTERM)
+    seconds = time.monotonic() - started
+    assert svc.proc.returncode == 0, svc.log()[-3000:]
+    assert seconds < 60, f"SIGTERM took {seconds:.0f} s"
+    log = svc.log()
+    assert '"service.poll_cut"' in log and '"reason": "shutdown"' in log, log[-3000:]
+    done = len(read_topic(kafka_stack.bootstrap, out_topic, 1, until=lambda g: False, timeout_s=2))
+    assert done < 48  # it really stopped mid-poll
+    final = ServiceProcess.start(config, tmp_path, "sigterm-final", idle_exit_s=4)
+    assert final.wait(600) == 0, final.log()[-3000:]
+    _check_output(read_topic(kafka_stack.bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60), expected)
