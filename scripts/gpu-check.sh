@@ -20,19 +20,24 @@
 # weights (speed does not depend on the values; exactness is checked against a reference from the same weights),
 # and the real-weight parts (oracle, 4M-token perplexity) are recorded as skipped.
 #
-# On a bare machine without registry access (this workplace's device machine: CUDA torch 2.11, transformers 5.17
-# and safetensors/tokenizers preinstalled), no setup.sh: carry, in folders that .git/info/exclude ignores,
-#   .whl/       structlog, pydantic, pydantic-core, annotated-types, typing-inspection, crc32c wheels
-#               (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 ...);
-#               transformers 5.17 runs our pooled path (the Llama tests of tests/model/test_pool.py, test_cuda.py and
-#               the quick check passed on 5.17 on CPU), so the pinned 5.23 wheel need not be carried
-#   .gpu/loghub/     ../shared/data/loghub (4 MB), for Loghub lines in pool_bench decode/ingest
-#   .gpu/tokenizer/  tokenizer.json + tokenizer_config.json of the converted model (3.5 MB)
-#   .gpu/oracle/     ../shared/oracle (40 KB)
-# and run:  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
-#           bash scripts/gpu-check.sh $OUT --loghub .gpu/loghub --tokenizer .gpu/tokenizer --oracle .gpu/oracle
-# One call carries at most 64 MiB: the 94 MiB GGUF (and the 517 MB converted weights) do not fit, so there the
-# oracle and the 4M-token perplexity parts are skipped ("real weights absent") and the rest runs on random weights.
+# On a bare machine without registry access (this workplace's device machine: CUDA torch 2.11, transformers 5.17,
+# safetensors, tokenizers and pytest preinstalled; no setup.sh there). transformers 5.17 runs our pooled path (the
+# Llama tests of tests/model/test_pool.py, tests/model/test_cuda.py and the quick check passed on 5.17 on CPU), so the
+# pinned 5.23 wheel need not be carried. Prepare here, in the repo root (about 11 MB, folders ignored by git):
+#   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     structlog pydantic pydantic-core annotated-types typing-inspection crc32c      # 2.9 MB; pydantic-core: the
+#                                                                                     # version pydantic pins
+#   mkdir -p .gpu/tokenizer && cp -r ../shared/data/loghub ../shared/oracle .gpu/ \
+#     && cp ~/.cache/sinkstream/models/smollm2-135m/tokenizer*.json .gpu/tokenizer/
+# then one device call with carry [".whl", ".gpu"] and the command
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site && bash scripts/gpu-check.sh $OUT/gc --loghub .gpu/loghub \
+#        --tokenizer .gpu/tokenizer --oracle .gpu/oracle
+# (five files come back: gpu_check.json/.md/.log, cuda_tests.xml/.log). One call carries at most 64 MiB: the 94 MiB
+# GGUF (517 MB once converted) does not fit, so there the oracle and the 4M-token perplexity parts are skipped ("real
+# weights absent") and the rest runs on SmolLM2's architecture with random weights.
 #
 # Quick CPU smoke run of the same code (tiny random model, seconds; what tests/bench/test_gpu_check.py runs):
 #   bash scripts/gpu-check.sh /tmp/gpu-check --device cpu --quick
