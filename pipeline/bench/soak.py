@@ -317,11 +317,25 @@ def soak(
                 # Kill an incarnation only once it published annotations of its own (so it survived the previous
                 # kill, and the kill lands between publishing and a checkpoint): on a slow machine a restart takes
                 # longer than the gap between two planned kills. Bounded wait.
+                # Better still (up to 120 s more): after an annotation published since its last checkpoint, so
+                # the restart replays it (a duplicate that must be byte-identical).
                 ready_by = time.monotonic() + 180
                 while svc.alive() and time.monotonic() < ready_by and not (
                     '"partition.assigned"' in svc.log_text() and len(run.messages) > svc.messages_at_start
                 ):
                     time.sleep(0.5)
+                checkpoints, since = -1, len(run.messages)
+                replay_by = time.monotonic() + 120
+                while svc.alive() and time.monotonic() < replay_by:
+                    acked, annotated = _covered(run, topic)
+                    if run.now() > produce_until and annotated == acked:
+                        break  # nothing left to publish, so nothing to replay: kill now
+                    done = svc.log_text().count('"checkpoint.done"')
+                    if done != checkpoints:
+                        checkpoints, since = done, len(run.messages)
+                    elif len(run.messages) > since:
+                        break
+                    time.sleep(0.3)
                 if svc.alive():
                     svc.proc.send_signal(signal.SIGKILL)
                     svc.proc.wait(60)
@@ -348,6 +362,9 @@ def soak(
         run.events.append({"t": run.now(), "event": "drained" if acked and done == acked else "drain_timeout",
                            "acked": acked, "annotated": done})
         svc = services[-1]
+        ready_by = time.monotonic() + 180  # SIGTERM a running service, not one still loading its model
+        while svc.alive() and '"partition.assigned"' not in svc.log_text() and time.monotonic() < ready_by:
+            time.sleep(0.5)
         if svc.alive():
             svc.proc.send_signal(signal.SIGTERM)
             try:
