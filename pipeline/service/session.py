@@ -27,6 +27,7 @@ from connectors.protocols import Record
 from model.loader import LoadedModel
 from model.stepper import SinkModel
 from pipeline.service import annotations as ann
+from pipeline.service import metrics
 from pipeline.service.backend import Capture, make_backend
 from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
@@ -146,6 +147,8 @@ class StreamSession:
         self.counters = Counters(next_note_at=engine.settings.note.every_tokens)
         self.last_logits: torch.Tensor | None = None
         self.failures = 0  # consecutive failed model steps (in memory only: a restart forgives)
+        c = engine.settings.cache
+        self.evicted = max(0, engine.backend.seen(self.cache) - c.sinks - c.window)  # for the evictions metric
         # Dialogue mode: the conversation's `ConversationState` (None before its first reply; snapshotted).
         self.dialogue: Any = None
 
@@ -318,6 +321,11 @@ class StreamSession:
         """Right after the record's tokens entered the cache (before the stream's next record): remember the
         token count and generate a note if one is due, so both describe exactly this point of the stream."""
         work.tokens_seen = self.tokens_seen
+        c = self.engine.settings.cache
+        evicted = max(0, self.engine.backend.seen(self.cache) - c.sinks - c.window)  # tokens out of the window
+        if evicted > self.evicted:
+            metrics.EVICTIONS.inc(evicted - self.evicted)
+        self.evicted = evicted
         cfg = self.engine.settings.note
         if not cfg.every_tokens or self.tokens_seen < self.counters.next_note_at:
             return

@@ -337,3 +337,28 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
     reset = [x for x in got if b'/7/score' in x][0]
     assert b'"line_no":0' in reset  # the reset took effect at its own record, not earlier in the group
     assert got == expected
+
+
+def test_metrics_follow_the_stream_evictions_errors_and_checkpoints(text_lm):
+    """The counters operators alert on move with what happened: tokens evicted past sinks + window, error
+    annotations by type, checkpoint sizes, records and tokens."""
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    settings = _settings(cache={"sinks": 4, "window": 32}, service={"max_record_bytes": 64})
+    topic, sink = MemoryTopic("in"), MemorySink()
+    _normal(topic, 12)
+    topic.append(0, b"s", b"y" * 100 + b"\n")  # over max_record_bytes
+    before = {k: value(k) for k in ("sinkstream_cache_evictions_total", "sinkstream_records_total",
+                                    "sinkstream_tokens_total", "sinkstream_checkpoint_size_bytes_count")}
+    errors_before = value("sinkstream_annotations_total", kind="error")
+    _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False)
+    scores = [a for a in sink.values("out") if a["kind"] == "score"]
+    seen = scores[-1]["tokens_seen"]
+    assert value("sinkstream_cache_evictions_total") - before["sinkstream_cache_evictions_total"] == seen - 4 - 32
+    assert value("sinkstream_records_total") - before["sinkstream_records_total"] == 13
+    assert value("sinkstream_tokens_total") - before["sinkstream_tokens_total"] == sum(a["score"]["tokens"] for a in scores)
+    assert value("sinkstream_annotations_total", kind="error") - errors_before == 1
+    assert value("sinkstream_checkpoint_size_bytes_count") > before["sinkstream_checkpoint_size_bytes_count"]
