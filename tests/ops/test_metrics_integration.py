@@ -69,7 +69,8 @@ def _lag(samples) -> dict[str, float]:
 
 
 def _age(samples) -> dict[str, float]:
-    return {dict(labels)["partition"]: v for labels, v in labelled(samples, "sinkstream_checkpoint_age_seconds").items()}
+    ages = labelled(samples, "sinkstream_checkpoint_age_seconds")
+    return {dict(labels)["partition"]: v for labels, v in ages.items()}
 
 
 def test_metrics_readiness_and_redis_pause_seen_from_outside(kafka_stack, redis_server, produce, tmp_path):

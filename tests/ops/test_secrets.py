@@ -22,8 +22,6 @@ from tests.helpers.service import ServiceProcess, input_records, service_setting
 from tests.ops.probe import get
 
 
-
-
 @pytest.fixture
 def password_redis(tmp_path):
     """A redis-server that requires a password: (port, password); stopped after the test."""
@@ -42,9 +40,10 @@ def password_redis(tmp_path):
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except redis.ConnectionError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"redis-server --requirepass did not start: {(workdir / 'redis.log').read_text()}")
+                    started = (workdir / "redis.log").read_text()
+                    raise AssertionError(f"redis-server --requirepass did not start: {started}") from exc
                 time.sleep(0.1)
         with pytest.raises(redis.AuthenticationError):  # the password is really required
             redis.Redis(host=HOST, port=port, socket_timeout=1.0).set("probe", b"x")
@@ -81,7 +80,8 @@ def test_redis_url_password_and_sasl_password_never_logged_nor_exported(
 
     svc = ServiceProcess.start(config, tmp_path, "secret", idle_exit_s=3)
     svc.wait_for_log('"checkpoint.done"', timeout_s=180)  # the password-protected Redis took a checkpoint
-    pages = {path: get(f"http://127.0.0.1:{metrics_port}{path}") for path in ("/metrics", "/status.json", "/", "/readyz")}
+    paths = ("/metrics", "/status.json", "/", "/readyz")
+    pages = {path: get(f"http://127.0.0.1:{metrics_port}{path}") for path in paths}
     assert svc.wait(180) == 0, svc.log()[-3000:]
     for path, (code, body) in pages.items():
         assert code == 200, (path, code, body[:300])
@@ -101,7 +101,8 @@ def test_redis_url_password_and_sasl_password_never_logged_nor_exported(
     assert bad.wait(120) != 0, bad.log()[-3000:]
     log = bad.log()
     assert f"{HOST}:{redis_port}" in log, log[-3000:]
-    assert not _leaks(log, [*secrets, wrong]), f"a secret is in the failing run's output: {_leaks(log, [*secrets, wrong])[:3]}"
+    leaked = _leaks(log, [*secrets, wrong])
+    assert not leaked, f"a secret is in the failing run's output: {leaked[:3]}"
 
 
 def test_settings_errors_never_echo_a_password(tmp_path, capfd, monkeypatch):

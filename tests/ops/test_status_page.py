@@ -90,7 +90,7 @@ class _Page(HTMLParser):
             self.by_id[self._id] = self.by_id.get(self._id, "") + data
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for the headless browser (apt-get install -y chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (headless browser): apt-get install -y chromium")
 def test_status_page_in_headless_chromium_shows_the_injected_anomaly(tmp_path):
     settings = load_settings(None, **{
         "model": {"threads": 1},
