@@ -31,16 +31,18 @@ writing the same partition under the same epoch get `StateStoreError` instead of
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import redis
 import structlog
+from pydantic import ValidationError
 
 from connectors.errors import CorruptStateError, FencedError, MissingSnapshotError, StateStoreError
+from connectors.manifest import CheckpointDocument
 
 log = structlog.get_logger(__name__)
 
@@ -450,16 +452,20 @@ class RedisStateStore:
 
     @staticmethod
     def _parse_manifest(key: str, raw: Any) -> dict[str, Any]:
+        """The stored document as a dict, checked against `CheckpointDocument`; anything else (not JSON, nested
+        too deep, wrong shape or types, another format) is `CorruptStateError` naming the key."""
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CorruptStateError(f"manifest {key!r}: expected JSON, got {bytes(raw[:80])!r}: {exc}") from exc
-        if not isinstance(doc, dict) or not isinstance(doc.get("snapshots"), dict) or "manifest" not in doc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CorruptStateError(f"manifest {key!r}: expected JSON, got {bytes(raw[:80])!r}: {type(exc).__name__}: "
+                                    f"{str(exc)[:200]}") from exc
+        try:
+            CheckpointDocument.model_validate(doc)
+        except (ValidationError, RecursionError) as exc:
             raise CorruptStateError(
-                f"manifest {key!r}: expected an object with 'snapshots' and 'manifest', got {str(doc)[:120]}"
-            )
-        if doc.get("format") != MANIFEST_FORMAT:
-            raise CorruptStateError(f"manifest {key!r}: expected format {MANIFEST_FORMAT}, got {doc.get('format')!r}")
+                f"manifest {key!r}: expected a checkpoint document (format {MANIFEST_FORMAT}, snapshots: "
+                f"{{stream: key}}, manifest: object), got {str(doc)[:120]}: {str(exc)[:300]}"
+            ) from exc
         return doc
 
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -322,11 +323,36 @@ def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Se
     candidate = Path(explicit) if explicit else Path("config.yaml")
     if explicit and not candidate.exists():
         raise FileNotFoundError(f"config file {candidate} does not exist (from --config or $SINKSTREAM_CONFIG)")
+    if candidate.exists():
+        _check_yaml(candidate)
     token = _YAML_FILE.set(candidate if candidate.exists() else None)
     try:
         return Settings(**overrides)
+    except SettingsError as exc:  # e.g. a section-level SINKSTREAM_CACHE that is not JSON
+        raise UserError(f"invalid settings from the environment: {exc}") from None
     finally:
         _YAML_FILE.reset(token)
+
+
+def _check_yaml(path: Path) -> None:
+    """A config file must parse as YAML into a mapping with str keys; else one line naming the file."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise UserError(f"config file {path}: expected YAML{at}, got a syntax error ({getattr(exc, 'problem', exc)})") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise UserError(f"config file {path}: expected a mapping of sections (cache:, kafka:, ...), got a {type(doc).__name__}")
+
+    def keys(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise UserError(f"config file {path}: expected text keys, got {key!r} under {where or 'the top level'}")
+                keys(value, f"{where}.{key}" if where else key)
+
+    keys(doc, "")
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -341,5 +367,7 @@ def describe_validation_error(exc: ValidationError) -> str:
             parts.append(f"{field}: required, got nothing")
         else:
             expected = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{field}: {expected}; got {arrived!r}")
+            if field.endswith("url") or "password" in field:  # a URL can carry a password: never echo it
+                arrived = "<hidden>"
+            parts.append(f"{field}: {expected}; got {arrived!r}" if arrived != "<hidden>" else f"{field}: {expected}")
     return f"invalid settings: {'; '.join(parts)}"

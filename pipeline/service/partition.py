@@ -23,7 +23,6 @@ import structlog
 
 from connectors.errors import MissingSnapshotError, StateStoreError
 from connectors.protocols import CheckpointStore
-from model.snapshot import SnapshotError
 from pipeline.service import metrics
 from pipeline.service.backend import CacheFull
 from pipeline.service.session import Engine, StreamSession
@@ -143,7 +142,9 @@ class PartitionState:
             return StreamSession(self.engine, key)
         try:
             session = StreamSession.restore(self.engine, blob)
-        except (SnapshotError, KeyError, TypeError, ValueError) as exc:
+        except CacheFull:
+            raise
+        except Exception as exc:  # noqa: BLE001 - SnapshotError, or anything a damaged blob provokes: never a crash loop
             return self._fresh(key, "snapshot_refused", f"{type(exc).__name__}: {exc}")
         metrics.STREAMS_RELOADED.inc()
         return session

@@ -119,8 +119,15 @@ class Service:
             metrics.ERRORS.labels("redis").inc()
             metrics.REDIS_UP.set(0)
             return False
-        part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, doc,
-                              manifest_problem=problem)
+        try:
+            part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, doc,
+                                  manifest_problem=problem)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a stored document of the wrong shape
+            problem = f"manifest_unreadable: the partition's manifest was refused ({type(exc).__name__}: {exc}); its streams' context was reset"
+            log.error("partition.manifest_refused", partition=pid, error=f"{type(exc).__name__}: {exc}")
+            metrics.ERRORS.labels("snapshot_refused").inc()
+            part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, None,
+                                  manifest_problem=problem)
         self.parts[tp] = part
         if part.restored_offset is not None:
             self.source.seek(topic, partition, part.restored_offset)

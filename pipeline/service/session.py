@@ -17,7 +17,9 @@ them back when the group fails part-way, so a checkpoint never holds half a reco
 from __future__ import annotations
 
 import base64
+import hashlib
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 
 from connectors.protocols import Record
 from model.loader import LoadedModel
+from model.snapshot import SnapshotError
 from model.stepper import SinkModel
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
@@ -77,10 +80,19 @@ class Engine:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+MAX_KEY_BYTES = 256  # longer record keys are named by their digest (annotations and output keys stay small)
+
+
 def stream_key(record: Record) -> str:
-    """The stream a record belongs to: its key (UTF-8, else hex), or its partition when it has none."""
+    """The stream a record belongs to: its key (UTF-8, else `hex:...`), or `partition-N` when it has none.
+
+    A key longer than `MAX_KEY_BYTES` bytes becomes `sha256:<hex digest>`: the key is copied into every
+    annotation and is the output record's key, so a huge key must not make annotations too large to publish.
+    """
     if record.key is None:
         return f"partition-{record.partition}"
+    if len(record.key) > MAX_KEY_BYTES:
+        return "sha256:" + hashlib.sha256(record.key).hexdigest()
     try:
         return record.key.decode("utf-8")
     except UnicodeDecodeError:
@@ -361,20 +373,38 @@ class StreamSession:
 
     @classmethod
     def restore(cls, engine: Engine, blob: bytes) -> StreamSession:
-        """Rebuild a session from `snapshot()` bytes; raises `SnapshotError` for a foreign or damaged blob."""
+        """Rebuild a session from `snapshot()` bytes; raises `SnapshotError` for a foreign or damaged blob
+        (its KV state, or the session fields beside it), never another error, and never keeps a KV slot then."""
         cache, extra, tensors = engine.backend.restore(blob)
         try:
             session = cls(engine, extra["stream"], cache=cache)
-        except BaseException:
+        except BaseException as exc:
             engine.backend.release(cache)
+            if isinstance(exc, Exception):
+                raise SnapshotError(f"snapshot session fields: expected 'stream' (str), got {type(exc).__name__}: "
+                                    f"{exc}") from exc
             raise
-        session.primed = int(extra.get("primed", 0))  # snapshots from before `cache.sink_token` hold none
-        session.counters = Counters(**extra["counters"])
-        session.stats = RunningStats(**extra["stats"])
-        session.chunker.pending = base64.b64decode(extra["pending"])
-        session.last_logits = tensors.get("last_logits")
-        if engine.dialogue is not None:
-            engine.dialogue.load(session, extra)
+        try:
+            primed = extra.get("primed", 0)  # snapshots from before `cache.sink_token` hold none
+            if isinstance(primed, bool) or not isinstance(primed, int) or not 0 <= primed <= 1:
+                raise ValueError(f"primed: expected 0 or 1, got {primed!r}")
+            session.primed = primed
+            session.counters = Counters(**extra["counters"])
+            session.stats = RunningStats(**extra["stats"])
+            for name, value in (*asdict(session.counters).items(), ("n", session.stats.n)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+            for name in ("mean", "m2"):
+                value = getattr(session.stats, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"stats.{name}: expected a finite number, got {value!r}")
+            session.chunker.pending = base64.b64decode(extra["pending"], validate=True)
+            session.last_logits = tensors.get("last_logits")
+            if engine.dialogue is not None:
+                engine.dialogue.load(session, extra)
+        except Exception as exc:
+            session.release()
+            raise SnapshotError(f"snapshot session fields: {type(exc).__name__}: {exc}") from exc
         return session
 
 

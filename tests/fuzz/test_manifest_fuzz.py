@@ -80,11 +80,6 @@ def test_a_valid_document_round_trips():
 # ---- known bugs (coordinator: connectors/redis_store.py _parse_manifest) --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "manifest bug: _parse_manifest only checks 'format', that 'snapshots' is an object and that 'manifest' exists; "
-    "a document whose 'manifest' is not an object (e.g. a list), or whose 'snapshots' values are not str, is returned "
-    "as valid, and PartitionState then fails with AttributeError ('list' object has no attribute 'get') inside "
-    "the on_assign callback: the process exits on every restart instead of resetting the partition"))
 @given(st.fixed_dictionaries({"format": st.just(1),
                               "snapshots": st.dictionaries(st.text(max_size=4), _json, max_size=2),
                               "manifest": _json}))
@@ -95,9 +90,6 @@ def test_any_json_document_is_a_checkpoint_document_or_refused(doc):
     assert isinstance(result, CorruptStateError) or CheckpointDocument.model_validate(result)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "manifest bug: a deeply nested JSON value (e.g. 100,000 '[') makes json.loads raise RecursionError, which "
-    "_parse_manifest does not turn into CorruptStateError; it escapes read_manifest and Service._claim"))
 @given(st.integers(20_000, 200_000))
 @example(100_000)
 def test_a_deeply_nested_manifest_is_refused_with_corrupt_state(depth):
@@ -108,10 +100,6 @@ def test_a_deeply_nested_manifest_is_refused_with_corrupt_state(depth):
     assert isinstance(result, CorruptStateError)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service bug: a manifest document that _parse_manifest accepts but whose 'manifest' is a list makes "
-    "PartitionState.__init__ raise AttributeError in the on_assign callback; Service.run raises (exit 1 on every "
-    "restart) instead of resetting the partition with a context_reset error annotation"))
 def test_a_manifest_of_the_wrong_shape_resets_the_partition_instead_of_stopping_the_service(text_lm):
     from connectors.memory import MemorySink, MemorySource, MemoryTopic
     from pipeline.service.service import Service

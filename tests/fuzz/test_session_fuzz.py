@@ -101,12 +101,6 @@ def test_annotations_validate_and_fit_the_limit_for_keys_of_ordinary_size(engine
 # ---- known bugs (coordinator) -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "annotation bug: the stream key (the record's Kafka key, any size up to the broker's message limit) is copied "
-    "into every annotation ('stream') and into the output record's key; encode_bounded only cuts a score's line "
-    "list, so a record with a key of ~1 MB makes an annotation larger than service.max_annotation_bytes (and than "
-    "the producer's 1 MiB max_request_size: KafkaSink.send raises MessageSizeTooLargeError, a bug-class exception "
-    "that stops the process on every restart)"))
 @given(st.integers(5_000, 50_000))
 @example(5_000)
 def test_annotations_fit_the_limit_whatever_the_key(engine, key_bytes):
@@ -139,11 +133,6 @@ _extra_edits = st.sampled_from([
 ])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "restore bug: StreamSession.restore validates nothing in the snapshot's `extra` (not checksummed either): a "
-    "missing or mistyped field raises KeyError, TypeError, binascii.Error (ValueError) or OverflowError instead of "
-    "SnapshotError; PartitionState._load catches only SnapshotError, KeyError, TypeError and ValueError, so "
-    "OverflowError (primed: Infinity) escapes and stops the service on every restart"))
 @given(_extra_edits)
 @example(lambda e: e.pop("stream"))
 def test_a_damaged_session_extra_is_refused_with_snapshot_error(engine, edit):
@@ -158,10 +147,6 @@ def test_a_damaged_session_extra_is_refused_with_snapshot_error(engine, edit):
         raise AssertionError(f"{type(exc).__name__} escaped StreamSession.restore: {exc}") from exc
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service bug: a stored snapshot whose extra has primed = Infinity makes StreamSession.restore raise "
-    "OverflowError, which PartitionState._load does not catch: Service.run raises (exit 1, and again on every "
-    "restart) instead of resetting the stream with a context_reset error annotation"))
 def test_a_snapshot_that_restore_cannot_read_resets_the_stream_instead_of_stopping_the_service(text_lm):
     settings = _settings()
     topic, store = MemoryTopic("in"), MemoryStore()

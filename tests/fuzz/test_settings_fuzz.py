@@ -119,10 +119,6 @@ def test_valid_settings_survive_a_round_trip_through_yaml(sections):
 # ---- known bugs (coordinator: pipeline/settings.py load_settings) ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "settings bug: a YAML file that does not parse (yaml.YAMLError), or parses to a list/scalar (TypeError/ValueError) "
-    "or to a mapping with a non-str key (AttributeError: 'int' object has no attribute 'lower'), escapes "
-    "load_settings as that exception: `sinkstream run --config` prints a traceback instead of one line, exit 2"))
 @given(st.text(max_size=60))
 @example(":\n  - [")
 @example("- 1\n- 2\n")
@@ -137,9 +133,6 @@ def test_any_yaml_text_gives_settings_or_a_user_facing_error(text):
     assert isinstance(result, (Settings, *OK_ERRORS))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "settings bug: a section-level variable (SINKSTREAM_CACHE, SINKSTREAM_KAFKA, ...) that is not JSON raises "
-    "pydantic_settings.SettingsError, neither a ValidationError nor a UserError: the CLI prints a traceback"))
 @given(st.sampled_from(sorted(f"SINKSTREAM_{s.upper()}" for s in SECTIONS)), _env_text)
 @example("SINKSTREAM_CACHE", "{bad")
 def test_any_section_level_environment_gives_settings_or_a_user_facing_error(name, value):
@@ -151,10 +144,6 @@ def test_any_section_level_environment_gives_settings_or_a_user_facing_error(nam
     assert isinstance(result, (Settings, *OK_ERRORS))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "secret leak: describe_validation_error echoes the rejected input ('got ...'), so a redis.url with a password "
-    "and a wrong scheme (http://:pw@host, or a typo like 'rediss//:pw@host') puts the password into the one-line "
-    "error on stderr, i.e. into the pod's log"))
 @given(st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789"), min_size=8, max_size=16),
        st.sampled_from(["http://", "redis:/", "rediss//", "tcp://"]))
 @example("hunter2hunter2", "http://")
