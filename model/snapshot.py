@@ -57,6 +57,12 @@ class SnapshotHeader(BaseModel):
     crc32c: dict[str, int]
     # The caller's JSON-able state (e.g. a stream session's counters).
     extra: dict[str, Any] = Field(default_factory=dict)
+    # crc32c of this header's own JSON with this field set to 0: a flipped bit in a number (seen, a session's
+    # next_offset, ...) is refused like a flipped bit in a tensor.
+    header_crc32c: int = 0
+
+    def own_checksum(self) -> int:
+        return crc32c.crc32c(self.model_copy(update={"header_crc32c": 0}).model_dump_json().encode())
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -91,6 +97,7 @@ def dump_cache(
         crc32c=_checksum(out),
         extra=extra or {},
     )
+    header = header.model_copy(update={"header_crc32c": header.own_checksum()})
     return st_save(out, metadata={"sinkstream": header.model_dump_json()})
 
 
@@ -116,13 +123,16 @@ def parse_header(blob: bytes) -> SnapshotHeader:
         got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise SnapshotError(f"expected snapshot format {FORMAT_VERSION}, got {got!r}")
     try:
-        return SnapshotHeader.model_validate(raw)
+        header = SnapshotHeader.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         field = ".".join(str(x) for x in first["loc"])
         raise SnapshotError(
             f"snapshot header field {field!r}: {first['msg']}; got {first.get('input')!r}"
         ) from exc
+    if header.own_checksum() != header.header_crc32c:
+        raise SnapshotError("snapshot is corrupt: crc32c of its header does not match (a number in it was changed)")
+    return header
 
 
 def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any], dict[str, torch.Tensor]]:
@@ -140,7 +150,10 @@ def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any],
         raise SnapshotError(f"snapshot tensors are unreadable: {exc}") from exc
     if _checksum(tensors) != header.crc32c:
         raise SnapshotError("snapshot is corrupt: crc32c of its tensors does not match the header")
-    cache = SinkCache(lm, sinks=header.sinks, window=header.window, max_chunk=header.max_chunk)
+    try:
+        cache = SinkCache(lm, sinks=header.sinks, window=header.window, max_chunk=header.max_chunk)
+    except ValueError as exc:  # a geometry this model cannot hold
+        raise SnapshotError(f"snapshot geometry refused: {exc}") from exc
     cache.seen, cache.base = header.seen, header.base
     for i, layer in enumerate(cache.layers):
         if f"k.{i}" in tensors:
