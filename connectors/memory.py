@@ -122,6 +122,10 @@ class MemorySource:
         self._check_open("resume")
         self.paused.difference_update(partitions)
 
+    def silent_s(self) -> float | None:
+        """Always 0: the in-memory log always answers."""
+        return 0.0
+
     def highwater(self, topic: str, partition: int) -> int | None:
         """The partition's end offset (the log length)."""
         return len(self.topics[topic].partitions[partition])
@@ -234,6 +238,10 @@ class MemoryStore:
         self._seq = 0
 
     @_guarded
+    def ping(self) -> None:
+        """Answer (raise `StateStoreError` while `down`)."""
+
+    @_guarded
     def claim(self, partition_id: str) -> int:
         """Increment and return the partition's owner epoch; drop the previous owner's spilled sessions."""
         self.epochs[partition_id] = self.epochs.get(partition_id, 0) + 1
@@ -249,6 +257,7 @@ class MemoryStore:
         doc = self.manifests.get(partition_id)
         return json.loads(json.dumps(doc)) if doc is not None else None
 
+    @_guarded
     def write_checkpoint(
         self,
         partition_id: str,

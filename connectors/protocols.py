@@ -117,6 +117,12 @@ class Source(Protocol):
         """Return records of `partitions` again, from their current position. When/failure: as `pause`."""
         ...
 
+    def silent_s(self) -> float | None:
+        """Seconds since the brokers last answered a fetch; None when the source cannot tell.
+
+        When: after each poll, to see a broker that stopped answering (polls themselves return nothing then)."""
+        ...
+
     def highwater(self, topic: str, partition: int) -> int | None:
         """The partition's end offset as this consumer last saw it, None when it has not seen one yet.
 
@@ -183,6 +189,11 @@ class Sink(Protocol):
 @runtime_checkable
 class StateStore(Protocol):
     """Durable per-partition checkpoints with zombie fencing."""
+
+    def ping(self) -> None:
+        """Return when the store answers; raise when it does not. When: the service probes an idle store so
+        readiness follows an outage without records (see `Checkpointer.probe_store`)."""
+        ...
 
     def claim(self, partition_id: str) -> int:
         """Take ownership of `partition_id` and return the new owner epoch (strictly increasing).

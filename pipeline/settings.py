@@ -355,19 +355,38 @@ def _check_yaml(path: Path) -> None:
     keys(doc, "")
 
 
+_SECRET_WORDS = ("password", "passwd", "secret", "token")
+
+
+def _shown(field: str, value: Any) -> str:
+    """`repr(value)` for an error message, with secrets left out: the value of a field whose name is (or looks
+    like a misspelling of) a secret word, and the credentials of a URL (`redis://:pw@host` -> `redis://***@host`)."""
+    import difflib
+
+    name = field.rsplit(".", 1)[-1].lower()
+    words = [*name.split("_"), name]
+    if any(s in name for s in _SECRET_WORDS) or any(difflib.get_close_matches(w, _SECRET_WORDS, cutoff=0.75) for w in words):
+        return "<hidden>"
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        return repr(f"{scheme}://***@{rest.rsplit('@', 1)[1]}")
+    if field.endswith("url") and isinstance(value, str) and "@" in value:  # a URL without a scheme: hide it all
+        return "<hidden>"
+    return repr(value)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line for a settings `ValidationError`: each field (dotted path), what was expected and what arrived."""
+    """One line for a settings `ValidationError`: each field (dotted path), what was expected and what arrived
+    (secrets and URL credentials hidden)."""
     parts = []
     for err in exc.errors(include_url=False):
         field = ".".join(str(x) for x in err["loc"]) or "settings"
-        arrived = err.get("input")
+        arrived = _shown(field, err.get("input"))
         if err["type"] == "extra_forbidden":
-            parts.append(f"{field}: unknown key (misspelled?), got {arrived!r}")
+            parts.append(f"{field}: unknown key (misspelled?), got {arrived}")
         elif err["type"] == "missing":
             parts.append(f"{field}: required, got nothing")
         else:
             expected = err["msg"].removeprefix("Value error, ")
-            if field.endswith("url") or "password" in field:  # a URL can carry a password: never echo it
-                arrived = "<hidden>"
-            parts.append(f"{field}: {expected}; got {arrived!r}" if arrived != "<hidden>" else f"{field}: {expected}")
+            parts.append(f"{field}: {expected}; got {arrived}")
     return f"invalid settings: {'; '.join(parts)}"

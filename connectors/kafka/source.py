@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,8 @@ class _Listener(AsyncConsumerRebalanceListener):
     async def _run(self, what: str, callback: PartitionCallback | None, tps: Iterable[TopicPartition]) -> None:
         partitions = sorted((tp.topic, tp.partition) for tp in tps)
         log.info("kafka.rebalance", change=what, partitions=partitions, group=self._source.group_id)
-        if callback is None or not partitions:
-            return
+        if callback is None or (not partitions and what != "assign"):
+            return  # an empty assignment still reaches the service: it tells that the member joined
         done = threading.Event()
         failure: list[BaseException] = []
 
@@ -240,6 +241,13 @@ class KafkaSource:
         """Fetch `partitions` again after `pause`."""
         self._check_open("resume")
         self._consumer.resume(*[TopicPartition(t, p) for t, p in partitions])
+
+    def silent_s(self) -> float | None:
+        """Seconds since the last fetch response from any broker, from kafka-python's `fetch-latency` sensor
+        (recorded on every fetch response; kafka-python 3.0 internals, None if they moved)."""
+        sensors = getattr(getattr(self._consumer, "_fetcher", None), "_sensors", None)
+        last_ms = getattr(getattr(sensors, "fetch_latency", None), "_last_record_time", None)
+        return None if last_ms is None else max(0.0, time.monotonic() - last_ms / 1000.0)
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """The partition's end offset as of the last fetch response (None before one arrived)."""

@@ -47,6 +47,8 @@ from pipeline.settings import CheckpointSettings
 
 log = structlog.get_logger(__name__)
 
+_PROBE = object()  # a writer-queue item: ping the store (an idle service still sees Redis go and come back)
+
 
 @dataclass
 class _Job:
@@ -76,6 +78,8 @@ class Checkpointer:
         self._finished: queue.Queue[_Job] = queue.Queue()
         self._backoff: dict[str, tuple[float, float]] = {}  # partition -> (retry at, current delay)
         self.store_down_since: float | None = None
+        self._probes: queue.Queue[BaseException | None] = queue.Queue()
+        self._last_contact = time.monotonic()
         self._thread = threading.Thread(target=self._writer, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -106,12 +110,41 @@ class Checkpointer:
         job.captures.put(None)
         return True
 
+    def probe_store(self, every_s: float) -> None:
+        """Ping the store on the writer thread when nothing touched it for `every_s` and no checkpoint is
+        queued: without records there are no checkpoints, and an outage would go unseen (readiness, redis_up).
+        The answer is taken by `collect()`."""
+        if self._jobs.unfinished_tasks or time.monotonic() - self._last_contact < every_s:
+            return
+        self._last_contact = time.monotonic()
+        self._jobs.put(_PROBE)  # type: ignore[arg-type]
+
+    def _take_probes(self) -> None:
+        while True:
+            try:
+                error = self._probes.get_nowait()
+            except queue.Empty:
+                return
+            if error is None:
+                if self.store_down_since is not None and not self._backoff:  # failed checkpoints retry on their own
+                    log.warning("redis.available", down_s=round(time.monotonic() - self.store_down_since, 1))
+                    self.store_down_since = None
+                if not self._backoff:
+                    metrics.REDIS_UP.set(1)
+            else:
+                metrics.ERRORS.labels("redis").inc()
+                metrics.REDIS_UP.set(0)
+                if self.store_down_since is None:
+                    self.store_down_since = time.monotonic()
+                    log.error("redis.unavailable", probe=True, error=f"{type(error).__name__}: {error}")
+
     def collect(self, wait_for: PartitionState | None = None, timeout_s: float | None = None) -> list[PartitionState]:
         """Finish completed checkpoints (step 4 and bookkeeping); return the partitions found fenced.
 
         With `wait_for`, block until that partition's in-flight checkpoint is done (or `timeout_s` passed).
         """
         fenced: list[PartitionState] = []
+        self._take_probes()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
@@ -212,6 +245,16 @@ class Checkpointer:
             if job is None:
                 self._jobs.task_done()
                 return
+            if job is _PROBE:
+                try:
+                    self.store.ping()
+                    self._probes.put(None)
+                except BaseException as exc:  # noqa: BLE001 - handed back to the model thread
+                    self._probes.put(exc)
+                finally:
+                    self._last_contact = time.monotonic()
+                    self._jobs.task_done()
+                continue
             try:
                 # Step 2 (write) and Step 3 (manifest compare-and-set), inside write_checkpoint.
                 job.doc = self.store.write_checkpoint(
@@ -220,6 +263,7 @@ class Checkpointer:
             except BaseException as exc:  # noqa: BLE001 - handed back to the model thread
                 job.error = exc
             finally:
+                self._last_contact = time.monotonic()
                 while self._drain(job):  # a failed write leaves captures queued: free them, unblock the model thread
                     pass
                 self._finished.put(job)

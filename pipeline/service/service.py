@@ -54,6 +54,11 @@ from pipeline.settings import Settings
 log = structlog.get_logger(__name__)
 
 TopicPartition = tuple[str, int]
+# An idle service pings the state store this often (seconds), so readiness and redis_up follow an outage.
+STORE_PROBE_EVERY_S = 5.0
+# Kafka counts as unreachable after this many seconds of polling without a fetch response (a healthy broker
+# answers every fetch within fetch.max.wait, 0.5 s, even when there is nothing to read).
+KAFKA_SILENT_S = 10.0
 
 
 class Service:
@@ -83,6 +88,9 @@ class Service:
         # Partitions blocked because a session could not be read (store down): retry time and delay.
         self.blocked: dict[TopicPartition, tuple[float, float]] = {}
         self._rewind_to: dict[TopicPartition, int] = {}
+        self._waiting_since: float | None = None  # first poll after the last fetch response seen
+        self._last_poll = 0.0
+        self.joined = False  # the group gave this member its first assignment (possibly empty)
         self.batcher = Batcher()
         self.source = source_factory(PartitionCallbacks(on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost))
         self.checkpointer = Checkpointer(self.source, self.sink, self.store, settings.checkpoint)
@@ -95,6 +103,7 @@ class Service:
 
     # ---- rebalance callbacks (run inside poll) ---------------------------------------------------------------
     def _assign(self, tps: list[TopicPartition]) -> None:
+        self.joined = True
         for tp in tps:
             if not self._claim(tuple(tp)):
                 self.unclaimed[tuple(tp)] = time.monotonic() + self.settings.checkpoint.retry_initial_s
@@ -203,11 +212,32 @@ class Service:
             self._update_readiness()
             time.sleep(1.0)
             return []
+        if self._kafka_silent():
+            if self.health.kafka_down_since is None:
+                self.health.kafka_down_since = time.monotonic()
+                log.error("kafka.unavailable", error=f"no fetch response for {KAFKA_SILENT_S:.0f} s of polling")
+            metrics.KAFKA_UP.set(0)
+            self._update_readiness()
+            return records
         if self.health.kafka_down_since is not None:
             log.warning("kafka.available", down_s=round(time.monotonic() - self.health.kafka_down_since, 1))
             self.health.kafka_down_since = None
             metrics.KAFKA_UP.set(1)
         return records
+
+    def _kafka_silent(self) -> bool:
+        """The service kept polling for `KAFKA_SILENT_S` with fetchable partitions and no fetch response came
+        (a poll gap, e.g. a long model step, starts the wait anew)."""
+        now = time.monotonic()
+        gap, self._last_poll = now - self._last_poll, now
+        silent = self.source.silent_s()
+        if silent is None or not any(not p.paused for p in self.parts.values()):
+            self._waiting_since = None
+            return False
+        if self._waiting_since is None or gap > 2.0 or now - silent >= self._waiting_since:
+            self._waiting_since = now
+            return False
+        return now - self._waiting_since > KAFKA_SILENT_S
 
     def _process(self, records: list[Record]) -> None:
         """Steps 2-5 of the loop for one poll's records (see the module docstring)."""
@@ -331,6 +361,7 @@ class Service:
     def _housekeeping(self) -> None:
         """Finish and start checkpoints, retry claims and blocked partitions, flow control, gauges."""
         cp = self.settings.checkpoint
+        self.checkpointer.probe_store(STORE_PROBE_EVERY_S)
         for part in self.checkpointer.collect():
             self._drop(part, "fenced")
         now = time.monotonic()
@@ -413,7 +444,8 @@ class Service:
 
     def _update_readiness(self) -> None:
         self.health.ready = (
-            self.checkpointer.store_down_since is None
+            self.joined
+            and self.checkpointer.store_down_since is None
             and not self.blocked
             and not self.unclaimed
             and self.health.kafka_down_since is None
