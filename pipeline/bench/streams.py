@@ -36,28 +36,38 @@ from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 
-def _lines(count: int, per_stream: int, warmup_lines: int) -> list[list[str]]:
-    """Per stream: `warmup_lines` + `per_stream` Loghub lines, streams drawing from the sample files in turn."""
+def _lines(lm: LoadedModel, count: int, per_stream: int, warmup_tokens: int) -> tuple[list[list[str]], list[int]]:
+    """Per stream: Loghub lines of about `warmup_tokens` tokens (its history) + `per_stream` more lines, streams
+    drawing from the sample files in turn; returns (lines per stream, number of history lines per stream)."""
     files = sorted(loghub_dir().glob("*.log"))
     texts = [f.read_text(errors="replace").splitlines() for f in files]
-    out = []
+    out, history = [], []
     for s in range(count):
         text = texts[s % len(texts)]
-        start = (s // len(texts)) * (warmup_lines + per_stream) % max(1, len(text) - warmup_lines - per_stream)
-        out.append([line + "\n" for line in text[start : start + warmup_lines + per_stream]])
-    return out
+        start = (s // len(texts)) * 97 % max(1, len(text) // 2)
+        lines, tokens = [], 0
+        for line in text[start:]:
+            lines.append(line + "\n")
+            if tokens < warmup_tokens:
+                tokens += len(lm.tokenizer(line + "\n", add_special_tokens=False)["input_ids"])
+                history_lines = len(lines)
+            elif len(lines) >= history_lines + per_stream:
+                break
+        out.append(lines)
+        history.append(history_lines)
+    return out, history
 
 
-def _service_run(lm: LoadedModel, streams: list[list[str]], warmup_lines: int, values: dict[str, Any]) -> dict[str, Any]:
+def _service_run(lm: LoadedModel, streams: list[list[str]], history: list[int], values: dict[str, Any]) -> dict[str, Any]:
     settings = load_settings(None, **values)
     topic = MemoryTopic("bench")
     for s, lines in enumerate(streams):  # warm-up: one record of many lines per stream
-        topic.append(0, f"s{s}".encode(), "".join(lines[:warmup_lines]).encode())
+        topic.append(0, f"s{s}".encode(), "".join(lines[: history[s]]).encode())
     timed_from = len(streams)
-    per_stream = len(streams[0]) - warmup_lines
+    per_stream = min(len(lines) - h for lines, h in zip(streams, history))
     for i in range(per_stream):  # then one line per record, streams interleaved
         for s, lines in enumerate(streams):
-            topic.append(0, f"s{s}".encode(), lines[warmup_lines + i].encode())
+            topic.append(0, f"s{s}".encode(), lines[history[s] + i].encode())
     service = Service(settings, Engine(lm, settings), MemorySource.factory(topic), MemorySink(), MemoryStore())
     timed = {"seconds": 0.0, "tokens": 0, "records": 0, "groups": 0}
     original = service._run_group
@@ -120,27 +130,28 @@ def bench_streams(
     progress: Any = None,
 ) -> dict[str, Any]:
     """The figures of the module docstring, one row per stream count."""
-    warmup_lines = max(1, window // 24)  # ~20-40 tokens a Loghub line: about a window of history
     rows = []
     for count in counts:
-        streams = _lines(count, lines_per_stream, warmup_lines)
-        batch_tokens = max(2048, count * chunk)
+        streams, history = _lines(lm, count, lines_per_stream, window)
+        # One group per poll: the warm-up poll packs every stream's history chunk by chunk (count x chunk tokens
+        # a forward), then each poll of one line per stream is one forward.
+        batch_tokens = count * (window + 4 * chunk)
         values = {"cache": {"sinks": sinks, "window": window, "chunk": chunk}, "kafka": {"max_poll_records": count},  # a poll: the warm-ups, then one line per stream
                   "checkpoint": {"every_records": 100_000, "every_seconds": 3600},
                   "service": {"max_resident_streams": count, "batch_tokens": batch_tokens}}
         if progress:
             progress(f"streams N={count}: service (pooled)")
-        pooled = _service_run(lm, streams, warmup_lines, values)
+        pooled = _service_run(lm, streams, history, values)
         per_stream = None
         if count <= per_stream_max:
             if progress:
                 progress(f"streams N={count}: service (one cache per stream)")
             values["service"] = {**values["service"], "kv_pool": False}
-            per_stream = _service_run(lm, streams, warmup_lines, values)
+            per_stream = _service_run(lm, streams, history, values)
         if progress:
             progress(f"streams N={count}: raw padded forward")
         tokenize = lm.tokenizer
-        rounds = [[tokenize(streams[s][warmup_lines + i], add_special_tokens=False)["input_ids"][:chunk] for s in range(count)]
+        rounds = [[tokenize(streams[s][history[s] + i], add_special_tokens=False)["input_ids"] for s in range(count)]
                   for i in range(lines_per_stream)]
         raw = _raw_run(lm, rounds, sinks + window, repeats)
         rows.append({
