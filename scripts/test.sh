@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The status-page test drives Debian's headless Chromium; install it where we may (root with apt), else that
+# one test skips and says why.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "chromium could not be installed: tests/ops/test_status_page.py will skip"
+fi
 exec .venv/bin/python -m pytest -q --durations=15 "$@"
