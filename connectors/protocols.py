@@ -211,12 +211,15 @@ class StateStore(Protocol):
         self,
         partition_id: str,
         epoch: int,
-        snapshots: Mapping[str, bytes],
+        snapshots: Mapping[str, bytes] | Iterable[tuple[str, bytes]],
         manifest: Mapping[str, Any],
         *,
         reuse: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Atomically replace the partition's checkpoint with `snapshots` + `manifest`; return the stored manifest.
+
+        `snapshots` maps stream key -> blob, or yields (key, blob) pairs lazily, so that a caller serializing
+        many streams need not hold every blob at once.
 
         When: every N records or T seconds, after `Sink.flush` succeeded, and in `on_revoke`. `reuse` names
         streams whose state did not change since it was last stored (spilled, or in the previous manifest):

@@ -35,7 +35,7 @@ import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 import structlog
@@ -171,7 +171,9 @@ def _store_errors(method: _F) -> _F:
         try:
             return method(*args, **kwargs)
         except redis.RedisError as exc:
-            raise StateStoreError(f"{method.__name__}: Redis did not answer as expected: {type(exc).__name__}: {exc}") from exc
+            raise StateStoreError(
+                f"{method.__name__}: Redis did not answer as expected: {type(exc).__name__}: {exc}"
+            ) from exc
 
     return wrapped  # type: ignore[return-value]
 
@@ -378,7 +380,9 @@ class RedisStateStore:
             return None
         blob = self._read_blob(key)
         if blob is None:
-            raise MissingSnapshotError(_text(key), f" (spill index of partition {partition_id!r}, stream {stream_key!r})")
+            raise MissingSnapshotError(
+                _text(key), f" (spill index of partition {partition_id!r}, stream {stream_key!r})"
+            )
         return blob
 
     # ---- helpers -----------------------------------------------------------------------------------------
@@ -422,7 +426,7 @@ class RedisStateStore:
 
     def _read_blob(self, key: str | bytes) -> bytes | None:
         """The blob under `key` (parts joined), or None when the key does not exist."""
-        parts = self._r.lrange(key, 0, -1)
+        parts = cast(list[bytes], self._r.lrange(key, 0, -1))  # bytes: decode_responses is False (see __init__)
         return b"".join(parts) if parts else None
 
     def _discard(self, keys: list[str]) -> None:

@@ -75,7 +75,9 @@ class KafkaSink:
         header_list: list[tuple[str, bytes]] = []
         for name, hval in (headers or {}).items():
             if not isinstance(name, str) or not isinstance(hval, (bytes, bytearray)):
-                raise TypeError(f"send to {topic!r}: expected str header names and bytes values, got {name!r}: {hval!r}")
+                raise TypeError(
+                    f"send to {topic!r}: expected str header names and bytes values, got {name!r}: {hval!r}"
+                )
             header_list.append((name, bytes(hval)))
         future = self._producer.send(topic, key=bytes(key), value=bytes(value), headers=header_list or None)
         with self._lock:
