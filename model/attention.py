@@ -47,6 +47,7 @@ class AttentionPlan:
     def back_sin(self) -> torch.Tensor:
         """`-sink_sin`: the decode path rotates the sink keys back instead of the query forward."""
         if "back_sin" not in self._memo:
+            assert self.sink_sin is not None, "back_sin() of a plan without sink rotation"
             self._memo["back_sin"] = -self.sink_sin
         return self._memo["back_sin"]
 
@@ -85,14 +86,20 @@ def sink_attention(
     """
     s_aux = kwargs.get("s_aux")  # gpt-oss: one learned sink logit per head, an extra softmax column (model.sink_logits)
     if pool_plan is not None and s_aux is not None:
-        raise ValueError("sinkstream's pooled batch step does not apply gpt-oss sink logits (s_aux); stream this model per session")
+        raise ValueError(
+            "sinkstream's pooled batch step does not apply gpt-oss sink logits (s_aux); stream this model per session"
+        )
     if pool_plan is not None:
         if kwargs.get("softcap"):
-            raise ValueError(f"sinkstream attention supports no logit soft-capping: expected softcap=None, got {kwargs['softcap']}")
+            raise ValueError(
+                f"sinkstream attention supports no logit soft-capping: expected softcap=None, got {kwargs['softcap']}"
+            )
         dim = query.shape[-1]
         return pool_plan.attend(query, key, value, dim**-0.5 if scaling is None else scaling), None
     if sink_plan is None and s_aux is not None:
-        return plain_with_sink_logits(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5, s_aux), None
+        return plain_with_sink_logits(
+            query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5, s_aux
+        ), None
     if sink_plan is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -124,6 +131,7 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=Non
     if not n:
         mask = None if plan.mask is None else plan.mask[None, None]  # (1, 1, C, L), broadcast over heads
         return _sdpa(query, key, value, scaling, gqa, mask, s_aux=s_aux)
+    assert plan.sink_cos is not None and plan.sink_sin is not None  # set together (n > 0 needs sink_cos)
     q_sink = Rotation.apply(query, plan.sink_cos, plan.sink_sin)  # (B, H, C, D)
     q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
     sink_scores = torch.matmul(q_sink, key[:, :, :n].transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
@@ -155,7 +163,9 @@ def _sdpa(query, key, value, scaling, gqa, mask=None, sink_keys=None, s_aux=None
     try:
         if s_aux is not None:  # gpt-oss sink logits: one more softmax column per head, no KV entry
             return sdpa_with_sink_logits(query, key, value, scaling, gqa, mask, s_aux)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa
+        )
     finally:
         if n:
             key[:, :, :n] = saved

@@ -53,7 +53,7 @@ class _BatchLayer(CacheLayerMixin):
         streams = self.batch.caches
         keys, values = [], []
         for b, cache in enumerate(streams):
-            k, v = cache.layers[self.layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
+            k, v = cache.sink_layers()[self.layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
             keys.append(self.batch.sink_corrected(b, k))
             values.append(v)
         length = self.batch.length

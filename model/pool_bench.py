@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from model.loader import LoadedModel
 from model.pool import KVPool, bytes_per_slot
@@ -103,7 +104,9 @@ def _prefix_ids(lm: LoadedModel, n: int) -> list[int]:
     return flat[:n]
 
 
-def _filled_pool(lm, capacity, sinks, window, max_chunk, prefix_ids) -> tuple[KVPool, PoolStepper, list[int], torch.Tensor]:
+def _filled_pool(
+    lm, capacity, sinks, window, max_chunk, prefix_ids
+) -> tuple[KVPool, PoolStepper, list[int], torch.Tensor]:
     pool = KVPool(lm, capacity, sinks, window, max_chunk=max_chunk)
     stepper = PoolStepper(pool)
     first = pool.allocate()
@@ -118,17 +121,25 @@ def _dynamic_prefix(lm: LoadedModel, prefix_ids: list[int], batch: int) -> Dynam
     cache = DynamicCache(config=lm.model.config)
     ids = torch.tensor(prefix_ids, device=lm.device)[None]
     lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(batch, -1, -1, -1).contiguous()
-        layer.values = layer.values.expand(batch, -1, -1, -1).contiguous()
+    for layer in _layers(cache):
+        keys, values = layer.keys, layer.values
+        assert keys is not None and values is not None  # the prefix was fed
+        layer.keys = keys.expand(batch, -1, -1, -1).contiguous()
+        layer.values = values.expand(batch, -1, -1, -1).contiguous()
     return cache
 
 
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The layers of a DynamicCache built from a plain decoder config."""
+    return cast("list[DynamicLayer]", cache.layers)
+
+
 def _crop(cache: DynamicCache, length: int) -> None:
-    for layer in cache.layers:
-        if layer.keys.shape[-2] > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
+    for layer in _layers(cache):
+        keys, values = layer.keys, layer.values
+        assert keys is not None and values is not None  # the prefix was fed
+        if keys.shape[-2] > length:
+            layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
 
 
 @torch.inference_mode()
@@ -163,20 +174,27 @@ def decode(
         pos = torch.full((size, 1), prefix, device=lm.device)
         tok = torch.tensor(tokens, device=lm.device)[:, None]
 
-        def dynamic_step():
+        # The timed functions bind this size's inputs (default arguments), so nothing depends on the loop variables.
+        def dynamic_step(tok=tok, pos=pos, dyn=dyn):
             with _plain_sdpa(lm):
                 lm.model(input_ids=tok, position_ids=pos, past_key_values=dyn, use_cache=True)
             _crop(dyn, prefix)
 
-        def sink_one_by_one():
+        def sink_one_by_one(tokens=tokens):
             for t in tokens[:sequential_max]:
                 cache = runner.new_cache(sinks, window, max_chunk=max_chunk)
                 cache.restore(base_state)  # shares the prefix tensors; the step makes new ones
                 runner.step(cache, [t])
 
-        fns = {
-            "pool_batched": lambda: stepper.step(batch, [[t] for t in tokens]),
-            "pool_one_by_one": lambda: [stepper.step([s], [[t]]) for s, t in zip(batch, tokens)],
+        def pool_batched(batch: list[int] = batch, tokens: list[int] = tokens) -> Any:
+            return stepper.step(batch, [[t] for t in tokens])
+
+        def pool_one_by_one(batch: list[int] = batch, tokens: list[int] = tokens) -> Any:
+            return [stepper.step([s], [[t]]) for s, t in zip(batch, tokens)]
+
+        fns: dict[str, Callable[[], Any]] = {
+            "pool_batched": pool_batched,
+            "pool_one_by_one": pool_one_by_one,
             "dynamic_batched": dynamic_step,
             "sinkcache_one_by_one": sink_one_by_one,
         }
@@ -248,23 +266,26 @@ def ingest(
             mask[b, prefix : prefix + len(c)] = 1
         pos = torch.arange(prefix, prefix + n_max, device=lm.device)[None].expand(count, -1)
 
-        def raw_padded():
+        def raw_padded(padded=padded, mask=mask, pos=pos, dyn=dyn):
             with _plain_sdpa(lm):
                 lm.model(input_ids=padded, attention_mask=mask, position_ids=pos, past_key_values=dyn, use_cache=True)
             _crop(dyn, prefix)
 
-        def sink_one_by_one():
+        def sink_one_by_one(chunks=chunks):
             for c in chunks[:sequential_max]:
                 cache = runner.new_cache(sinks, window, max_chunk=max_chunk)
                 cache.restore(base_state)
                 runner.nll(cache, c, last)
 
-        fns = {
-            "pool_ragged": lambda: stepper.step(batch, chunks, [last] * count),
+        def pool_ragged(batch: list[int] = batch, chunks: list[list[int]] = chunks, count: int = count) -> Any:
+            return stepper.step(batch, chunks, [last] * count)
+
+        fns: dict[str, Callable[[], Any]] = {
+            "pool_ragged": pool_ragged,
             "raw_padded": raw_padded,
             "sinkcache_one_by_one": sink_one_by_one,
         }
-        cpu = {}
+        cpu: dict[str, float] = {}
         t = _timed(fns, repeats, cpu, warmup)
         seq_tokens = sum(len(c) for c in chunks[:sequential_max])
         tps = {"pool_ragged": tokens / t["pool_ragged"], "raw_padded": tokens / t["raw_padded"],

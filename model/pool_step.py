@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -333,6 +333,7 @@ class PoolStepper:
                 if last > bound:
                     new_base = t0 - keep - S
             if pool.rope and new_base != base and keep:
+                assert pool.rotation is not None  # pool.rope
                 cos, sin = pool.rotation.cos_sin(torch.tensor([base - new_base], device=dev))
                 cols = pool.column(torch.arange(t0 - keep, t0, device=dev))
                 shifts.append((slot, cols, cos, sin))
@@ -366,17 +367,19 @@ class PoolStepper:
         k_tok = kidx[sid_d]  # (N, L)
         in_band = (k_tok >= S) & (tq_d[:, None] - k_tok <= W - 1)
         visible = (k_tok <= tq_d[:, None]) & ((cols[None, :] < S) | in_band)  # (N, L)
-        sink_cos = sink_sin = None
+        sink_cos: torch.Tensor | None = None
+        sink_sin: torch.Tensor | None = None
         if delta is not None and any(has_delta):
-            sink_cos, sin_ = pool.rotation.cos_sin(delta.to(dev))
-            sink_sin = sin_
+            assert pool.rotation is not None  # a delta exists for RoPE models only
+            sink_cos, sink_sin = pool.rotation.cos_sin(delta.to(dev))
         streams = []
         for b, (slot, n) in enumerate(zip(slots, lengths)):
             off = int(offsets[b])
-            use = sink_cos is not None and has_delta[b]
+            cos_b = sin_b = None
+            if sink_cos is not None and sink_sin is not None and has_delta[b]:
+                cos_b, sin_b = sink_cos[off : off + n], sink_sin[off : off + n]
             streams.append(_Stream(slot, off, n, AttentionPlan(
-                min(S, t0s[b] + n), visible[off : off + n],
-                sink_cos[off : off + n] if use else None, sink_sin[off : off + n] if use else None)))
+                min(S, t0s[b] + n), visible[off : off + n], cos_b, sin_b)))
         mode = self.mode
         if mode == "auto":  # CPU: batch decode steps over a (nearly) contiguous slot range, loop otherwise
             dense = slots[-1] - slots[0] + 1 <= 2 * len(slots)
@@ -444,7 +447,7 @@ class PoolStepper:
         target = torch.roll(packed, -1)  # (N,) the next token of the same stream where has_next
         nll = torch.full((total,), float("nan"), device=packed.device)
         last = torch.empty(len(offsets), self.lm_head.out_features, device=packed.device)  # (B, vocab)
-        rows_all = [] if full_logits else None
+        rows_all: list[torch.Tensor] | None = [] if full_logits else None
         for a in range(0, total, self.slice_rows):
             b = min(total, a + self.slice_rows)
             logits = self.lm_head(hidden[a:b]).float()  # (rows, vocab)
@@ -459,10 +462,10 @@ class PoolStepper:
             if rows_all is not None:
                 rows_all.append(logits)
         logits_all = torch.cat(rows_all) if rows_all is not None else None
-        with_prev = [k for k, b in enumerate(order) if prev_logits is not None and prev_logits[order[k]] is not None]
-        if with_prev:  # first tokens, scored by the logits each stream carried over (one batched op)
-            prev = torch.stack([prev_logits[order[k]].float().to(nll.device) for k in with_prev])  # (k, vocab)
-            firsts = torch.tensor([offsets[k] for k in with_prev], device=nll.device)
+        carried = [(k, p) for k, b in enumerate(order) if prev_logits is not None and (p := prev_logits[b]) is not None]
+        if carried:  # first tokens, scored by the logits each stream carried over (one batched op)
+            prev = torch.stack([p.float().to(nll.device) for _, p in carried])  # (k, vocab)
+            firsts = torch.tensor([offsets[k] for k, _ in carried], device=nll.device)
             nll[firsts] = -torch.log_softmax(prev, -1).gather(1, packed[firsts][:, None])[:, 0]
         nll_cpu = nll.cpu()
         results: list[StreamResult | None] = [None] * len(order)
@@ -471,7 +474,7 @@ class PoolStepper:
             stream_nll = nll_cpu[off : off + n].clone()
             results[b] = StreamResult(stream_nll, last[k].clone(),
                                       logits_all[off : off + n] if logits_all is not None else None)
-        return results
+        return cast("list[StreamResult]", results)  # `order` is a permutation: every entry was set
 
     def feed(self, slot: int, ids: Sequence[int], prev_logits: torch.Tensor | None = None) -> StreamResult:
         """Feed any number of tokens into one slot, in forward passes of at most `max_chunk` (committed per pass)."""
@@ -483,6 +486,7 @@ class PoolStepper:
             (res,) = self.step([slot], [ids[a : a + self.pool.max_chunk]], [prev])
             nlls.append(res.nll)
             prev = res.last_logits
+        assert prev is not None  # ids is not empty: at least one pass ran
         return StreamResult(torch.cat(nlls), prev)
 
     @torch.inference_mode()

@@ -33,6 +33,7 @@ never modify a tensor in place, so `state()`/`restore()` (generation with rollba
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -88,14 +89,16 @@ class SinkLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n_s, keep = plan.keep_sinks, plan.keep_window
-        end = self.keys.shape[-2]
-        window_k = self.keys[..., end - keep :, :]  # (B, Hkv, keep, D)
-        window_v = self.values[..., end - keep :, :]
-        if plan.shift_cos is not None and keep:
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None  # set by lazy_initialization
+        end = keys.shape[-2]
+        window_k = keys[..., end - keep :, :]  # (B, Hkv, keep, D)
+        window_v = values[..., end - keep :, :]
+        if plan.shift_cos is not None and plan.shift_sin is not None and keep:
             window_k = Rotation.apply(window_k, plan.shift_cos, plan.shift_sin)
-        self.keys = torch.cat([self.keys[..., :n_s, :], window_k, key_states], dim=-2)
-        self.values = torch.cat([self.values[..., :n_s, :], window_v, value_states], dim=-2)
-        return self.keys, self.values
+        self.keys = keys = torch.cat([keys[..., :n_s, :], window_k, key_states], dim=-2)
+        self.values = values = torch.cat([values[..., :n_s, :], window_v, value_states], dim=-2)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -114,6 +117,7 @@ class SinkLayer(CacheLayerMixin):
         keep = self.cache.kept_after()
         n_s = min(self.cache.sinks, self.cache.seen)
         idx = lambda t: torch.cat([t[..., :n_s, :], t[..., t.shape[-2] - keep :, :]], dim=-2)  # noqa: E731
+        assert self.keys is not None and self.values is not None, "trimmed() of a layer that holds nothing"
         return idx(self.keys), idx(self.values)
 
 
@@ -144,10 +148,19 @@ class SinkCache(Cache):
         n_layers = lm.model.config.get_text_config().num_hidden_layers
         super().__init__(layers=[SinkLayer(self) for _ in range(n_layers)])
 
+    def sink_layers(self) -> list[SinkLayer]:
+        """The layers as what they are (transformers types `Cache.layers` as any kind of layer)."""
+        return cast("list[SinkLayer]", self.layers)
+
+    def _rot(self) -> Rotation:
+        """The model's RoPE rotation; callers only ask when `self.rope`."""
+        assert self.rotation is not None, "rotation asked for by a cache of a model without RoPE"
+        return self.rotation
+
     # ---- counters -------------------------------------------------------------------------------------------
     def buffered(self) -> int:
         """Tokens currently held per layer (before the next step's eviction)."""
-        layer = self.layers[0]
+        layer = self.sink_layers()[0]
         return 0 if layer.keys is None else layer.keys.shape[-2]
 
     def kept_after(self, chunk: int = 1) -> int:
@@ -187,7 +200,7 @@ class SinkCache(Cache):
             )
         shift_cos = shift_sin = None
         if self.rope and base != self.base and keep:
-            shift_cos, shift_sin = self.rotation.cos_sin(torch.tensor([self.base - base], device=device))
+            shift_cos, shift_sin = self._rot().cos_sin(torch.tensor([self.base - base], device=device))
         attention = self._attention_plan(t0, length, n_s, keep, positions, base, device) if self.exact else None
         self.plan = StepPlan(t0, length, n_s, keep, base, positions, shift_cos, shift_sin, attention)
         return self.plan
@@ -199,8 +212,7 @@ class SinkCache(Cache):
             position = t0 if t0 < S else t0 - base  # what `positions` holds, without a device sync
             delta = min(t0, S + W - 1) - position if (W is not None and self.rope) else 0
             if sink_cols and delta:
-                cos, sin = self.rotation.cos_sin_at(delta, device)
-                return AttentionPlan(sink_cols, None, cos, sin)
+                return AttentionPlan(sink_cols, None, *self._rot().cos_sin_at(delta, device))
             return AttentionPlan(sink_cols, None, None, None)
         kidx = torch.cat(
             [torch.arange(n_s, device=device), torch.arange(t0 - keep, t0 + length, device=device)]
@@ -211,17 +223,20 @@ class SinkCache(Cache):
             in_band = (kidx[None, :] >= S) & (tq - kidx[None, :] <= W - 1)
             visible &= in_band | (kidx[None, :] < S)
         sink_cols = min(S, t0 + length)
-        cos = sin = None
+        cos: torch.Tensor | None = None
+        sin: torch.Tensor | None = None
         if self.rope and sink_cols and W is not None:
             delta = tq[:, 0].clamp(max=S + W - 1) - positions  # (C,) sink-relative minus frame position
             if bool((delta != 0).any()):
-                cos, sin = self.rotation.cos_sin(delta)
+                cos, sin = self._rot().cos_sin(delta)
         mask = None if bool(visible.all()) else visible
         return AttentionPlan(sink_cols, mask, cos, sin)
 
     def end(self) -> None:
         """Commit the counters of the planned step (call after the model ran)."""
         plan = self.plan
+        if plan is None:
+            raise RuntimeError("SinkCache.end() without begin()")
         self.seen += plan.length
         self.base = plan.new_base
         self.plan = None
@@ -232,11 +247,11 @@ class SinkCache(Cache):
 
     # ---- rollback -------------------------------------------------------------------------------------------
     def state(self) -> CacheState:
-        return CacheState(self.seen, self.base, tuple((layer.keys, layer.values) for layer in self.layers))
+        return CacheState(self.seen, self.base, tuple((layer.keys, layer.values) for layer in self.sink_layers()))
 
     def restore(self, state: CacheState) -> None:
         self.seen, self.base, self.plan = state.seen, state.base, None
-        for layer, (k, v) in zip(self.layers, state.tensors):
+        for layer, (k, v) in zip(self.sink_layers(), state.tensors):
             layer.keys, layer.values = k, v
             layer.is_initialized = k is not None
             if k is not None:

@@ -45,7 +45,9 @@ def sdpa_with_sink_logits(query: torch.Tensor, key: torch.Tensor, value: torch.T
     add = torch.cat([add, sink_col], dim=-1)  # (b, H, C, L + 1)
     key = torch.cat([key, key.new_zeros(batch, kv_heads, 1, key.shape[-1])], dim=-2)  # (B, Hkv, L + 1, D)
     value = torch.cat([value, value.new_zeros(batch, kv_heads, 1, value.shape[-1])], dim=-2)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=add, scale=scaling, enable_gqa=gqa)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=add, scale=scaling, enable_gqa=gqa
+    )
     return out.transpose(1, 2).contiguous()  # (B, C, H, D)
 
 

@@ -66,7 +66,7 @@ class SnapshotHeader(BaseModel):
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    return {name: crc32c.crc32c(t.contiguous().view(torch.uint8).numpy()) for name, t in sorted(tensors.items())}
+    return {name: crc32c.crc32c(t.contiguous().view(torch.uint8).numpy().data) for name, t in sorted(tensors.items())}
 
 
 def dump_cache(
@@ -76,7 +76,7 @@ def dump_cache(
     if cache.plan is not None:
         raise RuntimeError("cannot snapshot a SinkCache in the middle of a forward pass")
     out: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(cache.sink_layers()):
         if layer.keys is None:
             continue
         k, v = layer.trimmed()
@@ -142,7 +142,8 @@ def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any],
     for key, have in (("dtype", str(lm.dtype)), ("fingerprint", lm.fingerprint)):
         if getattr(header, key) != have:
             raise SnapshotError(
-                f"snapshot {key} mismatch: this model has {have!r}, the snapshot was taken with {getattr(header, key)!r}"
+                f"snapshot {key} mismatch: this model has {have!r}, "
+                f"the snapshot was taken with {getattr(header, key)!r}"
             )
     try:
         tensors = st_load(blob)
@@ -155,7 +156,7 @@ def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any],
     except ValueError as exc:  # a geometry this model cannot hold
         raise SnapshotError(f"snapshot geometry refused: {exc}") from exc
     cache.seen, cache.base = header.seen, header.base
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(cache.sink_layers()):
         if f"k.{i}" in tensors:
             k = tensors[f"k.{i}"].to(lm.device)
             v = tensors[f"v.{i}"].to(lm.device)

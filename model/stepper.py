@@ -8,6 +8,7 @@ against such a cache, score tokens, and generate with rollback.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class SinkModel:
 
     def _forward(self, cache: SinkCache, chunk: torch.Tensor) -> torch.Tensor:
         plan = cache.begin(chunk.numel(), self.device)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self._accepts_positions:
             kwargs["position_ids"] = plan.position_ids[None]
         if plan.attention is not None:
