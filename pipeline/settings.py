@@ -11,13 +11,12 @@ Precedence (highest first): explicit keyword arguments, environment variables, t
 from __future__ import annotations
 
 import os
-from contextvars import ContextVar
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pipeline.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -27,6 +26,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pipeline.errors import UserError
 
 _YAML_FILE: ContextVar[Path | None] = ContextVar("sinkstream_yaml_file", default=None)
 
@@ -142,7 +142,9 @@ class RedisSettings(_Section):
     @classmethod
     def _url(cls, v: str) -> str:
         if v and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("expected a URL starting with redis://, rediss:// or unix:// (or empty for the embedded stack)")
+            raise ValueError(
+                "expected a URL starting with redis://, rediss:// or unix:// (or empty for the embedded stack)"
+            )
         return v
 
 
@@ -341,15 +343,21 @@ def _check_yaml(path: Path) -> None:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise UserError(f"config file {path}: expected YAML{at}, got a syntax error ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(
+            f"config file {path}: expected YAML{at}, got a syntax error ({getattr(exc, 'problem', exc)})"
+        ) from None
     if doc is not None and not isinstance(doc, dict):
-        raise UserError(f"config file {path}: expected a mapping of sections (cache:, kafka:, ...), got a {type(doc).__name__}")
+        raise UserError(
+            f"config file {path}: expected a mapping of sections (cache:, kafka:, ...), got a {type(doc).__name__}"
+        )
 
     def keys(node: Any, where: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 if not isinstance(key, str):
-                    raise UserError(f"config file {path}: expected text keys, got {key!r} under {where or 'the top level'}")
+                    raise UserError(
+                        f"config file {path}: expected text keys, got {key!r} under {where or 'the top level'}"
+                    )
                 keys(value, f"{where}.{key}" if where else key)
 
     keys(doc, "")
@@ -365,7 +373,9 @@ def _shown(field: str, value: Any) -> str:
 
     name = field.rsplit(".", 1)[-1].lower()
     words = [*name.split("_"), name]
-    if any(s in name for s in _SECRET_WORDS) or any(difflib.get_close_matches(w, _SECRET_WORDS, cutoff=0.75) for w in words):
+    if any(s in name for s in _SECRET_WORDS) or any(
+        difflib.get_close_matches(w, _SECRET_WORDS, cutoff=0.75) for w in words
+    ):
         return "<hidden>"
     if isinstance(value, str) and "://" in value and "@" in value:
         scheme, rest = value.split("://", 1)

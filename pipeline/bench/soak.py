@@ -194,7 +194,7 @@ def _read(bootstrap: str, out_topic: str, run: _Run) -> None:
             if msg is None or msg.error():
                 continue
             with run.lock:
-                run.messages.append((run.now(), msg.value()))
+                run.messages.append((run.now(), msg.value() or b""))  # a tombstone counts as an empty value
     finally:
         consumer.close()
 

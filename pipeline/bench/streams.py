@@ -58,7 +58,9 @@ def _lines(lm: LoadedModel, count: int, per_stream: int, warmup_tokens: int) -> 
     return out, history
 
 
-def _service_run(lm: LoadedModel, streams: list[list[str]], history: list[int], values: dict[str, Any]) -> dict[str, Any]:
+def _service_run(
+    lm: LoadedModel, streams: list[list[str]], history: list[int], values: dict[str, Any]
+) -> dict[str, Any]:
     settings = load_settings(None, **values)
     topic = MemoryTopic("bench")
     for s, lines in enumerate(streams):  # warm-up: one record of many lines per stream
@@ -85,7 +87,11 @@ def _service_run(lm: LoadedModel, streams: list[list[str]], history: list[int], 
     service.run(idle_exit_s=0.2, install_signals=False)
     if not timed["seconds"]:
         raise RuntimeError("no group consisted of timed records only; raise --streams or the line count")
-    return {**timed, "tokens_per_s": timed["tokens"] / timed["seconds"], "lines_per_s": timed["records"] / timed["seconds"]}
+    return {
+        **timed,
+        "tokens_per_s": timed["tokens"] / timed["seconds"],
+        "lines_per_s": timed["records"] / timed["seconds"],
+    }
 
 
 @torch.inference_mode()
@@ -136,9 +142,12 @@ def bench_streams(
         # One group per poll: the warm-up poll packs every stream's history chunk by chunk (count x chunk tokens
         # a forward), then each poll of one line per stream is one forward.
         batch_tokens = count * (window + 4 * chunk)
-        values = {"cache": {"sinks": sinks, "window": window, "chunk": chunk}, "kafka": {"max_poll_records": count},  # a poll: the warm-ups, then one line per stream
-                  "checkpoint": {"every_records": 100_000, "every_seconds": 3600},
-                  "service": {"max_resident_streams": count, "batch_tokens": batch_tokens}}
+        values = {
+            "cache": {"sinks": sinks, "window": window, "chunk": chunk},
+            "kafka": {"max_poll_records": count},  # a poll: the warm-ups, then one line per stream
+            "checkpoint": {"every_records": 100_000, "every_seconds": 3600},
+            "service": {"max_resident_streams": count, "batch_tokens": batch_tokens},
+        }
         if progress:
             progress(f"streams N={count}: service (pooled)")
         pooled = _service_run(lm, streams, history, values)
@@ -178,14 +187,21 @@ def plot_streams(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 2 if "decode" in result else 1, figsize=(12 if "decode" in result else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if "decode" in result else 1, figsize=(12 if "decode" in result else 6, 4), squeeze=False
+    )
     ax = axes[0][0]
     xs = range(len(rows))
     width = 0.27
     series = [("service_pool", "service, pooled batch"), ("service_per_stream", "service, one cache per stream"),
               ("raw_padded", "raw transformers, padded batch")]
     for k, (name, label) in enumerate(series):
-        ax.bar([x + (k - 1) * width for x in xs], [(r[name] or {}).get("tokens_per_s", 0) for r in rows], width, label=label)
+        ax.bar(
+            [x + (k - 1) * width for x in xs],
+            [(r[name] or {}).get("tokens_per_s", 0) for r in rows],
+            width,
+            label=label,
+        )
     ax.set_xticks(list(xs), [str(r["streams"]) for r in rows])
     ax.set_xlabel("streams (one log line per record)")
     ax.set_ylabel("tokens/s")

@@ -42,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=sorted(NORMALIZE_CHOICES), default="both",
                    help="score.normalize for the passes (default both: off, then on)")
     p.add_argument("--lines-per-record", type=positive_int, default=20, help="log lines per input record (default 20)")
-    p.add_argument("--config", type=Path, default=None, help="settings YAML (model, cache, score; default as the service)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="settings YAML (model, cache, score; default as the service)"
+    )
     add_model_options(p, model_default=None, model_help="override model.name of the settings", threads_default=None,
                       threads_help="torch CPU threads (default: model.threads of the settings; 1 is much faster on "
                       "a busy CPU)", device_and_dtype=False)

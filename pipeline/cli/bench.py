@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -46,9 +45,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=positive_int, default=1020, help="ingest, memory, batch: window W (default 1020)")
     p.add_argument("--streams", type=int_list, default=None,
                    help="batch: stream counts (default 1,4,16); streams: stream counts (default 1,16,64,256)")
-    p.add_argument("--memory-tokens", type=int_list, default=None, help="memory: checkpoints for --model (default 10000,100000)")
-    p.add_argument("--tiny-tokens", type=int_list, default=None, help="memory: checkpoints for the tiny model (default 10000,100000,1000000)")
-    p.add_argument("--minutes", type=float, default=10.0, help="soak: run length in minutes (default 10; --streams K: keyed streams, default 4)")
+    p.add_argument(
+        "--memory-tokens", type=int_list, default=None, help="memory: checkpoints for --model (default 10000,100000)"
+    )
+    p.add_argument(
+        "--tiny-tokens",
+        type=int_list,
+        default=None,
+        help="memory: checkpoints for the tiny model (default 10000,100000,1000000)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="soak: run length in minutes (default 10; --streams K: keyed streams, default 4)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -59,16 +70,38 @@ def _pick(value, full, quick, is_quick):
 
 def _latency(lm, args, note):
     sizes = _pick(args.sizes, [256, 512, 1024, 2048, 4096], [256, 1024, 2048], args.quick)
-    r = latency.latency(lm, sizes, sinks=args.sinks, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    r = latency.latency(
+        lm,
+        sizes,
+        sinks=args.sinks,
+        steps=4 if args.quick else 8,
+        repeats=_pick(args.repeats, 3, 2, args.quick),
+        progress=note,
+    )
     ms = r["ms_per_token"]
     series = {p: (sizes, [ms[p][s] for s in sizes]) for p in ms}
     speed, cpu_speed = r["speedup_sink_over_recompute"], r["cpu_speedup_sink_over_recompute"]
-    panels = [Panel("per-token decode latency (wall)", "cache size (tokens)", "ms / token", series, logx=True, logy=True),
-              Panel("speedup of sink over recompute", "cache size (tokens)", "x",
-                    {"wall time": (sizes, [speed.get(s) for s in sizes]), "CPU time": (sizes, [cpu_speed.get(s) for s in sizes])},
-                    logx=True, logy=True, hlines={"paper: 22.2x": 22.2})]
-    lines = [f"cache {s}: " + ", ".join(f"{p} {ms[p][s]:.1f} ms" for p in ms)
-             + (f"; sink {speed[s]:.1f}x faster than recompute ({cpu_speed[s]:.1f}x in CPU time)" if speed else "") for s in sizes]
+    panels = [
+        Panel("per-token decode latency (wall)", "cache size (tokens)", "ms / token", series, logx=True, logy=True),
+        Panel(
+            "speedup of sink over recompute",
+            "cache size (tokens)",
+            "x",
+            {
+                "wall time": (sizes, [speed.get(s) for s in sizes]),
+                "CPU time": (sizes, [cpu_speed.get(s) for s in sizes]),
+            },
+            logx=True,
+            logy=True,
+            hlines={"paper: 22.2x": 22.2},
+        ),
+    ]
+    lines = [
+        f"cache {s}: "
+        + ", ".join(f"{p} {ms[p][s]:.1f} ms" for p in ms)
+        + (f"; sink {speed[s]:.1f}x faster than recompute ({cpu_speed[s]:.1f}x in CPU time)" if speed else "")
+        for s in sizes
+    ]
     return r, panels, lines
 
 
@@ -76,12 +109,31 @@ def _overhead(lm, args, note):
     keys = _pick(args.keys, [256, 1024, 4096], [1024], args.quick)
     r = overhead.overhead(lm, keys, sinks=args.sinks, repeats=_pick(args.repeats, 5, 3, args.quick), progress=note)
     rows = r["rows"]
-    panels = [Panel("decode step over the same keys", "keys attended", "ms / step",
-                    {"sink cache step": (keys, [x["sink_ms"] for x in rows]), "DynamicCache step": (keys, [x["dynamic_ms"] for x in rows])}, logx=True),
-              Panel("sink / DynamicCache", "keys attended", "time ratio", {"ratio": (keys, [x["ratio"] for x in rows])}, logx=True,
-                    hlines={"goal 1.05": 1.05})]
-    lines = [f"{x['keys']} keys: sink {x['sink_ms']:.2f} ms, DynamicCache {x['dynamic_ms']:.2f} ms, ratio {x['ratio']:.3f} "
-             f"(CPU time {x['cpu_ratio']:.3f}; goal <= 1.05)" for x in rows]
+    panels = [
+        Panel(
+            "decode step over the same keys",
+            "keys attended",
+            "ms / step",
+            {
+                "sink cache step": (keys, [x["sink_ms"] for x in rows]),
+                "DynamicCache step": (keys, [x["dynamic_ms"] for x in rows]),
+            },
+            logx=True,
+        ),
+        Panel(
+            "sink / DynamicCache",
+            "keys attended",
+            "time ratio",
+            {"ratio": (keys, [x["ratio"] for x in rows])},
+            logx=True,
+            hlines={"goal 1.05": 1.05},
+        ),
+    ]
+    lines = [
+        f"{x['keys']} keys: sink {x['sink_ms']:.2f} ms, DynamicCache {x['dynamic_ms']:.2f} ms, ratio {x['ratio']:.3f} "
+        f"(CPU time {x['cpu_ratio']:.3f}; goal <= 1.05)"
+        for x in rows
+    ]
     return r, panels, lines
 
 
@@ -89,12 +141,33 @@ def _ingest(lm, args, note):
     chunks = _pick(args.chunks, [1, 16, 64, 256, 512], [1, 64, 256], args.quick)
     r = ingest.ingest(lm, chunks, args.sinks, args.window, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
     rows = r["rows"]
-    panels = [Panel(f"ingest at span {r['span']}", "chunk (tokens per forward)", "tokens / s",
-                    {"sink cache": (chunks, [x["sink_tokens_per_s"] for x in rows]), "raw forward": (chunks, [x["raw_tokens_per_s"] for x in rows])},
-                    logx=True, logy=True),
-              Panel("sink / raw throughput", "chunk", "ratio", {"ratio": (chunks, [x["ratio"] for x in rows])}, logx=True, hlines={"goal 0.9": 0.9})]
-    lines = [f"chunk {x['chunk']}: sink {x['sink_tokens_per_s']:.0f} tok/s, raw {x['raw_tokens_per_s']:.0f} tok/s, ratio {x['ratio']:.3f} "
-             f"(CPU time {x['cpu_ratio']:.3f}; goal >= 0.9)" for x in rows]
+    panels = [
+        Panel(
+            f"ingest at span {r['span']}",
+            "chunk (tokens per forward)",
+            "tokens / s",
+            {
+                "sink cache": (chunks, [x["sink_tokens_per_s"] for x in rows]),
+                "raw forward": (chunks, [x["raw_tokens_per_s"] for x in rows]),
+            },
+            logx=True,
+            logy=True,
+        ),
+        Panel(
+            "sink / raw throughput",
+            "chunk",
+            "ratio",
+            {"ratio": (chunks, [x["ratio"] for x in rows])},
+            logx=True,
+            hlines={"goal 0.9": 0.9},
+        ),
+    ]
+    lines = [
+        f"chunk {x['chunk']}: sink {x['sink_tokens_per_s']:.0f} tok/s, raw {x['raw_tokens_per_s']:.0f} tok/s, "
+        f"ratio {x['ratio']:.3f} "
+        f"(CPU time {x['cpu_ratio']:.3f}; goal >= 0.9)"
+        for x in rows
+    ]
     return r, panels, lines
 
 
@@ -107,10 +180,23 @@ def _memory(lm, args, note):
             runs[model] = memory.memory(model, cps, args.sinks, args.window, threads=args.threads,
                                                progress=lambda rd, bar=bar: bar.update(rd["tokens"] - bar.n))
     r = {"benchmark": "memory", "runs": runs, "goal_ratio_max": 1.02}
-    panels = [Panel(f"RSS while streaming ({args.sinks}+{args.window} cache)", "tokens streamed", "MiB",
-                    {f"{m} peak": ([x["tokens"] for x in v["readings"][1:]], [x["peak_rss_mb"] for x in v["readings"][1:]]) for m, v in runs.items()}
-                    | {f"{m} current": ([x["tokens"] for x in v["readings"][1:]], [x["rss_mb"] for x in v["readings"][1:]]) for m, v in runs.items()},
-                    logx=True, logy=True)]
+    panels = [
+        Panel(
+            f"RSS while streaming ({args.sinks}+{args.window} cache)",
+            "tokens streamed",
+            "MiB",
+            {
+                f"{m} peak": ([x["tokens"] for x in v["readings"][1:]], [x["peak_rss_mb"] for x in v["readings"][1:]])
+                for m, v in runs.items()
+            }
+            | {
+                f"{m} current": ([x["tokens"] for x in v["readings"][1:]], [x["rss_mb"] for x in v["readings"][1:]])
+                for m, v in runs.items()
+            },
+            logx=True,
+            logy=True,
+        )
+    ]
     lines = [f"{m}: " + ", ".join(f"{x['tokens']} tok peak {x['peak_rss_mb']:.0f} MiB" for x in v["readings"][1:])
              + f"; peak ratio last/first {v['peak_ratio_last_over_first']:.4f} (goal <= 1.02)" for m, v in runs.items()]
     return r, panels, lines
@@ -118,13 +204,26 @@ def _memory(lm, args, note):
 
 def _batch(lm, args, note):
     streams = _pick(args.streams, [1, 4, 16], [1, 4, 16], args.quick)
-    r = batch.batch(lm, streams, args.sinks, args.window, steps=4 if args.quick else 8, repeats=_pick(args.repeats, 3, 2, args.quick), progress=note)
+    r = batch.batch(
+        lm,
+        streams,
+        args.sinks,
+        args.window,
+        steps=4 if args.quick else 8,
+        repeats=_pick(args.repeats, 3, 2, args.quick),
+        progress=note,
+    )
     rows = r["rows"]
     panels = [Panel("B streams, one token each", "streams B", "tokens / s",
                     {"batched step_many": (streams, [x["batched_tokens_per_s"] for x in rows]),
                      "one by one": (streams, [x["sequential_tokens_per_s"] for x in rows])}, logx=True)]
-    lines = [f"B={x['streams']}: batched {x['batched_tokens_per_s']:.1f} tok/s, one by one {x['sequential_tokens_per_s']:.1f} tok/s, "
-             f"speedup {x['speedup']:.2f}x (CPU time {x['cpu_speedup']:.2f}x), max |logit diff| {x['max_abs_logit_diff']:.2e}" for x in rows]
+    lines = [
+        f"B={x['streams']}: batched {x['batched_tokens_per_s']:.1f} tok/s, "
+        f"one by one {x['sequential_tokens_per_s']:.1f} tok/s, "
+        f"speedup {x['speedup']:.2f}x (CPU time {x['cpu_speedup']:.2f}x), "
+        f"max |logit diff| {x['max_abs_logit_diff']:.2e}"
+        for x in rows
+    ]
     return r, panels, lines
 
 
@@ -137,9 +236,11 @@ def _service(lm, args, note):
     cp = r["checkpoint"]
     lines = [
         f"model only {r['model_only']['tokens_per_s']:.0f} tok/s, session {r['session']['tokens_per_s']:.0f} tok/s, "
-        f"end to end {r['end_to_end']['tokens_per_s']:.0f} tok/s: {r['ratio_end_to_end_vs_model_only']:.2f}x of model-only (goal >= 0.9x)",
-        f"checkpoint of one stream ({cp['tokens_in_cache']} tokens, {cp['bytes'] / 1e6:.1f} MB): snapshot {cp['snapshot_ms']:.0f} ms + "
-        f"Redis {cp['redis_write_ms']:.0f} ms = {cp['checkpoint_ms']:.0f} ms (goal < 150 ms); restore {cp['restore_ms']:.0f} ms",
+        f"end to end {r['end_to_end']['tokens_per_s']:.0f} tok/s: "
+        f"{r['ratio_end_to_end_vs_model_only']:.2f}x of model-only (goal >= 0.9x)",
+        f"checkpoint of one stream ({cp['tokens_in_cache']} tokens, {cp['bytes'] / 1e6:.1f} MB): "
+        f"snapshot {cp['snapshot_ms']:.0f} ms + Redis {cp['redis_write_ms']:.0f} ms = {cp['checkpoint_ms']:.0f} ms "
+        f"(goal < 150 ms); restore {cp['restore_ms']:.0f} ms",
     ]
     return r, lambda path: plot_service(r, path), lines
 
@@ -148,20 +249,34 @@ def _streams(lm, args, note):
     from pipeline.bench.streams import bench_streams, plot_streams
 
     counts = args.streams or ([4, 16] if args.quick else [1, 16, 64, 256])
-    r = bench_streams(lm, counts, sinks=args.sinks, window=args.window, lines_per_stream=2 if args.quick else 4,
-                      decode_sizes=[1, 4] if args.quick else [1, 4, 16, 64], repeats=_pick(args.repeats, 2, 1, args.quick),
-                      progress=note)
+    r = bench_streams(
+        lm,
+        counts,
+        sinks=args.sinks,
+        window=args.window,
+        lines_per_stream=2 if args.quick else 4,
+        decode_sizes=[1, 4] if args.quick else [1, 4, 16, 64],
+        repeats=_pick(args.repeats, 2, 1, args.quick),
+        progress=note,
+    )
     lines = [
-        f"N={x['streams']}: service {x['service_pool']['tokens_per_s']:.0f} tok/s ({x['service_pool']['lines_per_s']:.1f} lines/s), "
+        f"N={x['streams']}: service {x['service_pool']['tokens_per_s']:.0f} tok/s "
+        f"({x['service_pool']['lines_per_s']:.1f} lines/s), "
         f"raw padded forward {x['raw_padded']['tokens_per_s']:.0f} tok/s: {x['pool_vs_raw']:.2f}x (goal >= 1.0 at 64)"
-        + (f"; one cache per stream {x['service_per_stream']['tokens_per_s']:.0f} tok/s ({x['pool_vs_per_stream']:.2f}x)"
-           if x["service_per_stream"] else "")
+        + (
+            f"; one cache per stream {x['service_per_stream']['tokens_per_s']:.0f} tok/s "
+            f"({x['pool_vs_per_stream']:.2f}x)"
+            if x["service_per_stream"]
+            else ""
+        )
         for x in r["rows"]
     ]
     for d in r.get("decode", {}).get("rows", []):
-        lines.append(f"decode B={d['streams']}: pooled {d['tokens_per_s']['pool_batched']:.0f} tok/s, "
-                     f"DynamicCache batched {d['tokens_per_s']['dynamic_batched']:.0f} tok/s: {d['pool_vs_dynamic']:.2f}x "
-                     f"(goal >= 0.8 at 16); one by one {d['tokens_per_s']['pool_one_by_one']:.0f} tok/s")
+        lines.append(
+            f"decode B={d['streams']}: pooled {d['tokens_per_s']['pool_batched']:.0f} tok/s, "
+            f"DynamicCache batched {d['tokens_per_s']['dynamic_batched']:.0f} tok/s: {d['pool_vs_dynamic']:.2f}x "
+            f"(goal >= 0.8 at 16); one by one {d['tokens_per_s']['pool_one_by_one']:.0f} tok/s"
+        )
     lines.append(f"memory per resident stream: {r['bytes_per_resident_stream'] / 1e6:.1f} MB")
     return r, lambda path: plot_streams(r, path), lines
 
@@ -174,13 +289,17 @@ def run(args: argparse.Namespace) -> int:
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
     args.out.mkdir(parents=True, exist_ok=True)
     info = common.machine(lm)
-    sys.stdout.write(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads\n")
+    sys.stdout.write(
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads\n"
+    )
     for name in names:
         load_at_start = common.machine()["load_average"]
         started = time.perf_counter()
         with tqdm(desc=f"bench {name}", file=sys.stderr, bar_format="{desc} [{elapsed}]") as bar:
-            result, panels, lines = globals()[f"_{name}"](lm, args, lambda text, bar=bar: bar.set_description_str(f"bench {text}"))
-        result: dict[str, Any] = {**result, "model": args.model, "quick": args.quick, "machine": common.machine(lm),
+            result, panels, lines = globals()[f"_{name}"](
+                lm, args, lambda text, bar=bar: bar.set_description_str(f"bench {text}")
+            )
+        result = {**result, "model": args.model, "quick": args.quick, "machine": common.machine(lm),
                                   "load_average_at_start": load_at_start,
                                   "seconds": time.perf_counter() - started}
         path = args.out / f"bench_{name}.json"
@@ -188,7 +307,13 @@ def run(args: argparse.Namespace) -> int:
         if callable(panels):  # a benchmark with its own figure
             panels(path.with_suffix(".png"))
         else:
-            save_figure(path.with_suffix(".png"), panels, f"sinkstream bench {name}: {args.model}, {info['cpu']}, {info['torch_threads']} threads")
-        sys.stdout.write(f"\n## bench {name} ({result['seconds']:.0f} s)\n" + "\n".join(lines) + f"\nwrote {path} and .png\n")
+            save_figure(
+                path.with_suffix(".png"),
+                panels,
+                f"sinkstream bench {name}: {args.model}, {info['cpu']}, {info['torch_threads']} threads",
+            )
+        sys.stdout.write(
+            f"\n## bench {name} ({result['seconds']:.0f} s)\n" + "\n".join(lines) + f"\nwrote {path} and .png\n"
+        )
         sys.stdout.flush()
     return 0

@@ -12,7 +12,6 @@ Commands inside the conversation: `/stats`, `/save FILE`, `/quit` (also Ctrl-D),
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,13 @@ from pydantic import BaseModel
 
 from model.snapshot import SnapshotError
 from model.stepper import SinkModel
-from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_float, non_negative_int, positive_int
+from pipeline.cli.common import (
+    add_model_options,
+    load_model_for_cli,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from pipeline.dialogue import Conversation, GenerationSettings, TemplateError
 from pipeline.errors import UserError
 
@@ -44,16 +49,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_options(p)
     p.add_argument("--sinks", type=non_negative_int, default=4, help="attention sinks (default 4)")
-    p.add_argument("--window", type=positive_int, default=1020, help="recent tokens attended, itself included (default 1020)")
-    p.add_argument("--chunk", type=positive_int, default=256, help="tokens per forward pass for user turns (default 256)")
+    p.add_argument(
+        "--window", type=positive_int, default=1020, help="recent tokens attended, itself included (default 1020)"
+    )
+    p.add_argument(
+        "--chunk", type=positive_int, default=256, help="tokens per forward pass for user turns (default 256)"
+    )
     p.add_argument("--max-reply-tokens", type=positive_int, default=None, help="most tokens per reply (default 64)")
     p.add_argument("--temperature", type=non_negative_float, default=None, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; replies are deterministic given it")
     p.add_argument("--system", default=None, help="system prompt of the first turn (default: the template's own)")
-    p.add_argument("--script", type=Path, help="replay user turns from FILE (one per line) instead of reading the terminal")
-    p.add_argument("--resume", type=Path, help="continue a conversation saved with /save FILE, bit-exactly (its sinks, window "
-                   "and generation settings are kept; generation flags given here override them)")
+    p.add_argument(
+        "--script", type=Path, help="replay user turns from FILE (one per line) instead of reading the terminal"
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        help="continue a conversation saved with /save FILE, bit-exactly (its sinks, window "
+        "and generation settings are kept; generation flags given here override them)",
+    )
     p.add_argument("--report", type=Path, help="write per-turn figures (tokens, cache, evictions, RSS) as JSON to FILE")
     p.set_defaults(func=run)
 
@@ -196,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"chat: {exc}") from exc
     report = None
     if args.report is not None:
-        report = ChatReport(model=args.model, sinks=conv.cache.sinks, window=conv.cache.window, settings=conv.settings, turns=[])
+        report = ChatReport(
+            model=args.model, sinks=conv.cache.sinks, window=conv.cache.window, settings=conv.settings, turns=[]
+        )
     session = ChatSession(conv, sys.stdout, report)
     try:
         if args.script is not None:
@@ -208,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             if args.resume is not None:
                 sys.stdout.write(f"resumed: {format_stats(conv)}\n")
-            sys.stdout.write(f"sinkstream chat ({args.model}, sinks {conv.cache.sinks}, window {conv.cache.window}). {HELP}\n")
+            sys.stdout.write(
+                f"sinkstream chat ({args.model}, sinks {conv.cache.sinks}, window {conv.cache.window}). {HELP}\n"
+            )
             while True:
                 try:
                     line = input(PROMPT)

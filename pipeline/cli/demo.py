@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--lines", type=positive_int, default=60, help="log lines per log stream (default 60)")
-    p.add_argument("--prose-lines", type=non_negative_int, default=120, help="lines of Alice in Wonderland (default 120; 0 = none)")
+    p.add_argument(
+        "--prose-lines", type=non_negative_int, default=120, help="lines of Alice in Wonderland (default 120; 0 = none)"
+    )
     p.add_argument("--no-crash", action="store_true", help="do not kill the service mid-stream")
     p.add_argument("--keep-stack", action="store_true", help="leave the broker and Redis running afterwards")
     p.set_defaults(func=run)
@@ -81,7 +83,9 @@ def _service(config: Path, log: Path, idle_exit: float | None) -> subprocess.Pop
     if idle_exit is not None:
         argv += ["--exit-when-idle", str(idle_exit)]
     with open(log, "ab") as f:
-        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(  # noqa: S603 - our own command line
+            argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
 
 
 class _Viewer:
@@ -90,7 +94,9 @@ class _Viewer:
     def __init__(self, bootstrap: str, topic: str):
         from kafka import KafkaConsumer, TopicPartition
 
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
         self.consumer.assign([TopicPartition(topic, 0)])
         self.seen: dict[str, dict] = {}
         self.duplicates = 0
@@ -129,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     streams = _streams(args, home)  # read the inputs first: a missing dataset fails before anything starts
     started = read_stack(home) is None
     stack = stack_up(home) if started else read_stack(home)
+    if stack is None:  # it stopped between the two reads
+        stack, started = stack_up(home), True
     sys.stdout.write(f"stack: broker {stack.bootstrap_servers}, redis {stack.redis_url}\n")
     try:
         return _demo(args, stack, streams)
@@ -148,7 +156,9 @@ def _streams(args: argparse.Namespace, home: Path) -> dict[str, list[bytes]]:
     for key, name in LOGS.items():
         path = loghub_dir() / name
         # BGL lines start with their anomaly label; the model must not see it.
-        lines = [text for text, _ in bgl_labels(path)] if key == "bgl" else path.read_text(errors="replace").splitlines()
+        lines = (
+            [text for text, _ in bgl_labels(path)] if key == "bgl" else path.read_text(errors="replace").splitlines()
+        )
         streams[key] = _records(lines[: args.lines])
     if args.prose_lines:
         alice = (canterbury(home) / "alice29.txt").read_text(errors="replace").splitlines()
@@ -183,7 +193,9 @@ def _demo(args: argparse.Namespace, stack, streams: dict[str, list[bytes]]) -> i
                 viewer.pump(1.0)
             procs[-1].send_signal(signal.SIGKILL)
             procs[-1].wait()
-            sys.stdout.write(f"\n*** killed the service with SIGKILL after {len(viewer.seen)} annotations; restarting ***\n\n")
+            sys.stdout.write(
+                f"\n*** killed the service with SIGKILL after {len(viewer.seen)} annotations; restarting ***\n\n"
+            )
             procs.append(_service(config, log, 5.0))
         return _follow(procs[-1], viewer, n, stack.bootstrap_servers, topic_out)
     finally:  # an error or Ctrl-C while watching: stop the service too
@@ -198,11 +210,16 @@ def _follow(proc, viewer, n: int, bootstrap: str, topic_out: str) -> int:
     while proc.poll() is None:
         viewer.pump(1.0)
     viewer.pump(2.0)
-    lines = [(line["z"], a["stream"], line) for a in viewer.seen.values() for line in a.get("score", {}).get("lines", [])
-             if line["z"] is not None]
+    lines = [
+        (line["z"], a["stream"], line)
+        for a in viewer.seen.values()
+        for line in a.get("score", {}).get("lines", [])
+        if line["z"] is not None
+    ]
     sys.stdout.write(
         f"\n{len(viewer.seen)} annotations for {n} records ({viewer.duplicates} replayed duplicates dropped by id); "
-        f"service exit code {proc.returncode}\n\nMost anomalous lines (z-score of mean NLL against the stream's history):\n"
+        f"service exit code {proc.returncode}\n\n"
+        "Most anomalous lines (z-score of mean NLL against the stream's history):\n"
     )
     for z, stream, line in sorted(lines, key=lambda x: -x[0])[:5]:
         sys.stdout.write(f"  z {z:+6.2f}  {stream:>7} #{line['line_no']:<4} {line['text'][:100]}\n")

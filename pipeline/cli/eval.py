@@ -13,9 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.evaluation import perplexity as ev
 from pipeline.cli import recall as recall_command
-from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, non_negative_int_list, positive_int
+from pipeline.cli.common import (
+    add_model_options,
+    int_list,
+    load_model_for_cli,
+    non_negative_int,
+    non_negative_int_list,
+    positive_int,
+)
+from pipeline.evaluation import perplexity as ev
 from pipeline.evaluation.plots import Panel, save_figure
 from pipeline.settings import sinkstream_home
 
@@ -42,18 +49,50 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="UTF-8 text file (default: Canterbury plrabn12.txt, Paradise Lost)")
     src.add_argument("--ids", type=Path, help="JSON list of token ids instead of a text")
-    p.add_argument("--max-tokens", type=non_negative_int, default=None, help=f"cap the text (0 = all; default {MAX_TOKENS})")
+    p.add_argument(
+        "--max-tokens", type=non_negative_int, default=None, help=f"cap the text (0 = all; default {MAX_TOKENS})"
+    )
     p.add_argument("--sinks", type=non_negative_int, default=4, help="length: attention sinks S (default 4)")
-    p.add_argument("--window", type=positive_int, default=1020, help="length: recent tokens W of StreamingLLM (default 1020)")
-    p.add_argument("--chunk", type=positive_int, default=256, help="tokens per forward pass of the streaming policies (default 256)")
-    p.add_argument("--stride", type=non_negative_int, default=0, help="recompute every k-th target (default 0: auto from --recompute-budget)")
-    p.add_argument("--recompute-budget", type=positive_int, default=RECOMPUTE_BUDGET, help=f"auto stride: tokens re-computed in total (default {RECOMPUTE_BUDGET})")
+    p.add_argument(
+        "--window", type=positive_int, default=1020, help="length: recent tokens W of StreamingLLM (default 1020)"
+    )
+    p.add_argument(
+        "--chunk",
+        type=positive_int,
+        default=256,
+        help="tokens per forward pass of the streaming policies (default 256)",
+    )
+    p.add_argument(
+        "--stride",
+        type=non_negative_int,
+        default=0,
+        help="recompute every k-th target (default 0: auto from --recompute-budget)",
+    )
+    p.add_argument(
+        "--recompute-budget",
+        type=positive_int,
+        default=RECOMPUTE_BUDGET,
+        help=f"auto stride: tokens re-computed in total (default {RECOMPUTE_BUDGET})",
+    )
     p.add_argument("--runs", default=",".join(ev.RUNS), help=f"length: comma-separated subset of {','.join(ev.RUNS)}")
     p.add_argument("--segment", type=positive_int, default=512, help="tokens per perplexity segment (default 512)")
-    p.add_argument("--cache", type=positive_int, default=2048, help="sinks: total cache size C (default 2048, as in Table 2)")
-    p.add_argument("--sink-counts", type=non_negative_int_list, default=[0, 1, 2, 4, 8], help="sinks: sink counts (default 0,1,2,4,8)")
-    p.add_argument("--cache-sizes", type=int_list, default=[256, 512, 1024, 2048], help="cache: sizes (default 256,512,1024,2048)")
-    p.add_argument("--quick", action="store_true", help=f"small preset: tokens {QUICK_TOKENS}, recompute budget 25000, sinks cache 1024")
+    p.add_argument(
+        "--cache", type=positive_int, default=2048, help="sinks: total cache size C (default 2048, as in Table 2)"
+    )
+    p.add_argument(
+        "--sink-counts",
+        type=non_negative_int_list,
+        default=[0, 1, 2, 4, 8],
+        help="sinks: sink counts (default 0,1,2,4,8)",
+    )
+    p.add_argument(
+        "--cache-sizes", type=int_list, default=[256, 512, 1024, 2048], help="cache: sizes (default 256,512,1024,2048)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small preset: tokens {QUICK_TOKENS}, recompute budget 25000, sinks cache 1024",
+    )
     add_model_options(p)
     p.add_argument("--out", type=Path, default=Path("out/eval"), help="output folder (default out/eval)")
     recall_command.add_options(p)
@@ -132,24 +171,40 @@ def length_panels(result: dict[str, Any]) -> list[Panel]:
 def _segments_panel(result: dict[str, Any]) -> Panel:
     """An ablation's per-segment log PPL, one line per cache config."""
     configs = [r["config"] for r in result["runs"]]
-    return Panel(f"log perplexity per {result['segment']} tokens", "tokens", "log PPL", _curves(result, {c: c for c in configs}),
-                 markers=False)
+    return Panel(
+        f"log perplexity per {result['segment']} tokens",
+        "tokens",
+        "log PPL",
+        _curves(result, {c: c for c in configs}),
+        markers=False,
+    )
 
 
 def sinks_panels(result: dict[str, Any], label: str) -> list[Panel]:
     """Table 2 as a plot: per-segment log PPL per sink count, and perplexity vs sink count."""
     configs = [r["config"] for r in result["runs"]]
     ppl = [r["perplexity"] for r in result["runs"]]
-    return [_segments_panel(result),
-            Panel(f"cache {result['cache']}: perplexity vs sinks", "sinks+recent", "perplexity", {label: (list(range(len(ppl))), ppl)},
-                  xticks=configs)]
+    return [
+        _segments_panel(result),
+        Panel(
+            f"cache {result['cache']}: perplexity vs sinks",
+            "sinks+recent",
+            "perplexity",
+            {label: (list(range(len(ppl))), ppl)},
+            xticks=configs,
+        ),
+    ]
 
 
 def cache_panels(result: dict[str, Any], label: str) -> list[Panel]:
     """Table 6 as a plot: per-segment log PPL per cache size, and perplexity vs cache size."""
     ppl = [r["perplexity"] for r in result["runs"]]
-    return [_segments_panel(result),
-            Panel("perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (result["sizes"], ppl)}, logx=True)]
+    return [
+        _segments_panel(result),
+        Panel(
+            "perplexity vs cache size", "cache size (tokens)", "perplexity", {label: (result["sizes"], ppl)}, logx=True
+        ),
+    ]
 
 
 def _length(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Evicted text is gone: the model sees the first tokens and a rolling window, nothing else."
         ),
     )
-    parser.add_argument("--log-format", choices=["json", "console"], default=None, help="log format (default: console on a terminal)")
+    parser.add_argument(
+        "--log-format", choices=["json", "console"], default=None, help="log format (default: console on a terminal)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         type=str.upper, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -51,14 +51,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants or any(v not in VARIANTS for v in variants):
-        sys.stderr.write(f"sinkstream pretrain: error: --variants expected a subset of {','.join(VARIANTS)}, got {args.variants!r}\n")
+        sys.stderr.write(
+            f"sinkstream pretrain: error: --variants expected a subset of {','.join(VARIANTS)}, got {args.variants!r}\n"
+        )
         return 2
     config = QUICK if args.quick else FULL
     update = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "eval_tokens": args.eval_tokens,
                                  "eval_cache": args.eval_cache}.items() if v is not None}
     config = config.model_copy(update=update)
     if max(config.eval_sinks) >= config.eval_cache:
-        sys.stderr.write(f"sinkstream pretrain: error: --eval-cache must exceed {max(config.eval_sinks)}, got {config.eval_cache}\n")
+        sys.stderr.write(
+            f"sinkstream pretrain: error: --eval-cache must exceed {max(config.eval_sinks)}, got {config.eval_cache}\n"
+        )
         return 2
     try:
         results = run_study(args.out, config, resume=args.resume, stop_after=args.stop_after, variants=variants,
@@ -67,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"sinkstream pretrain: error: {exc}\n")
         return 2
     if results is None:
-        sys.stdout.write(f"stopped at step {args.stop_after}; continue with: sinkstream pretrain --out {args.out} --resume\n")
+        sys.stdout.write(
+            f"stopped at step {args.stop_after}; continue with: sinkstream pretrain --out {args.out} --resume\n"
+        )
         return 0
     sys.stdout.write((args.out / "table.md").read_text())
     sys.stdout.write(json.dumps({"results": str(args.out / "results.json")}) + "\n")

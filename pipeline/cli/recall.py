@@ -38,7 +38,7 @@ def table(report: rc.RecallReport) -> str:
     head = "| d (lines) | d (tokens) | " + " | ".join(
         f"{p.label}: exact / choice / log p" for p in report.policies) + " |"
     rows = [head, "|" + "---|" * (2 + len(report.policies))]
-    for k, d in enumerate(report.distances):
+    for d in report.distances:
         cells = []
         tokens = None
         for p in report.policies:
@@ -48,7 +48,11 @@ def table(report: rc.RecallReport) -> str:
                 continue
             tokens = tokens or row.mean_d_tokens
             cells.append(f"{row.accuracy:.2f} / {row.choice_accuracy:.2f} / {row.mean_logprob:.1f}")
-        rows.append(f"| {d} | {tokens:.0f} | " + " | ".join(cells) + " |" if tokens is not None else f"| {d} | - | " + " | ".join(cells) + " |")
+        rows.append(
+            f"| {d} | {tokens:.0f} | " + " | ".join(cells) + " |"
+            if tokens is not None
+            else f"| {d} | - | " + " | ".join(cells) + " |"
+        )
     rows.append("")
     rows.append("| region (tokens) | " + " | ".join(p.label for p in report.policies) + " |")
     rows.append("|" + "---|" * (1 + len(report.policies)))
@@ -59,7 +63,9 @@ def table(report: rc.RecallReport) -> str:
         cells = []
         for p in report.policies:
             b = p.by_region[region]
-            cells.append("-" if not b.n else f"{b.accuracy:.2f} / {b.choice_accuracy:.2f} / {b.mean_logprob:.1f} (n={b.n})")
+            cells.append(
+                "-" if not b.n else f"{b.accuracy:.2f} / {b.choice_accuracy:.2f} / {b.mean_logprob:.1f} (n={b.n})"
+            )
         rows.append(f"| {names[region]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -76,13 +82,32 @@ def panels(report: rc.RecallReport) -> list[Panel]:
 
     xlabel = "distance to the number (tokens)"
     return [
-        Panel(f"true number ranked first of {report.distractors + 1}", xlabel, "choice accuracy",
-              series("choice_accuracy"), vlines=vlines, hlines={f"chance {report.chance_choice:.2f}": report.chance_choice},
-              colors=colors),
-        Panel("greedy answer = true number", xlabel, "exact-match accuracy", series("accuracy"), vlines=vlines,
-              colors=colors),
-        Panel("log p(true number)", xlabel, "mean log p (nats)", series("mean_logprob"), vlines=vlines,
-              hlines={"5 random digits -11.5": -11.5}, colors=colors),
+        Panel(
+            f"true number ranked first of {report.distractors + 1}",
+            xlabel,
+            "choice accuracy",
+            series("choice_accuracy"),
+            vlines=vlines,
+            hlines={f"chance {report.chance_choice:.2f}": report.chance_choice},
+            colors=colors,
+        ),
+        Panel(
+            "greedy answer = true number",
+            xlabel,
+            "exact-match accuracy",
+            series("accuracy"),
+            vlines=vlines,
+            colors=colors,
+        ),
+        Panel(
+            "log p(true number)",
+            xlabel,
+            "mean log p (nats)",
+            series("mean_logprob"),
+            vlines=vlines,
+            hlines={"5 random digits -11.5": -11.5},
+            colors=colors,
+        ),
     ]
 
 
@@ -95,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     policies = [p for p in args.policies.split(",") if p]
     unknown = [p for p in policies if p not in rc.POLICIES]
     if unknown or not policies:
-        raise UserError(f"--policies: expected a comma-separated subset of {','.join(rc.POLICIES)}, got {args.policies!r}")
+        raise UserError(
+            f"--policies: expected a comma-separated subset of {','.join(rc.POLICIES)}, got {args.policies!r}"
+        )
     lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     lines, distances, warmup = rc.plan(lm, args.window, args.queries, args.every, args.distances, args.seed)
     total = len(policies) * sum(sum(d <= warmup + q * args.every for d in distances) for q in range(args.queries))

@@ -11,8 +11,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.policies import POLICIES, score_ids, summarize
-from pipeline.errors import UserError
 from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_int, positive_int
+from pipeline.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "with re-computation over sinks+window tokens (slow baseline)",
     )
     p.add_argument("--sinks", type=non_negative_int, default=4, help="attention sinks (default 4)")
-    p.add_argument("--window", type=positive_int, default=1020, help="most recent tokens attended, itself included (default 1020)")
-    p.add_argument("--chunk", type=positive_int, default=1, help="tokens per forward pass; recompute: windows per pass (default 1)")
-    p.add_argument("--stride", type=positive_int, default=1, help="score every k-th target only (for recompute; default 1)")
+    p.add_argument(
+        "--window", type=positive_int, default=1020, help="most recent tokens attended, itself included (default 1020)"
+    )
+    p.add_argument(
+        "--chunk", type=positive_int, default=1, help="tokens per forward pass; recompute: windows per pass (default 1)"
+    )
+    p.add_argument(
+        "--stride", type=positive_int, default=1, help="score every k-th target only (for recompute; default 1)"
+    )
     p.add_argument("--max-tokens", type=non_negative_int, default=0, help="stop after this many tokens (0 = all)")
     p.add_argument("--out", type=Path, required=True, help="output JSON-lines file ('-' for stdout)")
     p.set_defaults(func=run)

@@ -3,7 +3,8 @@
 Service-facing API (see `conversation.py`):
 
     Conversation(model: SinkModel, cache: SinkCache, settings: GenerationSettings | None = None,
-                 state: ConversationState | None = None).turn(user_text) -> Reply(text, token_ids, prompt_tokens, stopped)
+                 state: ConversationState | None = None)
+        .turn(user_text) -> Reply(text, token_ids, prompt_tokens, stopped)
 """
 
 from pipeline.dialogue.conversation import Conversation, ConversationState, ConversationStats, Reply, TextStream

@@ -78,9 +78,10 @@ def feed(model: SinkModel, cache: SinkCache, ids: list[int]) -> torch.Tensor:
     last token's logits (V,), so a long user turn never holds a (tokens, vocab) logits tensor."""
     if not ids:
         raise ValueError("expected at least one token to feed, got none")
-    logits = None
+    logits: torch.Tensor | None = None
     for start in range(0, len(ids), cache.max_chunk):
         logits = model.step(cache, ids[start : start + cache.max_chunk])[-1]
+    assert logits is not None  # ids is not empty
     return logits
 
 
@@ -163,7 +164,9 @@ class Conversation:
         self.last_logits = logits
         content = generated[:-1] if stopped == "end_of_turn" else generated
         text = self.tokenizer.decode(content, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        log.debug("dialogue turn", turn=state.turns, prompt_tokens=len(prompt), reply_tokens=len(generated), stopped=stopped)
+        log.debug(
+            "dialogue turn", turn=state.turns, prompt_tokens=len(prompt), reply_tokens=len(generated), stopped=stopped
+        )
         return Reply(text=text, token_ids=generated, prompt_tokens=len(prompt), stopped=stopped)
 
     def stats(self) -> ConversationStats:
@@ -187,7 +190,8 @@ class Conversation:
         cache, extra, tensors = load_cache(model.lm, blob)
         if "dialogue" not in extra:
             raise SnapshotError(
-                f"expected a conversation snapshot (extra key 'dialogue'), got a cache snapshot with extra keys {sorted(extra)}"
+                "expected a conversation snapshot (extra key 'dialogue'), "
+                f"got a cache snapshot with extra keys {sorted(extra)}"
             )
         state = ConversationState.model_validate(extra["dialogue"])
         if state.format != STATE_FORMAT:

@@ -76,7 +76,9 @@ class ChatTurns:
             )
         reply_text, suffix = _split(closed[len(prompt) :], _ASSISTANT, "assistant placeholder")
         if reply_text:
-            raise TemplateError(f"chat template: expected the assistant's content right after the prompt, got {reply_text!r} first")
+            raise TemplateError(
+                f"chat template: expected the assistant's content right after the prompt, got {reply_text!r} first"
+            )
         following = _render(tokenizer, [sys_msg, user, assistant, nxt], True)
         if not following.startswith(closed):
             raise TemplateError(

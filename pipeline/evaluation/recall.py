@@ -225,6 +225,7 @@ def score_candidates(
                 true_rows = rows
     finally:
         cache.restore(before)
+    assert true_rows is not None  # set by the first candidate; there is at least one
     return scores, true_rows
 
 
@@ -278,7 +279,9 @@ def run_policy(
         for d, (q_ids, a_ids) in asked:
             target = fed - d  # index of the line asked about
             query_at = seen + len(q_ids) - 1  # stream index of the token predicting the first digit
-            others = [ln.value_ids for k, ln in enumerate(lines[:fed]) if k != target and ln.value != lines[target].value]
+            others = [
+                ln.value_ids for k, ln in enumerate(lines[:fed]) if k != target and ln.value != lines[target].value
+            ]
             rng = random.Random(seed * 1_000_003 + fed * 1_009 + d)
             candidates = [a_ids, *rng.sample(others, min(distractors, len(others)))]
             scores, rows = score_candidates(model, cache, q_ids, candidates)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.service.scoring import MAX_TEXT, LineScore
 
-SCHEMA_ID = "sinkstream.annotation/v1"
+SCHEMA_ID: Literal["sinkstream.annotation/v1"] = "sinkstream.annotation/v1"
 SCHEMA_VERSION = "v1"
 SCHEMA_FILE = "schemas/annotation.v1.json"
 
@@ -151,7 +151,9 @@ class ReplyAnnotation(_Base):
     reply: Reply
 
 
-Annotation = Annotated[ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation, Field(discriminator="kind")]
+Annotation = Annotated[
+    ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation, Field(discriminator="kind")
+]
 
 
 class _Envelope(BaseModel):
@@ -221,7 +223,13 @@ def score_annotation(
 
 
 def note_annotation(
-    record_id: dict[str, Any], stream: str, prompt: str, text: str, generated: int, tokens_seen: int, meta: dict[str, Any]
+    record_id: dict[str, Any],
+    stream: str,
+    prompt: str,
+    text: str,
+    generated: int,
+    tokens_seen: int,
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
     """The `note` annotation: generated text about the stream's recent context (context rolled back after)."""
     return {**_head(record_id, "note", stream, tokens_seen, meta),

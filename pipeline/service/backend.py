@@ -24,7 +24,7 @@ numbers within 1e-4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -112,7 +112,7 @@ class PoolBackend:
         check_poolable(lm)
         self.lm = lm
         self.pool = KVPool(lm, capacity=resident + 2, sinks=sinks, window=window, max_chunk=chunk)
-        mode = "loop" if lm.device.type == "cpu" else "auto"
+        mode: Literal["loop", "auto"] = "loop" if lm.device.type == "cpu" else "auto"
         self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=max(batch_tokens, MIN_ROWS) + chunk)
         self.pad_slot = self.pool.allocate()  # takes the extra tokens of a forward shorter than MIN_ROWS
         self.chunk = self.pool.max_chunk

@@ -28,7 +28,7 @@ import structlog
 import torch
 
 from pipeline.service import metrics
-from pipeline.service.backend import PoolBackend
+from pipeline.service.backend import PoolBackend, SinkBackend
 from pipeline.service.session import RecordWork, StreamSession
 
 log = structlog.get_logger(__name__)
@@ -91,12 +91,14 @@ class Batcher:
         metrics.MODEL_STEP_SECONDS.observe(time.perf_counter() - start)
         metrics.BATCH_TOKENS.observe(sum(w.tokens for w in works))
         metrics.BATCH_STREAMS.observe(1)
-        for w, nll in zip(works, results):
-            if nll is not None:
-                w.nll = nll
+        for w, result in zip(works, results):
+            if result is not None:
+                w.nll = result
 
     def _step(self, session: StreamSession, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        runner = session.engine.backend.runner
+        backend = session.engine.backend
+        assert isinstance(backend, SinkBackend)  # the per-stream path: one SinkCache each (see make_backend)
+        runner = backend.runner
         try:
             return runner.nll(session.cache, ids, prev_logits=session.last_logits)
         except torch.OutOfMemoryError:

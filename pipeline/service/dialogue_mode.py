@@ -48,6 +48,7 @@ from pipeline.dialogue.template import ChatTurns
 from pipeline.errors import UserError
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
+from pipeline.service.backend import SinkBackend
 from pipeline.service.session import RESET_HEADER, RecordWork, StreamSession
 from pipeline.settings import Settings
 
@@ -124,7 +125,9 @@ class DialogueMode:
     # ---- the model step -----------------------------------------------------------------------------------
     def conversation(self, session: StreamSession) -> Conversation:
         """The session's conversation over its cache (the current `dialogue` settings replace stored ones)."""
-        return Conversation(session.engine.backend.runner, session.cache, settings=self.generation,
+        backend = session.engine.backend
+        assert isinstance(backend, SinkBackend)  # dialogue mode always runs one SinkCache each (make_backend)
+        return Conversation(backend.runner, session.cache, settings=self.generation,
                             state=session.dialogue, turns=self.chat, last_logits=session.last_logits)
 
     def run(self, session: StreamSession, works: list[RecordWork]) -> None:
@@ -142,7 +145,9 @@ class DialogueMode:
             except Exception as exc:  # noqa: BLE001 - a failed turn is isolated to its record (cache restored)
                 reason = (f"model step failed for conversation {session.key!r} (turn of {w.tokens} tokens): "
                           f"{type(exc).__name__}: {exc}")
-                log.error("model.step_failed", stream=session.key, tokens=w.tokens, error=f"{type(exc).__name__}: {exc}")
+                log.error(
+                    "model.step_failed", stream=session.key, tokens=w.tokens, error=f"{type(exc).__name__}: {exc}"
+                )
                 metrics.ERRORS.labels("model_step").inc()
                 w.error, w.tokens_seen = reason, None
                 continue

@@ -47,7 +47,9 @@ GROUP_SECONDS = Histogram("sinkstream_group_seconds", "Time of one group of reco
                           buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100))
 BATCH_TOKENS = Histogram("sinkstream_batch_tokens", "Tokens in one model step",
                          buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384))
-BATCH_STREAMS = Histogram("sinkstream_batch_streams", "Streams in one model step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_STREAMS = Histogram(
+    "sinkstream_batch_streams", "Streams in one model step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
 ERRORS = Counter("sinkstream_errors_total", "Errors by type", ["type"])
 KAFKA_UP = Gauge("sinkstream_kafka_up", "1 while the broker answers polls, else 0")
 REDIS_UP = Gauge("sinkstream_redis_up", "1 while the state store answers, else 0")
@@ -133,14 +135,22 @@ code{font-size:12px}</style></head><body>
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
 async function refresh(){
   const r = await fetch('status.json'); const s = await r.json();
-  document.getElementById('summary').textContent = `ready: ${s.ready} · resident streams: ${s.resident_streams} · updated ${new Date().toLocaleTimeString()}`;
-  let rows = '<tr><th>partition</th><th>lag (records)</th><th>checkpoint age (s)</th><th>next offset</th><th>resident streams</th></tr>';
-  for (const [p, v] of Object.entries(s.partitions)) rows += `<tr><td>${esc(p)}</td><td>${v.lag ?? ''}</td><td>${v.checkpoint_age_s.toFixed(1)}</td><td>${v.next_offset ?? ''}</td><td>${v.resident}</td></tr>`;
+  document.getElementById('summary').textContent =
+    `ready: ${s.ready} · resident streams: ${s.resident_streams} · updated ${new Date().toLocaleTimeString()}`;
+  let rows = '<tr><th>partition</th><th>lag (records)</th><th>checkpoint age (s)</th><th>next offset</th>'
+    + '<th>resident streams</th></tr>';
+  for (const [p, v] of Object.entries(s.partitions)) {
+    rows += `<tr><td>${esc(p)}</td><td>${v.lag ?? ''}</td><td>${v.checkpoint_age_s.toFixed(1)}</td>`
+      + `<td>${v.next_offset ?? ''}</td><td>${v.resident}</td></tr>`;
+  }
   document.getElementById('partitions').innerHTML = rows;
   let out = '';
   for (const [k, lines] of Object.entries(s.streams)) {
     out += `<h3>${esc(k)}</h3><table><tr><th>line</th><th>z</th><th>text</th></tr>`;
-    for (const l of lines) out += `<tr class="${l.anomaly ? 'anomaly' : ''}"><td>${l.line_no}</td><td>${l.z.toFixed(2)}</td><td><code>${esc(l.text)}</code></td></tr>`;
+    for (const l of lines) {
+      out += `<tr class="${l.anomaly ? 'anomaly' : ''}"><td>${l.line_no}</td><td>${l.z.toFixed(2)}</td>`
+        + `<td><code>${esc(l.text)}</code></td></tr>`;
+    }
     out += '</table>';
   }
   document.getElementById('streams').innerHTML = out || '<p>no scored lines yet</p>';

@@ -48,7 +48,7 @@ from pipeline.service import metrics
 from pipeline.service.batcher import Batcher
 from pipeline.service.checkpoint import Checkpointer
 from pipeline.service.partition import PartitionState, Residency, StoreUnavailable
-from pipeline.service.session import Engine, RecordWork, SessionMark, StreamSession, stream_key
+from pipeline.service.session import Engine, RecordWork, StreamSession, stream_key
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -92,7 +92,9 @@ class Service:
         self._last_poll = 0.0
         self.joined = False  # the group gave this member its first assignment (possibly empty)
         self.batcher = Batcher()
-        self.source = source_factory(PartitionCallbacks(on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost))
+        self.source = source_factory(
+            PartitionCallbacks(on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost)
+        )
         self.checkpointer = Checkpointer(self.source, self.sink, self.store, settings.checkpoint)
         metrics.describe_build(engine.lm, settings)
         metrics.KAFKA_UP.set(1)
@@ -105,9 +107,10 @@ class Service:
     def _assign(self, tps: list[TopicPartition]) -> None:
         self.joined = True
         for tp in tps:
-            if not self._claim(tuple(tp)):
-                self.unclaimed[tuple(tp)] = time.monotonic() + self.settings.checkpoint.retry_initial_s
-                self.source.pause([tuple(tp)])
+            tp = (tp[0], tp[1])  # a plain tuple (Kafka hands over named tuples)
+            if not self._claim(tp):
+                self.unclaimed[tp] = time.monotonic() + self.settings.checkpoint.retry_initial_s
+                self.source.pause([tp])
         metrics.PARTITIONS.set(len(self.parts))
         self._update_readiness()
 
@@ -120,7 +123,11 @@ class Service:
             try:
                 doc = self.store.read_manifest(pid)
             except CorruptStateError as exc:
-                doc, problem = None, f"manifest_unreadable: the partition's manifest was refused ({exc}); its streams' context was reset"
+                doc, problem = (
+                    None,
+                    f"manifest_unreadable: the partition's manifest was refused ({exc}); "
+                    "its streams' context was reset",
+                )
                 log.error("partition.manifest_refused", partition=pid, error=str(exc))
                 metrics.ERRORS.labels("snapshot_refused").inc()
         except StateStoreError as exc:
@@ -132,7 +139,8 @@ class Service:
             part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, doc,
                                   manifest_problem=problem)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a stored document of the wrong shape
-            problem = f"manifest_unreadable: the partition's manifest was refused ({type(exc).__name__}: {exc}); its streams' context was reset"
+            problem = (f"manifest_unreadable: the partition's manifest was refused ({type(exc).__name__}: {exc}); "
+                       "its streams' context was reset")
             log.error("partition.manifest_refused", partition=pid, error=f"{type(exc).__name__}: {exc}")
             metrics.ERRORS.labels("snapshot_refused").inc()
             part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, None,
@@ -146,7 +154,7 @@ class Service:
 
     def _revoke(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
-            tp = tuple(tp)
+            tp = (tp[0], tp[1])
             self.unclaimed.pop(tp, None)
             self.blocked.pop(tp, None)
             part = self.parts.pop(tp, None)
@@ -158,7 +166,7 @@ class Service:
 
     def _lost(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
-            tp = tuple(tp)
+            tp = (tp[0], tp[1])
             self.unclaimed.pop(tp, None)
             self.blocked.pop(tp, None)
             part = self.parts.pop(tp, None)
@@ -264,7 +272,6 @@ class Service:
     def _take_group(self, pending: deque[Record]) -> list[RecordWork]:
         """Pop records from `pending` and prepare them until the group holds `service.batch_tokens` tokens."""
         works: list[RecordWork] = []
-        marks: dict[int, tuple[StreamSession, SessionMark]] = {}
         tokens = 0
         while pending and tokens < self.settings.service.batch_tokens:
             record = pending.popleft()
@@ -352,10 +359,16 @@ class Service:
             if dead_letter:
                 record = work.record
                 reasons = ",".join(p["reason"] for p in annotation["error"]["problems"])
-                self.sink.send(dead_letter, record.key or b"", record.value[: self.settings.service.max_annotation_bytes], headers={
-                    "sinkstream-id": annotation["id"].encode(), "sinkstream-reason": reasons.encode(),
-                    "sinkstream-source": f"{record.topic}/{record.partition}/{record.offset}".encode(),
-                })
+                self.sink.send(
+                    dead_letter,
+                    record.key or b"",
+                    record.value[: self.settings.service.max_annotation_bytes],
+                    headers={
+                        "sinkstream-id": annotation["id"].encode(),
+                        "sinkstream-reason": reasons.encode(),
+                        "sinkstream-source": f"{record.topic}/{record.partition}/{record.offset}".encode(),
+                    },
+                )
 
     # ---- between groups ------------------------------------------------------------------------------------
     def _housekeeping(self) -> None:
@@ -422,7 +435,9 @@ class Service:
         self.source.pause([tp])
         metrics.ERRORS.labels("redis").inc()
         metrics.REDIS_UP.set(0)
-        log.warning("partition.blocked", partition=part.id, offset=record.offset, retry_in_s=round(delay, 2), error=error)
+        log.warning(
+            "partition.blocked", partition=part.id, offset=record.offset, retry_in_s=round(delay, 2), error=error
+        )
 
     def _replay(self, part: PartitionState, error: str) -> None:
         """Annotations after the last checkpoint may be lost: re-process the partition from that checkpoint."""
@@ -455,8 +470,13 @@ class Service:
     # ---- shutdown -----------------------------------------------------------------------------------------
     def _final_checkpoint(self, part: PartitionState, reason: str) -> None:
         if part.tainted:
-            log.error("checkpoint.skipped", partition=part.id, reason=reason,
-                      why="a group of records failed part-way; the last checkpoint stays", resume_offset=part.restored_offset)
+            log.error(
+                "checkpoint.skipped",
+                partition=part.id,
+                reason=reason,
+                why="a group of records failed part-way; the last checkpoint stays",
+                resume_offset=part.restored_offset,
+            )
             return
         if not self.checkpointer.checkpoint_now(part, reason, self.settings.service.shutdown_checkpoint_s):
             log.error("checkpoint.not_written", partition=part.id, reason=reason,

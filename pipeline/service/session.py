@@ -17,8 +17,8 @@ them back when the group fails part-way, so a checkpoint never holds half a reco
 from __future__ import annotations
 
 import base64
-import hashlib
 import copy
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,7 +70,7 @@ class Engine:
     def new_cache(self) -> Any:
         """A new stream's KV handle (a pool slot or a SinkCache, see `backend`); primed with the sink token
         when `cache.sink_token` is set. Raises `CacheFull` when no KV slot is free."""
-        handle = self.backend.new()
+        handle: Any = self.backend.new()  # a SinkCache or a slot number, depending on the backend
         if self.sink_token is not None:
             self.backend.prime(handle, self.sink_token)
         return handle
@@ -209,7 +209,7 @@ class StreamSession:
         self.last_logits, self.failures = mark.last_logits, mark.failures
 
     # ---- record -> work -> annotations ------------------------------------------------------------------------
-    def prepare(self, record: Record) -> RecordWork | None:
+    def prepare(self, record: Record) -> RecordWork:
         """Fold a record's bytes into the chunker and tokenize its complete lines, within the record limits.
 
         A record already folded into this session (a replay after restore) comes back with `replay` set.
@@ -375,6 +375,7 @@ class StreamSession:
     def restore(cls, engine: Engine, blob: bytes) -> StreamSession:
         """Rebuild a session from `snapshot()` bytes; raises `SnapshotError` for a foreign or damaged blob
         (its KV state, or the session fields beside it), never another error, and never keeps a KV slot then."""
+        cache: Any  # a SinkCache or a slot number, depending on the backend
         cache, extra, tensors = engine.backend.restore(blob)
         try:
             session = cls(engine, extra["stream"], cache=cache)

@@ -117,7 +117,9 @@ def build_service(settings: Settings, lm: LoadedModel | None = None) -> Service:
     store = build_store(settings, url)
     check_reachable(client, store, url)
     m = settings.model
-    engine = Engine(lm or load_model(m.name, m.device, m.dtype, m.threads, cache_dir=sinkstream_home() / "models"), settings)
+    engine = Engine(
+        lm or load_model(m.name, m.device, m.dtype, m.threads, cache_dir=sinkstream_home() / "models"), settings
+    )
     sink = KafkaSink(bootstrap_servers=client)
     log.info("wiring.connectors", bootstrap=bootstrap, redis=redacted_address(url), group=settings.kafka.group_id)
     return Service(settings, engine, source_factory(settings.kafka, client), sink, store)

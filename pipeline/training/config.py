@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 VARIANTS = ("vanilla", "sink")
 Variant = Literal["vanilla", "sink"]
@@ -73,7 +76,7 @@ def lr_at(config: StudyConfig, step: int) -> float:
     return config.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def build_model(config: StudyConfig, tokenizer) -> torch.nn.Module:
+def build_model(config: StudyConfig, tokenizer) -> PreTrainedModel:
     """A randomly initialised LlamaForCausalLM of the study's shape (float32, SDPA attention for training)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -75,7 +75,9 @@ def train_variant(run: Path, variant: str, config: StudyConfig, corpus: Tokenize
     meta: dict[str, Any] = {"step": 0, "log": [], "probes": [], "train_seconds": 0.0}
     if folder.exists():
         if not resume:
-            raise FileExistsError(f"{folder} already holds a checkpoint; pass --resume to continue it or pick a new --out")
+            raise FileExistsError(
+                f"{folder} already holds a checkpoint; pass --resume to continue it or pick a new --out"
+            )
         meta = load_checkpoint(folder, model, optimizer)
         log.info("pretrain.resume", variant=variant, step=meta["step"])
     start = int(meta["step"])
@@ -173,7 +175,9 @@ def evaluate(run: Path, config: StudyConfig, corpus: TokenizedCorpus, tokenizer,
     for variant in variants:
         meta = json.loads((run / variant / "checkpoint" / "trainer.json").read_text())
         if meta["step"] != config.steps:
-            raise RuntimeError(f"{variant} stopped at step {meta['step']} of {config.steps}; resume it before evaluating")
+            raise RuntimeError(
+                f"{variant} stopped at step {meta['step']} of {config.steps}; resume it before evaluating"
+            )
         sink = sink_id(tokenizer) if variant == "sink" else None
         model = AutoModelForCausalLM.from_pretrained(run / variant / "model", dtype=torch.float32)
         results["attention"][variant] = study.attention_share(model, samples, sink)

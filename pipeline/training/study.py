@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +29,7 @@ SINK_EPS = 0.3  # Gu et al. 2024's threshold for a sink head
 
 
 @torch.no_grad()
-def attention_share(model: torch.nn.Module, samples: torch.Tensor, sink_id: int | None) -> dict[str, Any]:
+def attention_share(model: PreTrainedModel, samples: torch.Tensor, sink_id: int | None) -> dict[str, Any]:
     """Attention weight on key positions 0..3 per layer, from queries in the second half of each window.
 
     `samples` (N, L) are text windows; with `sink_id` the sink token is prepended (position 0 is the sink).
@@ -194,7 +197,9 @@ def plot_training(results: dict[str, Any], path) -> None:
         mean0 = [sum(layer[0] for layer in p["attention"]["share"]) / len(p["attention"]["share"]) for p in probes]
         max0 = [max(layer[0] for layer in p["attention"]["share"]) for p in probes]
         line = ax1.plot(steps, mean0, marker="o", label=f"{variant}: mean over layers")[0]
-        ax1.plot(steps, max0, marker="x", linestyle=":", color=line.get_color(), label=f"{variant}: most sink-heavy layer")
+        ax1.plot(
+            steps, max0, marker="x", linestyle=":", color=line.get_color(), label=f"{variant}: most sink-heavy layer"
+        )
         ax2.plot(steps, [p["heldout_loss"] for p in probes], marker="o", label=variant)
     if results["training"]:
         first = next(iter(results["training"].values()))

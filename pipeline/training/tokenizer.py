@@ -17,7 +17,6 @@ SINK_TOKEN = "<|sink|>"
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Train a byte-level BPE of at most `vocab_size` tokens (specials included); return a fast HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 258 + 2:
         raise ValueError(f"vocab_size must be at least 260 (256 bytes + specials + merges), got {vocab_size}")
@@ -42,7 +41,8 @@ def wrap(tok):
     fast.add_special_tokens({"additional_special_tokens": [SINK_TOKEN]})
     if fast.convert_tokens_to_ids(SINK_TOKEN) != tok.token_to_id(SINK_TOKEN):
         raise RuntimeError(
-            f"expected {SINK_TOKEN} to keep id {tok.token_to_id(SINK_TOKEN)}, got {fast.convert_tokens_to_ids(SINK_TOKEN)}"
+            f"expected {SINK_TOKEN} to keep id {tok.token_to_id(SINK_TOKEN)}, "
+            f"got {fast.convert_tokens_to_ids(SINK_TOKEN)}"
         )
     return fast
 
