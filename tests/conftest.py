@@ -34,7 +34,7 @@ with warnings.catch_warnings():
         warnings.filterwarnings("ignore", _message, DeprecationWarning)
     from pipeline.devstack.processes import ManagedProcess, start_redis, start_tansu
 
-from tests.helpers.stack import KafkaStack, RedisServer
+from tests.helpers.stack import KafkaStack, RedisServer  # noqa: E402 - after the filtered kafka import above
 
 
 def pytest_configure(config: pytest.Config) -> None:

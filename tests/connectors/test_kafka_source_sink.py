@@ -50,7 +50,9 @@ def test_crc32c_extension_is_used():
 
 def test_source_reads_order_keys_headers_and_seeks(kafka_stack):
     topic = kafka_stack.make_topic("src", partitions=3)
-    sent = [(i % 3, f"k{i}".encode(), f"v{i}".encode(), [("seq", str(i).encode()), ("origin", b"ck")]) for i in range(30)]
+    sent = [
+        (i % 3, f"k{i}".encode(), f"v{i}".encode(), [("seq", str(i).encode()), ("origin", b"ck")]) for i in range(30)
+    ]
     produce(kafka_stack.bootstrap, topic, sent)
     assigned: list[list[tuple[str, int]]] = []
     t0 = time.time() * 1000

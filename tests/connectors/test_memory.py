@@ -30,7 +30,12 @@ def test_source_assigns_on_first_poll_seeks_and_revokes_on_close():
         PartitionCallbacks(on_assign=on_assign, on_revoke=lambda tps: events.append(("revoke", tps)))
     )
     got = source.poll(10, 0.0)
-    assert [(r.partition, r.offset, r.value) for r in got] == [(0, 1, b"v2"), (0, 2, b"v4"), (1, 0, b"v1"), (1, 1, b"v3")]
+    assert [(r.partition, r.offset, r.value) for r in got] == [
+        (0, 1, b"v2"),
+        (0, 2, b"v4"),
+        (1, 0, b"v1"),
+        (1, 1, b"v3"),
+    ]
     assert source.poll(10, 0.0) == []
     source.commit({("in", 0): 3})
     source.close()

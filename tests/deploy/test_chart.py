@@ -19,8 +19,18 @@ import promql_parser
 import pytest
 import yaml
 
-from tests.deploy.rendering import CHART, DEPLOY, VARIANTS, by_kind, consumer, container, embedded_config
-from tests.deploy.rendering import render_chart, rendered, rendered_text
+from tests.deploy.rendering import (
+    CHART,
+    DEPLOY,
+    VARIANTS,
+    by_kind,
+    consumer,
+    container,
+    embedded_config,
+    render_chart,
+    rendered,
+    rendered_text,
+)
 
 K8S_VERSION = "1.30.0"
 SCHEMAS = DEPLOY / "schemas"
@@ -500,7 +510,9 @@ def test_no_secret_material_in_rendered_output(variant: str) -> None:
         for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             for env in c.get("env", []):
                 if re.search(r"(?i)password|token|secret", env["name"]):
-                    assert "valueFrom" in env and "value" not in env, f"{variant}: {env['name']} must come from a Secret"
+                    assert "valueFrom" in env and "value" not in env, (
+                        f"{variant}: {env['name']} must come from a Secret"
+                    )
 
 
 def test_config_change_rolls_the_pods() -> None:

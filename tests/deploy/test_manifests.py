@@ -18,8 +18,17 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from pipeline.settings import Settings, load_settings
-from tests.deploy.rendering import CHART, DEPLOY, VARIANTS, by_kind, consumer, container, embedded_config, rendered
-from tests.deploy.rendering import rendered_text
+from tests.deploy.rendering import (
+    CHART,
+    DEPLOY,
+    VARIANTS,
+    by_kind,
+    consumer,
+    container,
+    embedded_config,
+    rendered,
+    rendered_text,
+)
 
 K8S_VERSION = "1.30.0"  # oldest Kubernetes release the manifests must be valid for
 EXAMPLE_SECRET = DEPLOY / "examples" / "secret.example.yaml"

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pexpect
 import pytest
@@ -109,4 +108,6 @@ def test_real_model_answers_and_stops_on_end_of_turn():
     follow = conv.turn("And what is the capital of Germany?")
     assert "Berlin" in follow.text
     # each reply's last token is pending until the next turn (the second prompt includes the first one's)
-    assert conv.cache.seen == reply.prompt_tokens + len(reply.token_ids) + follow.prompt_tokens + len(follow.token_ids) - 2
+    assert (
+        conv.cache.seen == reply.prompt_tokens + len(reply.token_ids) + follow.prompt_tokens + len(follow.token_ids) - 2
+    )

@@ -26,7 +26,9 @@ def test_fed_tokens_render_the_whole_conversation(tiny_chat_lm, terse_chat_lm, c
     fed: list[int] = []
     step = model.step
     model.step = lambda cache, ids: (fed.extend(int(i) for i in ids), step(cache, ids))[1]  # record every token
-    conv = Conversation(model, model.new_cache(sinks=4, window=64), GenerationSettings(max_reply_tokens=max_reply, system_prompt=system))
+    conv = Conversation(
+        model, model.new_cache(sinks=4, window=64), GenerationSettings(max_reply_tokens=max_reply, system_prompt=system)
+    )
     messages = [] if system is None else [{"role": "system", "content": system}]
     for user in ["Hello there.", "How are you?", "Bye!"]:
         reply = conv.turn(user)

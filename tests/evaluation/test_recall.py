@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from model.loader import wrap_model
 from model.stepper import SinkModel
@@ -47,7 +46,9 @@ def test_distances_and_visibility_are_computed_right(tiny, tokenizer, prompt):
     for q in result.questions:
         target = lines[q.query_line - q.d_lines]
         assert q.target_line == target.key
-        q_ids, _ = rc.question(tokenizer, target, prompt, None if prompt == "cue" else rc.ChatTurns.from_tokenizer(tokenizer))
+        q_ids, _ = rc.question(
+            tokenizer, target, prompt, None if prompt == "cue" else rc.ChatTurns.from_tokenizer(tokenizer)
+        )
         after = sum(len(line.ids) for line in lines[q.query_line - q.d_lines + 1 : q.query_line])
         expected = len(target.value_ids) + len(target.end_ids) + after + len(q_ids) - 1
         assert q.d_tokens == expected
@@ -103,7 +104,9 @@ def test_report_shape(tiny):
     assert doc["policies"][2]["window"] is None
     # regions are by distance in tokens relative to W
     for q in doc["policies"][0]["questions"]:
-        assert rc.region(q["d_tokens"], 48) == ("evicted" if q["d_tokens"] >= 48 else "edge" if q["d_tokens"] >= 36 else "inside")
+        assert rc.region(q["d_tokens"], 48) == (
+            "evicted" if q["d_tokens"] >= 48 else "edge" if q["d_tokens"] >= 36 else "inside"
+        )
 
 
 def test_cli_writes_json_md_png(tmp_path, tiny, tokenizer):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import fakeredis
-import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 

@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from connectors.protocols import Record
-from pipeline.service.annotations import encode
 from pipeline.evaluation.datasets import loghub_dir
+from pipeline.service.annotations import encode
 from pipeline.service.session import Engine, StreamSession, stream_key
 from pipeline.settings import Settings, load_settings
 

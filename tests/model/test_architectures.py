@@ -95,7 +95,12 @@ def test_absolute_positions_must_fit_the_table(tiny_lm):
 
 @pytest.mark.parametrize(
     "model_type, reason",
-    [("gemma2", "sliding-window"), ("mamba", "no attention KV cache"), ("t5", "encoder-decoder"), ("bert", "expected one of")],
+    [
+        ("gemma2", "sliding-window"),
+        ("mamba", "no attention KV cache"),
+        ("t5", "encoder-decoder"),
+        ("bert", "expected one of"),
+    ],
 )
 def test_unsupported_architectures_are_refused_with_a_reason(model_type, reason):
     with pytest.raises(ValueError, match=reason):

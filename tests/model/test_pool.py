@@ -31,7 +31,9 @@ def _ragged(ids: list[int], seed: int = 0, most: int = C) -> list[list[int]]:
     return out
 
 
-def _feed_chunks(stepper: PoolStepper, slot: int, chunks: list[list[int]], prev=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _feed_chunks(
+    stepper: PoolStepper, slot: int, chunks: list[list[int]], prev=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     nll = []
     for chunk in chunks:
         (res,) = stepper.step([slot], [chunk], [prev])
@@ -46,13 +48,18 @@ def _nll_from_logits(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
 
 
 def _slot_copy(pool: KVPool, slot: int):
-    return [(k[slot].clone(), v[slot].clone()) for k, v in zip(pool.keys, pool.values)], pool.seen[slot], pool.base[slot]
+    return (
+        [(k[slot].clone(), v[slot].clone()) for k, v in zip(pool.keys, pool.values)],
+        pool.seen[slot],
+        pool.base[slot],
+    )
 
 
 def _same_slot(pool: KVPool, slot: int, saved) -> bool:
     tensors, seen, base = saved
     return (pool.seen[slot], pool.base[slot]) == (seen, base) and all(
-        torch.equal(k[slot], k0) and torch.equal(v[slot], v0) for (k, v), (k0, v0) in zip(zip(pool.keys, pool.values), tensors)
+        torch.equal(k[slot], k0) and torch.equal(v[slot], v0)
+        for (k, v), (k0, v0) in zip(zip(pool.keys, pool.values), tensors)
     )
 
 

@@ -19,7 +19,12 @@ def test_pool_bench_decode_and_ingest_report_every_variant(tiny_lm):
     assert [r["streams"] for r in dec["rows"]] == [1, 3] and dec["keys_per_stream"] == 64
     assert dec["pool_columns"] == 4 + 60 + 8 - 1
     for row in dec["rows"]:
-        assert set(row["tokens_per_s"]) == {"pool_batched", "pool_one_by_one", "dynamic_batched", "sinkcache_one_by_one"}
+        assert set(row["tokens_per_s"]) == {
+            "pool_batched",
+            "pool_one_by_one",
+            "dynamic_batched",
+            "sinkcache_one_by_one",
+        }
         assert all(v > 0 for v in row["tokens_per_s"].values())
     ing = pool_bench.ingest(lm, counts=(2, 4), sinks=4, window=60, max_chunk=32, repeats=1)
     for row in ing["rows"]:

@@ -30,9 +30,19 @@ ROPE = {
 
 def _config(rope: str, layer_types=("full_attention", "full_attention")) -> transformers.GptOssConfig:
     return transformers.GptOssConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
-        layer_types=list(layer_types), sliding_window=128, rope_parameters=dict(ROPE[rope]),
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        layer_types=list(layer_types),
+        sliding_window=128,
+        rope_parameters=dict(ROPE[rope]),
     )
 
 
@@ -105,6 +115,8 @@ def test_the_sink_logits_matter() -> None:
 
 def test_alternating_sliding_layers_are_refused() -> None:
     config = _config("default", ("sliding_attention", "full_attention")).to_dict()
-    with pytest.raises(ValueError, match=r"every layer full attention.*1 of 2 layers.*sliding_attention.*sliding_window=128"):
+    with pytest.raises(
+        ValueError, match=r"every layer full attention.*1 of 2 layers.*sliding_attention.*sliding_window=128"
+    ):
         architecture_of("gpt_oss", config)
     assert architecture_of("gpt_oss", _config("default").to_dict()).positions == "rope"

@@ -80,7 +80,7 @@ def test_generation_rolls_back_exactly(tiny_lm):
     before = [(layer.keys, layer.values) for layer in b.layers]
     generated = runner.generate(b, prompt=[1, 2, 3], max_new_tokens=20)
     assert len(generated) == 20 and all(0 <= g < VOCAB for g in generated)
-    assert b.seen == 30 and all(l.keys is k and l.values is v for l, (k, v) in zip(b.layers, before))
+    assert b.seen == 30 and all(lay.keys is k and lay.values is v for lay, (k, v) in zip(b.layers, before))
     assert torch.equal(runner.step(b, ids[30:]), runner.step(a, ids[30:]))
 
 
@@ -93,4 +93,4 @@ def test_failed_step_leaves_cache_untouched(tiny_lm):
     with pytest.raises(IndexError):
         runner.step(cache, torch.tensor([1, 2, VOCAB + 50]))  # out-of-vocabulary id fails inside the model
     assert cache.seen == state.seen and cache.plan is None
-    assert all(l.keys is k for l, (k, _) in zip(cache.layers, state.tensors))
+    assert all(lay.keys is k for lay, (k, _) in zip(cache.layers, state.tensors))

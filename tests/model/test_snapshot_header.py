@@ -27,7 +27,13 @@ def test_written_header_parses_into_the_model(tiny_lm):
     raw = _valid(tiny_lm)
     header = parse_header(_blob_with(raw))
     assert isinstance(header, SnapshotHeader)
-    assert (header.format, header.seen, header.sinks, header.window, header.extra) == (FORMAT_VERSION, 20, 4, 12, {"lines": 3})
+    assert (header.format, header.seen, header.sinks, header.window, header.extra) == (
+        FORMAT_VERSION,
+        20,
+        4,
+        12,
+        {"lines": 3},
+    )
 
 
 def test_unknown_key_and_bad_field_are_refused_by_name(tiny_lm):

@@ -59,7 +59,13 @@ def setup(text_lm, fake_redis):
         engine = Engine(text_lm, settings)
         epoch = store.claim("in:0")
         part = PartitionState("in", 0, epoch, engine, store, Residency(max_resident), store.read_manifest("in:0"))
-        return journal, store, engine, part, Checkpointer(FakeSource(journal), FakeSink(journal), store, settings.checkpoint)
+        return (
+            journal,
+            store,
+            engine,
+            part,
+            Checkpointer(FakeSource(journal), FakeSink(journal), store, settings.checkpoint),
+        )
 
     return make
 

@@ -54,7 +54,10 @@ def _check_output(messages: list[dict], expected: dict[str, bytes]) -> int:
         assert m["headers"]["sinkstream-id"].decode() == m["value"]["id"]
         assert m["key"].decode() == m["value"]["stream"]
         copies[m["value"]["id"]].append(m["raw"])
-    assert set(copies) == set(expected), (sorted(set(expected) - set(copies))[:5], sorted(set(copies) - set(expected))[:5])
+    assert set(copies) == set(expected), (
+        sorted(set(expected) - set(copies))[:5],
+        sorted(set(copies) - set(expected))[:5],
+    )
     for aid, blobs in copies.items():
         assert all(b == expected[aid] for b in blobs), (aid, blobs[0], expected[aid])
     return sum(len(b) for b in copies.values()) - len(copies)
@@ -88,7 +91,7 @@ def test_sigkill_mid_conversation_then_restart_gives_identical_replies(
         svc.wait_for_log('"partition.assigned"')
         seen = len(read_topic(bootstrap, out_topic, 1, until=lambda g: False, timeout_s=1.0))
         target = seen + rng.randint(3, 6)
-        read_topic(bootstrap, out_topic, 1, until=lambda g: len(g) >= target, timeout_s=180)
+        read_topic(bootstrap, out_topic, 1, until=lambda g, target=target: len(g) >= target, timeout_s=180)
         svc.kill(signal.SIGKILL)  # mid-conversation: no shutdown hook, no final checkpoint
         assert svc.proc.returncode == -signal.SIGKILL
         runs.append(svc)

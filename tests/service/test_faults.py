@@ -317,8 +317,8 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
     """Several records of one stream in one group, several streams in one packed forward pass, and notes due
     inside the group give exactly what feeding each record alone gives: the offline baseline of the
     integration tests relies on it (batch invariance of the pooled step, on one thread)."""
-    from pipeline.service.session import StreamSession
     from connectors.protocols import Record
+    from pipeline.service.session import StreamSession
 
     settings = _settings(note={"every_tokens": 25, "max_new_tokens": 3}, service={"batch_tokens": 100_000})
     topic, sink = MemoryTopic("in"), MemorySink()
@@ -331,7 +331,9 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
         if r.key not in sessions:
             sessions[r.key] = StreamSession(engine, r.key.decode())
         session = sessions[r.key]
-        expected += [ann.encode(a) for a in session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))]
+        expected += [
+            ann.encode(a) for a in session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))
+        ]
     got = [ann.encode(a) for a in sink.values("out")]
     assert any(b'"kind":"note"' in x for x in got)
     reset = [x for x in got if b'/7/score' in x][0]
@@ -359,6 +361,8 @@ def test_metrics_follow_the_stream_evictions_errors_and_checkpoints(text_lm):
     seen = scores[-1]["tokens_seen"]
     assert value("sinkstream_cache_evictions_total") - before["sinkstream_cache_evictions_total"] == seen - 4 - 32
     assert value("sinkstream_records_total") - before["sinkstream_records_total"] == 13
-    assert value("sinkstream_tokens_total") - before["sinkstream_tokens_total"] == sum(a["score"]["tokens"] for a in scores)
+    assert value("sinkstream_tokens_total") - before["sinkstream_tokens_total"] == sum(
+        a["score"]["tokens"] for a in scores
+    )
     assert value("sinkstream_annotations_total", kind="error") - errors_before == 1
     assert value("sinkstream_checkpoint_size_bytes_count") > before["sinkstream_checkpoint_size_bytes_count"]

@@ -58,7 +58,10 @@ def _check_output(messages: list[dict], expected: dict[str, bytes]) -> int:
         assert m["headers"]["sinkstream-id"].decode() == m["value"]["id"]
         assert m["key"].decode() == m["value"]["stream"]
         copies[m["value"]["id"]].append(m["raw"])
-    assert set(copies) == set(expected), (sorted(set(expected) - set(copies))[:5], sorted(set(copies) - set(expected))[:5])
+    assert set(copies) == set(expected), (
+        sorted(set(expected) - set(copies))[:5],
+        sorted(set(copies) - set(expected))[:5],
+    )
     for aid, blobs in copies.items():
         assert all(b == expected[aid] for b in blobs), aid
     return sum(len(b) for b in copies.values()) - len(copies)
@@ -79,7 +82,7 @@ def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
         svc.wait_for_log('"partition.assigned"')
         seen = len(read_topic(bootstrap, out_topic, 1, until=lambda g: False, timeout_s=1.0))
         target = seen + rng.randint(3, 9)
-        read_topic(bootstrap, out_topic, 1, until=lambda g: len(g) >= target, timeout_s=90)
+        read_topic(bootstrap, out_topic, 1, until=lambda g, target=target: len(g) >= target, timeout_s=90)
         svc.kill(signal.SIGKILL)  # no shutdown hook, no final checkpoint
         assert svc.proc.returncode == -signal.SIGKILL
     final = ServiceProcess.start(config, tmp_path, "final", idle_exit_s=4)
@@ -91,7 +94,9 @@ def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
         assert _manifest(redis_server, config, p)["manifest"]["next_offset"] == 24
 
 
-def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(scenario, read_topic, kafka_stack, redis_server, tmp_path):
+def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(
+    scenario, read_topic, kafka_stack, redis_server, tmp_path
+):
     config, out_topic, expected = scenario(partitions=4, per_partition=24)
     bootstrap = kafka_stack.bootstrap
     first = ServiceProcess.start(config, tmp_path, "p1")
@@ -124,7 +129,9 @@ def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(scenario, r
     for p in range(4):
         doc = _manifest(redis_server, config, p)
         assert doc["manifest"]["next_offset"] == 24
-        assert doc["epoch"] <= int(store.get(f"{config['redis']['key_prefix']}:epoch:{{{config['kafka']['input_topic']}:{p}}}"))
+        assert doc["epoch"] <= int(
+            store.get(f"{config['redis']['key_prefix']}:epoch:{{{config['kafka']['input_topic']}:{p}}}")
+        )
     zombie = first.log()
     assert '"checkpoint.fenced"' in zombie or '"partition.lost"' in zombie, zombie[-3000:]
 
@@ -223,7 +230,12 @@ def test_hostile_records_through_the_real_broker_each_get_a_result(kafka_stack, 
         by_offset[m["value"]["source"]["offset"]][m["value"]["kind"]] = m["value"]
     assert sorted(by_offset) == list(range(len(items)))  # every record got a result
     assert all("score" in by_offset[o] for o in by_offset)
-    reasons = {o: [p["reason"] for p in a["error"]["problems"]] for o, d in by_offset.items() for k, a in d.items() if k == "error"}
+    reasons = {
+        o: [p["reason"] for p in a["error"]["problems"]]
+        for o, d in by_offset.items()
+        for k, a in d.items()
+        if k == "error"
+    }
     assert reasons[8] == ["record_too_many_tokens"]  # 1 MB without newline: cut into long lines, budget applies
     assert reasons[9][0] == "record_too_large"  # 5 MB: only the first MiB is read
     assert reasons[10] == ["record_too_many_tokens"]  # 100,000 newlines

@@ -10,15 +10,15 @@ import torch
 
 from connectors.protocols import Record
 from pipeline.service.annotations import encode, schema
-from pipeline.service.scoring import RunningStats
 from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
+from pipeline.service.scoring import RunningStats
 from pipeline.service.session import RESET_HEADER, Engine, StreamSession, stream_key
 from pipeline.settings import load_settings
 
 LOG = [
-    "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38865049064139660 terminating\n",
-    "081109 203807 222 INFO dfs.DataNode$PacketResponder: PacketResponder 0 for block blk_-6952295868487656571 terminating\n",
+    "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38865049064139660 terminating\n",  # noqa: E501
+    "081109 203807 222 INFO dfs.DataNode$PacketResponder: PacketResponder 0 for block blk_-6952295868487656571 terminating\n",  # noqa: E501
     "081109 204005 35 INFO dfs.FSNamesystem: BLOCK* NameSystem.addStoredBlock: blockMap updated: 10.251.73.220:50010\n",
     "Ünïcödé line with emoji 🚀 and CJK 漢字\n",
 ] * 5

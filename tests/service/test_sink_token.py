@@ -19,8 +19,15 @@ TEXT = "the quick brown fox jumps over the lazy dog\n" * 20 + "2025-01-01 12:00:
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = train_tokenizer([TEXT], 300)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # sharpen attention so that which keys are visible matters
@@ -116,7 +123,11 @@ def _records(key: bytes = b"s1", start: int = 0, lines=LINES, headers=None):
 
 
 def _scores(annotations):
-    return [(a["id"], [(ln["tokens"], ln["mean_nll"]) for ln in a["score"]["lines"]]) for a in annotations if a["kind"] == "score"]
+    return [
+        (a["id"], [(ln["tokens"], ln["mean_nll"]) for ln in a["score"]["lines"]])
+        for a in annotations
+        if a["kind"] == "score"
+    ]
 
 
 def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -> None:
@@ -135,7 +146,9 @@ def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -
     plain = StreamSession(Engine(tiny, _session_settings(None, kv_pool=False)), "s1")
     plain_annotations = [a for r in _records() for a in plain.process(r)]
     with_sink, without = _scores(annotations), _scores(plain_annotations)
-    assert [(i, [t for t, _ in lines]) for i, lines in with_sink] == [(i, [t for t, _ in lines]) for i, lines in without]
+    assert [(i, [t for t, _ in lines]) for i, lines in with_sink] == [
+        (i, [t for t, _ in lines]) for i, lines in without
+    ]
     assert with_sink != without
     # the sink token is not among the first line's tokens, and the first text token has no prediction (the sink
     # token's logits are discarded): the line's mean NLL is over its tokens 2..n, each seeing the sink token

@@ -31,7 +31,10 @@ def test_half_a_client_certificate_and_a_ca_bundle_over_plain_redis_are_refused(
         KafkaClientConfig("b:9092", "SSL", ssl_certfile="/tls.crt")
     with pytest.raises(ValueError, match="expected a rediss:// URL, got h:6379 over plain redis://"):
         connect_redis("redis://h:6379/0", ssl_ca_certs="/ca.crt")
-    assert connect_redis("rediss://h:6380/0", ssl_ca_certs="/ca.crt").connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.crt"
+    assert (
+        connect_redis("rediss://h:6380/0", ssl_ca_certs="/ca.crt").connection_pool.connection_kwargs["ssl_ca_certs"]
+        == "/ca.crt"
+    )
 
 
 def test_empty_addresses_without_a_stack_are_a_user_error(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ STEPS = QUICK.steps
 
 def cli(*argv: str) -> int:
     """`sinkstream pretrain ...` through the real entry point (registration, logging, exit codes)."""
-    return main(["--log-format", "json", "--log-level", "WARNING", "pretrain", *argv, "--threads", "1", "--no-progress"])
+    return main(
+        ["--log-format", "json", "--log-level", "WARNING", "pretrain", *argv, "--threads", "1", "--no-progress"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,13 @@ def test_eval_json_shape(interrupted_then_resumed: Path) -> None:
         assert [p["step"] for p in probes] == [0, STEPS // 2, STEPS]
         assert probes[-1]["heldout_loss"] < probes[0]["heldout_loss"], "training must lower the held-out loss"
         assert results["budget"][variant]["tokens_seen"] == STEPS * QUICK.batch_size * QUICK.seq_len
-    for name in ("table.md", "sink_token_attention.png", "sink_token_training.png", "sink_token_perplexity.png", "sink_token_heads.png"):
+    for name in (
+        "table.md",
+        "sink_token_attention.png",
+        "sink_token_training.png",
+        "sink_token_perplexity.png",
+        "sink_token_heads.png",
+    ):
         assert (run / name).stat().st_size > 0
     assert "| sink | prose |" in (run / "table.md").read_text()
 
