@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite, integration tests included: they start the real broker
-# (tansu) and a real Redis on free loopback ports themselves and stop them afterwards.
+# Set up (if needed), lint (ruff), type-check (mypy) and run the whole test suite, integration tests included:
+# they start the real broker (tansu) and a real Redis on free loopback ports themselves and stop them afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,4 +10,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "chromium could not be installed: tests/ops/test_status_page.py will skip"
 fi
+# Lint and types first: either failing fails the command before the (long) suite starts.
+.venv/bin/ruff check model connectors pipeline tests
+.venv/bin/mypy  # model/ connectors/ pipeline/, configured in pyproject.toml
 exec .venv/bin/python -m pytest -q --durations=15 "$@"
