@@ -16,6 +16,7 @@ from pipeline.cli.common import int_list, load_model_for_cli, non_negative_int, 
 from pipeline.errors import UserError
 from pipeline.evaluation import recall as rc
 from pipeline.evaluation.plots import Panel, save_figure
+from pipeline.evaluation.tables import markdown_table
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -35,9 +36,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 def table(report: rc.RecallReport) -> str:
     """Markdown: accuracy / choice accuracy / mean log p per line distance, one column group per policy."""
-    head = "| d (lines) | d (tokens) | " + " | ".join(
-        f"{p.label}: exact / choice / log p" for p in report.policies) + " |"
-    rows = [head, "|" + "---|" * (2 + len(report.policies))]
+    rows = []
     for d in report.distances:
         cells = []
         tokens = None
@@ -48,17 +47,13 @@ def table(report: rc.RecallReport) -> str:
                 continue
             tokens = tokens or row.mean_d_tokens
             cells.append(f"{row.accuracy:.2f} / {row.choice_accuracy:.2f} / {row.mean_logprob:.1f}")
-        rows.append(
-            f"| {d} | {tokens:.0f} | " + " | ".join(cells) + " |"
-            if tokens is not None
-            else f"| {d} | - | " + " | ".join(cells) + " |"
-        )
-    rows.append("")
-    rows.append("| region (tokens) | " + " | ".join(p.label for p in report.policies) + " |")
-    rows.append("|" + "---|" * (1 + len(report.policies)))
+        rows.append([d, "-" if tokens is None else f"{tokens:.0f}", *cells])
+    by_distance = markdown_table(
+        ["d (lines)", "d (tokens)", *(f"{p.label}: exact / choice / log p" for p in report.policies)], rows)
     w = report.window
     names = {"inside": f"inside [0, {int(rc.EDGE_FRACTION * w)})", "edge": f"edge [{int(rc.EDGE_FRACTION * w)}, {w})",
              "evicted": f"evicted [{w}, ...)"}
+    region_rows = []
     for region in rc.REGIONS:
         cells = []
         for p in report.policies:
@@ -66,8 +61,9 @@ def table(report: rc.RecallReport) -> str:
             cells.append(
                 "-" if not b.n else f"{b.accuracy:.2f} / {b.choice_accuracy:.2f} / {b.mean_logprob:.1f} (n={b.n})"
             )
-        rows.append(f"| {names[region]} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        region_rows.append([names[region], *cells])
+    by_region = markdown_table(["region (tokens)", *(p.label for p in report.policies)], region_rows)
+    return by_distance + "\n\n" + by_region
 
 
 def panels(report: rc.RecallReport) -> list[Panel]:

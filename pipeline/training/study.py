@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from pipeline.evaluation import tables
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -133,28 +135,24 @@ def markdown_table(results: dict[str, Any]) -> str:
     cache = results["config"]["eval_cache"]
     sinks = results["config"]["eval_sinks"]
     configs = [f"{s}+{cache - s}" for s in sinks] + ["dense"]
-    header = "| model | held-out stream | " + " | ".join(configs) + " |"
-    lines = [header, "|" + "---|" * (len(configs) + 2)]
+    table = []
     for variant, rows in results["streaming"].items():
         for kind in results["config"]["eval_kinds"]:
             by = {r["config"]: r["perplexity"] for r in rows if r["stream"] == kind}
-            cells = " | ".join(f"{by[c]:.2f}" if c in by else "—" for c in configs)
-            lines.append(f"| {variant} | {kind} | {cells} |")
-    return "\n".join(lines)
+            table.append([variant, kind, *(float(by[c]) if c in by else None for c in configs)])
+    return tables.markdown_table(["model", "held-out stream", *configs], table)
 
 
 def attention_table(results: dict[str, Any]) -> str:
     """Markdown: per model and layer, attention share on positions 0..3 (queries in the second half), uniform
     baseline, and Gu et al.'s sink rate (% of heads scoring > 0.3 on the position)."""
-    lines = ["| model | layer | pos 0 | pos 1 | pos 2 | pos 3 | uniform |", "|---|---|---|---|---|---|---|"]
+    rows: list[list[Any]] = []
     for variant, att in results["attention"].items():
         for layer, share in enumerate(att["share"]):
-            cells = " | ".join(f"{v:.3f}" for v in share)
-            lines.append(f"| {variant} | {layer} | {cells} | {att['uniform'][0]:.3f} |")
+            rows.append([variant, layer, *(f"{v:.3f}" for v in share), f"{att['uniform'][0]:.3f}"])
         if "sink_rate" in att:
-            rates = " | ".join(f"{v:.0f}%" for v in att["sink_rate"])
-            lines.append(f"| {variant} | heads > {SINK_EPS} | {rates} | |")
-    return "\n".join(lines)
+            rows.append([variant, f"heads > {SINK_EPS}", *(f"{v:.0f}%" for v in att["sink_rate"]), ""])
+    return tables.markdown_table(["model", "layer", "pos 0", "pos 1", "pos 2", "pos 3", "uniform"], rows)
 
 
 def plot_attention(results: dict[str, Any], path) -> None:
