@@ -58,6 +58,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from model.pool_step import Mode
+from pipeline.evaluation.tables import markdown_table
 
 log = structlog.get_logger(__name__)
 
@@ -656,23 +657,23 @@ def markdown(summary: GpuCheckSummary) -> str:
              f"torch {env['torch']}, "
              f"transformers {env['transformers']}; {summary.seconds:.0f} s; "
              f"**{'PASSED' if summary.passed else 'FAILED'}**.", "",
-             "| part | status | seconds | reason |", "| --- | --- | --- | --- |"]
-    for p in summary.parts:
-        lines.append(f"| {p.name} | {p.status} | {p.seconds:.1f} | {p.reason.replace('|', '/')} |")
+             markdown_table(["part", "status", "seconds", "reason"],
+                            [[p.name, p.status, f"{p.seconds:.1f}", p.reason.replace("|", "/")]
+                             for p in summary.parts])]
     by = {p.name: p for p in summary.parts}
     m = by["many_streams"].metrics
     if m.get("packed"):
-        lines += ["", "## Many streams (packed pooled forward)", "",
-                  "| mode | streams | tokens/forward | tokens/s | decode tokens/s | peak GB |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        packed_rows: list[list[Any]] = []
         for key in ("packed", "packed_flex"):
             r = m.get(key) or {}
             if "tokens_per_s" in r:
-                lines.append(f"| {r['mode']} | {r['streams']} | {_fmt(r['tokens_per_forward'])} | "
-                             f"{_fmt(r['tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} | "
-                             f"{r.get('peak_cuda_gb', '-')} |")
+                packed_rows.append([r["mode"], r["streams"], _fmt(r["tokens_per_forward"]), _fmt(r["tokens_per_s"]),
+                                    _fmt(r["decode_tokens_per_s"]), r.get("peak_cuda_gb", "-")])
             elif r:
-                lines.append(f"| {key} | error: {r.get('error', '')[:200]} | | | | |")
+                packed_rows.append([key, f"error: {r.get('error', '')[:200]}".replace("|", "/"), "", "", "", ""])
+        lines += ["", "## Many streams (packed pooled forward)", "",
+                  markdown_table(["mode", "streams", "tokens/forward", "tokens/s", "decode tokens/s", "peak GB"],
+                                 packed_rows)]
         for row in (m.get("decode") or {}).get("rows", []):
             lines.append(f"- decode B={row['streams']}: pool {_fmt(row['tokens_per_s']['pool_batched'])} tokens/s, "
                          f"{row['pool_vs_dynamic']:.2f}x DynamicCache batched, "
@@ -690,11 +691,11 @@ def markdown(summary: GpuCheckSummary) -> str:
     if ppl.get("blocks"):
         lines += ["", "## Streaming perplexity", "", f"{ppl['tokens_fed']:,} tokens of {ppl['text']}, "
                   f"{_fmt(ppl['tokens_per_s'])} tokens/s; "
-                  f"last/first pass {ppl.get('last_over_first_pass', float('nan')):.4f}", "",
-                  "| block end | perplexity | peak CUDA MB |", "| --- | --- | --- |"]
-        for b in ppl["blocks"]:
-            peak = f"{b['peak_cuda_bytes'] / 2**20:.1f}" if b["peak_cuda_bytes"] is not None else "-"
-            lines.append(f"| {b['end']:,} | {b['perplexity']:.3f} | {peak} |")
+                  f"last/first pass {ppl.get('last_over_first_pass', float('nan')):.4f}", ""]
+        blocks = [[f"{b['end']:,}", f"{b['perplexity']:.3f}",
+                   f"{b['peak_cuda_bytes'] / 2**20:.1f}" if b["peak_cuda_bytes"] is not None else "-"]
+                  for b in ppl["blocks"]]
+        lines.append(markdown_table(["block end", "perplexity", "peak CUDA MB"], blocks))
     failed = [p for p in summary.parts if p.status == "failed" and "traceback" in p.metrics]
     for p in failed:
         lines += ["", f"## {p.name}: traceback", "", "```", p.metrics["traceback"][-1500:], "```"]
