@@ -228,6 +228,6 @@ def _follow(proc, viewer, n: int, bootstrap: str, topic_out: str) -> int:
         f"  from kafka import KafkaConsumer\n"
         f"  for m in KafkaConsumer('{topic_out}', bootstrap_servers='{bootstrap}', "
         f"auto_offset_reset='earliest'):\n      print(m.key, m.value)\n"
-        f"Annotations follow the JSON Schema in pipeline/schemas/annotation.v1.json; drop duplicates by `id`.\n"
+        f"Annotations follow the JSON Schema in pipeline/service/schemas/annotation.v1.json; drop duplicates by `id`.\n"
     )
     return 0 if proc.returncode == 0 and len(viewer.seen) >= n else 1
