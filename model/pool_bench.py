@@ -55,6 +55,22 @@ def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path = LO
     return out
 
 
+def padded_batch(lm: LoadedModel, chunks: Sequence[Sequence[int]], prefix: int):
+    """The raw baseline's input: token lists right-padded into one batch after a `prefix`-token history.
+
+    Returns (input_ids (B, n_max), attention_mask (B, prefix + n_max), position_ids (B, n_max)).
+    """
+    count, n_max = len(chunks), max(len(c) for c in chunks)
+    padded = torch.zeros(count, n_max, dtype=torch.long, device=lm.device)  # (B, n_max)
+    mask = torch.zeros(count, prefix + n_max, dtype=torch.long, device=lm.device)  # (B, prefix + n_max)
+    mask[:, :prefix] = 1
+    for b, c in enumerate(chunks):
+        padded[b, : len(c)] = torch.tensor(list(c))
+        mask[b, prefix : prefix + len(c)] = 1
+    pos = torch.arange(prefix, prefix + n_max, device=lm.device)[None].expand(count, -1)  # (B, n_max)
+    return padded, mask, pos
+
+
 @contextmanager
 def _plain_sdpa(lm: LoadedModel):
     """Run the model with transformers' own sdpa attention (the raw baseline), then switch back."""
@@ -258,13 +274,7 @@ def ingest(
         n_max = max(len(c) for c in chunks)
         with _plain_sdpa(lm):
             dyn = _dynamic_prefix(lm, prefix_ids, count)
-        padded = torch.zeros(count, n_max, dtype=torch.long, device=lm.device)
-        mask = torch.zeros(count, prefix + n_max, dtype=torch.long, device=lm.device)
-        mask[:, :prefix] = 1
-        for b, c in enumerate(chunks):
-            padded[b, : len(c)] = torch.tensor(c)
-            mask[b, prefix : prefix + len(c)] = 1
-        pos = torch.arange(prefix, prefix + n_max, device=lm.device)[None].expand(count, -1)
+        padded, mask, pos = padded_batch(lm, chunks, prefix)
 
         def raw_padded(padded=padded, mask=mask, pos=pos, dyn=dyn):
             with _plain_sdpa(lm):

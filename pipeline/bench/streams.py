@@ -29,7 +29,7 @@ import torch
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from model.loader import LoadedModel
 from model.pool import bytes_per_slot
-from model.pool_bench import _crop, _dynamic_prefix, _plain_sdpa, _prefix_ids, decode
+from model.pool_bench import _crop, _dynamic_prefix, _plain_sdpa, _prefix_ids, decode, padded_batch
 from pipeline.evaluation.datasets import loghub_dir
 from pipeline.service.service import Service
 from pipeline.service.session import Engine
@@ -103,14 +103,7 @@ def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, 
         dyn = _dynamic_prefix(lm, prefix_ids, count)
     seconds, tokens = 0.0, 0
     for chunks in token_rounds:
-        n_max = max(len(c) for c in chunks)
-        padded = torch.zeros(count, n_max, dtype=torch.long, device=lm.device)
-        mask = torch.zeros(count, prefix + n_max, dtype=torch.long, device=lm.device)
-        mask[:, :prefix] = 1
-        for b, c in enumerate(chunks):
-            padded[b, : len(c)] = torch.tensor(c)
-            mask[b, prefix : prefix + len(c)] = 1
-        pos = torch.arange(prefix, prefix + n_max, device=lm.device)[None].expand(count, -1)
+        padded, mask, pos = padded_batch(lm, chunks, prefix)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

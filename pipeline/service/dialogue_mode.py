@@ -49,7 +49,7 @@ from pipeline.errors import UserError
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
 from pipeline.service.backend import SinkBackend
-from pipeline.service.session import RESET_HEADER, RecordWork, StreamSession
+from pipeline.service.session import RESET_HEADER, RecordWork, StreamSession, too_large
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -99,12 +99,7 @@ class DialogueMode:
         problems: list[dict[str, Any]] = []
         value = record.value
         if len(value) > limits.max_record_bytes:
-            problems.append({
-                "reason": "record_too_large",
-                "message": f"expected at most {limits.max_record_bytes} bytes per record, got {len(value)}; "
-                           f"the turn is the first {limits.max_record_bytes} bytes",
-                "skipped_bytes": len(value) - limits.max_record_bytes,
-            })
+            problems.append(too_large(len(value), limits.max_record_bytes, "the turn is the first ones"))
             value = value[: limits.max_record_bytes]
         text = value.decode("utf-8", errors="replace")
         ids = list(session.engine.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -99,6 +99,15 @@ def stream_key(record: Record) -> str:
         return "hex:" + record.key.hex()
 
 
+def too_large(size: int, limit: int, outcome: str) -> dict[str, Any]:
+    """The `record_too_large` problem of a record of `size` bytes over `limit` (`outcome`: what was done)."""
+    return {
+        "reason": "record_too_large",
+        "message": f"expected at most {limit} bytes per record, got {size}; {outcome}",
+        "skipped_bytes": size - limit,
+    }
+
+
 @dataclass
 class Counters:
     lines_seen: int = 0
@@ -237,12 +246,7 @@ class StreamSession:
             self.chunker.reset()  # the rest of the reset happens when the record's turn comes (see `reset`)
         value = record.value
         if len(value) > limits.max_record_bytes:
-            problems.append({
-                "reason": "record_too_large",
-                "message": f"expected at most {limits.max_record_bytes} bytes per record, got {len(value)}; "
-                           f"the bytes after the first {limits.max_record_bytes} were not read",
-                "skipped_bytes": len(value) - limits.max_record_bytes,
-            })
+            problems.append(too_large(len(value), limits.max_record_bytes, "the bytes after them were not read"))
             value = value[: limits.max_record_bytes]
         lines = self.chunker.feed(value)
         budget = limits.max_record_tokens
