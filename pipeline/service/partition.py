@@ -30,6 +30,10 @@ from pipeline.service.session import Engine, StreamSession
 log = structlog.get_logger(__name__)
 
 
+class GroupFull(RuntimeError):
+    """Every resident session has records in the group being prepared: run the group before this record."""
+
+
 class StoreUnavailable(RuntimeError):
     """The state store did not answer while a session had to be read or written; retry later."""
 
@@ -50,6 +54,8 @@ class Residency:
     def __init__(self, limit: int):
         self.limit = limit
         self._lru: OrderedDict[tuple[str, str], PartitionState] = OrderedDict()
+        # Sessions with records in the group being prepared: never spilled before the group ran.
+        self.pinned: set[tuple[str, str]] = set()
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -62,7 +68,7 @@ class Residency:
         for (pid, cold_key), owner in list(self._lru.items()):
             if len(self._lru) <= self.limit or (pid, cold_key) == (part.id, key):
                 break
-            if owner.spill(cold_key):
+            if (pid, cold_key) not in self.pinned and owner.spill(cold_key):
                 del self._lru[(pid, cold_key)]
 
     def make_room(self, part: PartitionState, key: str) -> None:
@@ -71,8 +77,10 @@ class Residency:
         for (pid, cold_key), owner in list(self._lru.items()):
             if len(self._lru) < self.limit:
                 break
-            if (pid, cold_key) != (part.id, key) and owner.spill(cold_key):
+            if (pid, cold_key) != (part.id, key) and (pid, cold_key) not in self.pinned and owner.spill(cold_key):
                 del self._lru[(pid, cold_key)]
+        if len(self._lru) >= self.limit and self.pinned >= set(self._lru):
+            raise GroupFull(f"all {self.limit} resident sessions have records in the group being prepared")
 
     def forget(self, part_id: str) -> None:
         for entry in [e for e in self._lru if e[0] == part_id]:

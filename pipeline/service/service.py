@@ -47,7 +47,7 @@ from pipeline.service import annotations as ann
 from pipeline.service import metrics
 from pipeline.service.batcher import Batcher
 from pipeline.service.checkpoint import Checkpointer
-from pipeline.service.partition import PartitionState, Residency, StoreUnavailable
+from pipeline.service.partition import GroupFull, PartitionState, Residency, StoreUnavailable
 from pipeline.service.session import Engine, RecordWork, StreamSession, stream_key
 from pipeline.settings import Settings
 
@@ -287,9 +287,15 @@ class Service:
             key = stream_key(record)
             try:
                 session = part.session(key)
+            except GroupFull:
+                if not works:  # cannot happen with max_resident_streams >= 1; never loop without progress
+                    raise
+                pending.appendleft(record)  # it starts the next group, once this one's sessions may be spilled
+                break
             except StoreUnavailable as exc:
                 self._block(part, record, str(exc))
                 continue
+            self.residency.pinned.add((part.id, key))
             work = self._prepare(part, session, record)
             works.append(work)
             tokens += work.tokens
@@ -331,6 +337,8 @@ class Service:
                 if tp in self.parts:
                     self.parts[tp].tainted = True
             raise
+        finally:
+            self.residency.pinned.clear()
         tokens = sum(w.tokens for w in works)
         seconds = time.perf_counter() - started
         metrics.RECORDS.inc(len(works))

@@ -366,3 +366,27 @@ def test_metrics_follow_the_stream_evictions_errors_and_checkpoints(text_lm):
     )
     assert value("sinkstream_annotations_total", kind="error") - errors_before == 1
     assert value("sinkstream_checkpoint_size_bytes_count") > before["sinkstream_checkpoint_size_bytes_count"]
+
+
+@pytest.mark.parametrize("kv_pool", [True, False])
+def test_more_streams_in_a_group_than_may_stay_resident(text_lm, one_thread, kv_pool):
+    """A group never spills a session whose records it still has to run: with 2 resident streams and records of
+    5 streams in one poll, the group ends early and the next one spills; every record is scored, and the output
+    equals feeding each stream alone."""
+    from connectors.protocols import Record
+    from pipeline.service.session import StreamSession
+
+    settings = _settings(service={"max_resident_streams": 2, "batch_tokens": 100_000, "kv_pool": kv_pool})
+    topic, sink = MemoryTopic("in"), MemorySink()
+    for i in range(15):
+        topic.append(0, f"k{i % 5}".encode(), f"GET /item/{i} 200\n".encode())
+    assert _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False) == 0
+    got = sink.values("out")
+    assert [a["kind"] for a in got] == ["score"] * 15
+    roomy = _settings(service={"kv_pool": kv_pool})
+    engine, sessions, expected = Engine(text_lm, roomy), {}, []
+    for r in topic.partitions[0]:
+        if r.key not in sessions:
+            sessions[r.key] = StreamSession(engine, r.key.decode())
+        expected += [ann.encode(a) for a in sessions[r.key].process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))]
+    assert [ann.encode(a) for a in got] == expected
