@@ -388,5 +388,6 @@ def test_more_streams_in_a_group_than_may_stay_resident(text_lm, one_thread, kv_
     for r in topic.partitions[0]:
         if r.key not in sessions:
             sessions[r.key] = StreamSession(engine, r.key.decode())
-        expected += [ann.encode(a) for a in sessions[r.key].process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))]
+        record = Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0)
+        expected += [ann.encode(a) for a in sessions[r.key].process(record)]
     assert [ann.encode(a) for a in got] == expected
