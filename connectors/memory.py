@@ -226,9 +226,13 @@ class MemoryStore:
     increasing owner epochs, fencing of stale epochs, blobs written once under fresh keys, atomic manifest switch,
     spilled sessions of a previous owner dropped by `claim`. Thread-safe (the service writes checkpoints from a
     background thread). Set `down = True` to make every call raise `StateStoreError`, as an unreachable Redis
-    does (tests of outages)."""
+    does (tests of outages). `keep_checkpoint_blobs=False` counts the bytes of checkpoint blobs instead of keeping
+    them (benchmarks of the service's own cost with many large streams; such a store cannot resume: reading one
+    of those blobs raises `MissingSnapshotError`); spilled blobs are always kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_checkpoint_blobs: bool = True) -> None:
+        self.keep_checkpoint_blobs = keep_checkpoint_blobs
+        self.dropped_bytes = 0  # bytes of checkpoint blobs not kept (keep_checkpoint_blobs=False)
         self.down = False
         self._lock = threading.RLock()
         self.epochs: dict[str, int] = {}
@@ -271,10 +275,7 @@ class MemoryStore:
         `epoch` is current (else `FencedError`)."""
         self._fence(partition_id, epoch, "checkpoint")
         reuse = list(reuse)
-        snapshots = dict(snapshots.items() if isinstance(snapshots, Mapping) else snapshots)
-        both = sorted(set(reuse) & set(snapshots))
-        if both:
-            raise ValueError(f"streams {both} are both in snapshots and in reuse; expected each in at most one")
+        pairs = snapshots.items() if isinstance(snapshots, Mapping) else snapshots  # consumed one blob at a time
         old = self.manifests.get(partition_id)
         spilled = self.spilled.setdefault(partition_id, {})
         refs: dict[str, str] = {}
@@ -287,11 +288,20 @@ class MemoryStore:
                 )
             refs[stream] = found
         self._seq += 1
-        for stream, blob in snapshots.items():
+        written: list[str] = []
+        for stream, blob in pairs:
+            if stream in reuse or stream in written:
+                raise ValueError(
+                    f"stream {stream!r} is both in snapshots and in reuse (or twice in snapshots); expected it once"
+                )
+            written.append(stream)
             key = f"snap:{partition_id}:{stream}:{epoch}:{self._seq}"
-            self.blobs[key] = bytes(blob)
+            if self.keep_checkpoint_blobs:
+                self.blobs[key] = bytes(blob)
+            else:
+                self.dropped_bytes += len(blob)
             refs[stream] = key
-        for stream in snapshots:
+        for stream in written:
             spilled.pop(stream, None)
         doc = {
             "format": 1, "partition": partition_id, "epoch": epoch, "seq": self._seq, "written_at_ms": 0,

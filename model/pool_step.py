@@ -21,7 +21,8 @@ next one. Exact StreamingLLM attention per stream (see `model.pool` for the posi
   * "flex": FlexAttention with a block mask built once per forward and the sink scores substituted through
     `score_mod`, so no dense per-head mask exists (compiled on CUDA). Opt-in: on CPU it runs eagerly (a slow
     reference, used by the tests to check its semantics); it has not yet run on a GPU.
-- Logits are computed from the last hidden states in slices of `slice_rows`, so memory stays bounded for any N.
+- Logits are computed from the last hidden states in slices of `slice_rows` (a slice that would leave fewer
+  than `min_rows` rows after it takes them too), so memory stays bounded for any N.
 
 A stream's results do not depend on which other streams share its batch (fp32 CPU: max |dNLL| <= 1e-5,
 `tests/model/test_pool.py`). Falcon and MPT compute attention in their own code: the pool refuses them and
@@ -307,13 +308,18 @@ class PoolCache(Cache):
 class PoolStepper:
     """Runs a LoadedModel over a `KVPool`: batched ragged steps, scoring and generation with rollback."""
 
-    def __init__(self, pool: KVPool, mode: Mode = "auto", slice_rows: int = 256):
+    def __init__(self, pool: KVPool, mode: Mode = "auto", slice_rows: int = 256, min_rows: int = 1):
+        if slice_rows < 1 or min_rows < 1:
+            raise ValueError(f"expected slice_rows >= 1 and min_rows >= 1, got {slice_rows} and {min_rows}")
         self.pool = pool
         self.lm = pool.lm
         self.base_model = self.lm.model.base_model
         self.lm_head = self.lm.model.get_output_embeddings()
         self.mode = mode
         self.slice_rows = slice_rows
+        # No logits slice is cut shorter than this unless the whole forward is (see `pipeline.service.backend`:
+        # a matrix product's rows are bit-identical whatever its row count only from some row count on).
+        self.min_rows = min_rows
 
     # ---- planning -------------------------------------------------------------------------------------------
     def plan(self, slots: Sequence[int], lengths: Sequence[int]) -> tuple[PoolPlan, torch.Tensor]:
@@ -448,8 +454,11 @@ class PoolStepper:
         nll = torch.full((total,), float("nan"), device=packed.device)
         last = torch.empty(len(offsets), self.lm_head.out_features, device=packed.device)  # (B, vocab)
         rows_all: list[torch.Tensor] | None = [] if full_logits else None
-        for a in range(0, total, self.slice_rows):
+        a = 0
+        while a < total:
             b = min(total, a + self.slice_rows)
+            if total - b < self.min_rows:  # no short tail slice
+                b = total
             logits = self.lm_head(hidden[a:b]).float()  # (rows, vocab)
             logprobs = torch.log_softmax(logits, dim=-1)
             picked = -logprobs.gather(1, target[a:b, None])[:, 0]  # (rows,)
@@ -461,6 +470,7 @@ class PoolStepper:
                 last[in_slice] = logits[last_rows[in_slice] - a]
             if rows_all is not None:
                 rows_all.append(logits)
+            a = b
         logits_all = torch.cat(rows_all) if rows_all is not None else None
         carried = [(k, p) for k, b in enumerate(order) if prev_logits is not None and (p := prev_logits[b]) is not None]
         if carried:  # first tokens, scored by the logits each stream carried over (one batched op)

@@ -6,12 +6,15 @@ For N streams (default 1, 16, 64, 256), in one run, on the same Loghub lines:
   checkpoints) over the in-memory connectors (`connectors.memory`), so the figure is the service's own cost
   without broker and Redis I/O (`sinkstream bench service` measures those). Every stream first gets a warm-up
   record of about `window` tokens, so every timed line attends to a full window, like the raw baseline;
-  only groups made of timed records count.
+  only groups made of timed records count. `model_seconds` is the time inside the packed forwards of those
+  groups, `outside_model_fraction` the share of the service's own work around them (sessions, chunker,
+  tokenizer, scoring, annotations, publishing). The store counts checkpoint bytes without keeping them.
 - `service_per_stream`: the same with `service.kv_pool: false` (one SinkCache per stream, one stream per
   forward: the path before the pooled cache), for N <= `per_stream_max`.
 - `raw_padded`: plain transformers over the same token lists, right-padded into one batch with a
   `DynamicCache` holding a (sinks + window)-token history per stream (the limit for this model: no service,
-  no sink handling), timed per round of one line per stream.
+  no sink handling), timed per round of one line per stream; `padded_tokens` counts the batch's positions
+  including the padding to each round's longest line (the work the packed ragged step does not do).
 
 Plus `model.pool_bench.decode` (B streams, one token each: pooled batched step vs one by one vs transformers'
 batched DynamicCache decode) and the memory one resident stream needs (`model.pool.bytes_per_slot`).
@@ -19,6 +22,7 @@ batched DynamicCache decode) and the memory one resident stream needs (`model.po
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -70,15 +74,31 @@ def _service_run(
     for i in range(per_stream):  # then one line per record, streams interleaved
         for s, lines in enumerate(streams):
             topic.append(0, f"s{s}".encode(), lines[history[s] + i].encode())
-    service = Service(settings, Engine(lm, settings), MemorySource.factory(topic), MemorySink(), MemoryStore())
-    timed = {"seconds": 0.0, "tokens": 0, "records": 0, "groups": 0}
+    # The store counts checkpoint bytes instead of keeping them: 256 full streams would hold 13 GB twice.
+    engine, store = Engine(lm, settings), MemoryStore(keep_checkpoint_blobs=False)
+    service = Service(settings, engine, MemorySource.factory(topic), MemorySink(), store)
+    timed = {"seconds": 0.0, "model_seconds": 0.0, "tokens": 0, "records": 0, "groups": 0}
+    in_model = [0.0]
     original = service._run_group
+    backend = engine.backend
+    step = getattr(backend, "step", None)  # the pooled backend's packed forward (the one-cache path has none)
+    if step is not None:
+        def timed_step(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                in_model[0] += time.perf_counter() - start
+
+        backend.step = timed_step  # type: ignore[union-attr,method-assign]
 
     def run_group(works):
+        in_model[0] = 0.0
         start = time.perf_counter()
         original(works)
         if all(w.record.offset >= timed_from for w in works):
             timed["seconds"] += time.perf_counter() - start
+            timed["model_seconds"] += in_model[0]
             timed["tokens"] += sum(w.tokens for w in works)
             timed["records"] += len(works)
             timed["groups"] += 1
@@ -87,11 +107,16 @@ def _service_run(
     service.run(idle_exit_s=0.2, install_signals=False)
     if not timed["seconds"]:
         raise RuntimeError("no group consisted of timed records only; raise --streams or the line count")
-    return {
+    out: dict[str, Any] = {
         **timed,
         "tokens_per_s": timed["tokens"] / timed["seconds"],
         "lines_per_s": timed["records"] / timed["seconds"],
     }
+    if step is None:
+        del out["model_seconds"]
+    else:  # what the service adds around the packed forwards: sessions, chunker, scoring, annotations, publish
+        out["outside_model_fraction"] = 1 - timed["model_seconds"] / timed["seconds"]
+    return out
 
 
 @torch.inference_mode()
@@ -101,9 +126,10 @@ def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, 
     prefix_ids = _prefix_ids(lm, prefix)
     with _plain_sdpa(lm):
         dyn = _dynamic_prefix(lm, prefix_ids, count)
-    seconds, tokens = 0.0, 0
+    seconds, tokens, padded_tokens = 0.0, 0, 0
     for chunks in token_rounds:
         padded, mask, pos = padded_batch(lm, chunks, prefix)
+        padded_tokens += padded.numel()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -113,7 +139,8 @@ def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, 
             _crop(dyn, prefix)
         seconds += statistics.median(times)
         tokens += sum(len(c) for c in chunks)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    del dyn
+    return {"seconds": seconds, "tokens": tokens, "padded_tokens": padded_tokens, "tokens_per_s": tokens / seconds}
 
 
 def bench_streams(
@@ -144,12 +171,14 @@ def bench_streams(
         if progress:
             progress(f"streams N={count}: service (pooled)")
         pooled = _service_run(lm, streams, history, values)
+        gc.collect()  # the pool of this run goes before the next one allocates
         per_stream = None
         if count <= per_stream_max:
             if progress:
                 progress(f"streams N={count}: service (one cache per stream)")
             values["service"] = {**values["service"], "kv_pool": False}
             per_stream = _service_run(lm, streams, history, values)
+            gc.collect()
         if progress:
             progress(f"streams N={count}: raw padded forward")
         tokenize = lm.tokenizer

@@ -11,14 +11,16 @@ between them through a snapshot.
 
 Batch invariance. A stream's results must not depend on which other streams share its forward pass. The
 pooled step computes attention per stream; what can differ is the matrix multiplications of the linear layers,
-whose rounding depends on how many rows a call has. Measured with this machine's MKL on one torch thread:
-every row is bit-identical whatever the call's row count, as long as it has at least 4 rows. So every packed
-forward is padded to at least `MIN_ROWS` tokens (a reserved pad slot takes the extra tokens and is reset
-after), logits are computed in one slice, and attention runs in the per-stream "loop" mode on CPU: on one
-thread the service's output is then bit-identical to feeding each stream alone, and the crash/restart tests
-compare bytes. With more threads MKL splits rows across threads by row count and results differ by float
-rounding (about 1e-5 in NLL; equivalence for that case: ids, keys, lines, token counts and flags identical,
-numbers within 1e-4).
+whose rounding can depend on how many rows a call has. Measured on one torch thread (torch 2.13 CPU, the five
+SmolLM2 matrix shapes, random row windows): every row is bit-identical whatever the call's row count as long as
+the call has at least 4 rows on an AMD EPYC and at least 16 rows on an Intel Xeon with AVX-512 (there every
+call of 1-15 rows differed). So every packed forward is padded to at least `MIN_ROWS` = 16 tokens (a reserved
+pad slot takes the extra tokens and is reset after), no logits slice is shorter than that, and attention runs
+in the per-stream "loop" mode on CPU: on one thread the service's output is then bit-identical to feeding each
+stream alone, and the crash/restart tests compare bytes. `tests/service/test_backend_invariance.py` checks the
+row property on the machine that runs the suite, so a CPU that needs more rows fails there first, by name. With
+more threads the BLAS splits rows across threads by row count and results differ by float rounding (about 1e-5
+in NLL; equivalence for that case: ids, keys, lines, token counts and flags identical, numbers within 1e-4).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from model.snapshot import dump_cache, load_cache
 from model.stepper import SinkModel
 from pipeline.service.sink_token import prime_sink_token
 
-MIN_ROWS = 4  # see the module docstring
+MIN_ROWS = 16  # see the module docstring
+LOGIT_SLICE_ROWS = 1024  # rows of logits (x vocab floats) alive at once
 
 
 class CacheFull(RuntimeError):
@@ -113,9 +116,9 @@ class PoolBackend:
         self.lm = lm
         self.pool = KVPool(lm, capacity=resident + 2, sinks=sinks, window=window, max_chunk=chunk)
         mode: Literal["loop", "auto"] = "loop" if lm.device.type == "cpu" else "auto"
-        self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=max(batch_tokens, MIN_ROWS) + chunk)
+        self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=LOGIT_SLICE_ROWS, min_rows=MIN_ROWS)
         self.pad_slot = self.pool.allocate()  # takes the extra tokens of a forward shorter than MIN_ROWS
-        self.chunk = self.pool.max_chunk
+        self.chunk = self.pool.max_chunk  # the pool lowers `chunk` where the model's positions run out
 
     def new(self) -> int:
         if self.pool.free_slots <= 1:  # one slot stays free for note generation (scratch fork)
@@ -147,14 +150,16 @@ class PoolBackend:
     def step(self, slots: list[int], chunks: list[list[int]], prev: list[torch.Tensor | None]):
         """One packed forward, padded to MIN_ROWS tokens with the pad slot (see the module docstring)."""
         total = sum(len(c) for c in chunks)
-        if total < MIN_ROWS:
+        padded = total < MIN_ROWS
+        if padded:  # one pad chunk (at most the pool's chunk: only tiny test models have chunks under MIN_ROWS)
             self.pool.reset(self.pad_slot)
-            slots, chunks, prev = [*slots, self.pad_slot], [*chunks, [0] * (MIN_ROWS - total)], [*prev, None]
+            pad = [0] * min(MIN_ROWS - total, self.pool.max_chunk)
+            slots, chunks, prev = [*slots, self.pad_slot], [*chunks, pad], [*prev, None]
         try:
             results = self.stepper.step(slots, chunks, prev)
         finally:
             self.pool.reset(self.pad_slot)
-        return results[: len(results) - (1 if total < MIN_ROWS else 0)]
+        return results[: len(results) - (1 if padded else 0)]
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Make `dst` an exact copy of `src` (a backup of a stream before a multi-pass record)."""

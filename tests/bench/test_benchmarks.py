@@ -163,3 +163,22 @@ def test_memory_worker_subprocess(monkeypatch):
 def test_machine_description():
     info = common.machine()
     assert info["cores"] >= 1 and info["torch_threads"] >= 1 and info["torch"] == torch.__version__ and info["cpu"]
+
+
+def test_streams_benchmark_feeds_the_service_and_the_raw_forward_the_same_tokens(text_lm, tmp_path):
+    """`sinkstream bench streams` on a tiny model: the service (pooled and one cache per stream) and the raw
+    padded forward count the same tokens; the raw batch counts its padding; the service's share outside the
+    model forward is a fraction; the plot is written."""
+    from pipeline.bench.streams import bench_streams, plot_streams
+
+    r = bench_streams(text_lm, [3], sinks=4, window=28, chunk=16, lines_per_stream=2, decode_sizes=[1, 2], repeats=1)
+    (row,) = r["rows"]
+    pooled, per_stream, raw = row["service_pool"], row["service_per_stream"], row["raw_padded"]
+    assert pooled["records"] == per_stream["records"] == 3 * 2
+    assert pooled["tokens"] == per_stream["tokens"] == raw["tokens"] > 0
+    assert raw["padded_tokens"] >= raw["tokens"]
+    assert 0 < pooled["model_seconds"] < pooled["seconds"] and 0 < pooled["outside_model_fraction"] < 1
+    assert "model_seconds" not in per_stream
+    assert [d["streams"] for d in r["decode"]["rows"]] == [1, 2]
+    plot_streams(r, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000

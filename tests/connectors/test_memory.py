@@ -98,3 +98,25 @@ def test_store_spills_reuses_and_collects_unreferenced_blobs():
             store.read_snapshot(old["snapshots"][stream])
     store.claim("p")  # a new owner: spills of the previous epoch that no manifest references are dropped
     assert store.load_spilled("p", "a") is None
+
+
+def test_store_consumes_snapshots_lazily_and_can_count_instead_of_keeping_them():
+    """Blobs are taken one at a time from an iterable (bounded memory, as the Redis store); a store that counts
+    checkpoint blobs (benchmarks) still switches the manifest, but cannot give them back."""
+    store = MemoryStore(keep_checkpoint_blobs=False)
+    epoch = store.claim("p")
+    taken: list[str] = []
+
+    def blobs():
+        for name in ("a", "b"):
+            taken.append(name)
+            yield name, name.encode() * 10
+
+    doc = store.write_checkpoint("p", epoch, blobs(), {"offset": 3})
+    assert taken == ["a", "b"] and store.dropped_bytes == 20 and not store.blobs
+    assert store.read_manifest("p")["snapshots"] == doc["snapshots"]
+    with pytest.raises(MissingSnapshotError):
+        store.read_snapshot(doc["snapshots"]["a"])
+    kept = MemoryStore()
+    with pytest.raises(ValueError, match="both in snapshots and in reuse"):
+        kept.write_checkpoint("p", kept.claim("p"), iter([("x", b"1"), ("x", b"2")]), {})

@@ -1,0 +1,83 @@
+"""The property the service's bit-exact batching rests on, checked on the machine that runs the suite
+(`pipeline/service/backend.py`, "Batch invariance"): on one torch thread, a row of a matrix product is
+bit-identical whatever the row count of the call, for calls of at least `MIN_ROWS` rows; and the pooled
+backend never runs a shorter matrix product than that (forwards padded by the pad slot, logits never sliced
+shorter)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipeline.service.backend import MIN_ROWS, PoolBackend
+
+# (in_features, out_features) of SmolLM2-135M's linear layers: q/o, k/v, gate/up, down, lm_head
+SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", SMOLLM2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_rows_of_a_matrix_product_do_not_depend_on_the_call_from_min_rows_on(shape, one_thread):
+    gen = torch.Generator().manual_seed(sum(shape))
+    rng = random.Random(sum(shape))
+    weight = torch.randn(shape[1], shape[0], generator=gen)
+    x = torch.randn(700, shape[0], generator=gen)
+    reference = torch.nn.functional.linear(x, weight)  # every row computed inside one 700-row call
+    counts = [*range(MIN_ROWS, 70), 100, 128, 255, 256, 300, 512]
+    differ = []
+    for m in counts:
+        start = rng.randrange(0, len(x) - m)
+        if not torch.equal(torch.nn.functional.linear(x[start : start + m], weight), reference[start : start + m]):
+            differ.append(m)
+    assert not differ, (
+        f"on this CPU, calls of {differ} rows give rows that differ from the same rows in a 700-row call: "
+        f"MIN_ROWS={MIN_ROWS} does not make the pooled step batch-invariant here (raise it)"
+    )
+
+
+class _RowCounter(torch.nn.Module):
+    """Wraps a linear layer and records the row count of every call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.rows = inner, []
+        self.out_features = inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return self.inner(x)
+
+
+def test_the_pool_backend_never_runs_fewer_rows_than_min_rows(text_lm):
+    """Decode steps (1 token) and short chunks are padded to MIN_ROWS; long forwards are sliced for logits in
+    slices of LOGIT_SLICE_ROWS, never leaving a tail under MIN_ROWS. Results of the real streams come back."""
+    backend = PoolBackend(text_lm, sinks=4, window=64, chunk=32, resident=40, batch_tokens=4096)
+    mlp = text_lm.model.model.layers[0].mlp
+    original_head = backend.stepper.lm_head
+    counter = _RowCounter(mlp.down_proj)
+    head = _RowCounter(original_head)
+    mlp.down_proj, backend.stepper.lm_head = counter, head
+    try:
+        a, b = backend.new(), backend.new()
+        (one,) = backend.step([a], [[5]], [None])
+        assert one.nll.shape == (1,)
+        two = backend.step([a, b], [[7, 8], [9]], [one.last_logits, None])
+        assert [r.nll.shape[0] for r in two] == [2, 1]
+        slots = [backend.new() for _ in range(36)]  # 36 x 32 = 1152 tokens: one slice of 1024 would leave 128
+        backend.step(slots, [[3 + k % 50] * 32 for k in range(36)], [None] * 36)
+    finally:
+        mlp.down_proj, backend.stepper.lm_head = counter.inner, original_head
+    assert counter.rows[:2] == [MIN_ROWS, MIN_ROWS]
+    assert counter.rows[2] == 36 * 32
+    assert min(head.rows) >= MIN_ROWS
+    assert sum(head.rows[2:]) == 36 * 32
+    assert backend.pool.seen[backend.pad_slot] == 0  # the pad slot is reset after every step
