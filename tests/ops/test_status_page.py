@@ -91,7 +91,9 @@ class _Page(HTMLParser):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (headless browser): apt-get install -y chromium")
-def test_status_page_in_headless_chromium_shows_the_injected_anomaly(tmp_path):
+def test_status_page_in_headless_chromium_shows_the_injected_anomaly(tmp_path, monkeypatch):
+    # A board of its own: streams and partitions of earlier tests in this process would push the row off the shot.
+    monkeypatch.setattr(metrics, "STATUS", metrics.StatusBoard())
     settings = load_settings(None, **{
         "model": {"threads": 1},
         "cache": {"sinks": 4, "window": 252, "chunk": 64},
