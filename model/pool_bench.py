@@ -1,10 +1,10 @@
 """Micro-benchmarks of the pooled cache and the batched ragged step (pure functions returning dicts; no CLI).
 
-- `decode(lm, sizes)`: B streams, one token each, after a `prefix`-token history (the window full):
+- `decode(lm, loghub, sizes)`: B streams, one token each, after a `prefix`-token history (the window full):
   the pool's batched step vs stepping the same streams one by one (pool slots, and today's `SinkCache` path)
   vs plain transformers' batched `DynamicCache` decode at the same batch and key count (cropped back to
   `prefix` keys after every step, sdpa attention).
-- `ingest(lm, counts)`: N keyed streams each feeding one Loghub line: one packed ragged pool step vs the raw
+- `ingest(lm, loghub, counts)`: N keyed streams each feeding one Loghub line: one packed ragged pool step vs the raw
   transformers forward over the same token lists right-padded into one batch with a `DynamicCache` holding a
   `prefix`-token history per stream (the issue's "raw batched forward") vs one forward per stream with
   today's `SinkCache` path.
@@ -17,7 +17,6 @@ never in timed tests.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -34,12 +33,10 @@ from model.pool import KVPool, bytes_per_slot
 from model.pool_step import PoolStepper
 from model.stepper import SinkModel
 
-# `SINKSTREAM_LOGHUB` (the variable `pipeline.evaluation.datasets` reads too) points elsewhere, e.g. on a GPU host
-LOGHUB = Path(os.environ.get("SINKSTREAM_LOGHUB") or Path(__file__).resolve().parents[2] / "shared/data/loghub")
 
-
-def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path = LOGHUB) -> list[list[int]]:
-    """`count` tokenised Loghub lines, round-robin over the sample files (each cut to `max_tokens`)."""
+def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path) -> list[list[int]]:
+    """`count` tokenised Loghub lines from the `*.log` samples in `folder` (the caller finds it, e.g.
+    `pipeline.evaluation.datasets.loghub_dir()`), round-robin over the files, each cut to `max_tokens`."""
     files = sorted(folder.glob("*.log"))
     if not files:
         raise FileNotFoundError(f"expected Loghub samples (*.log) in {folder}, found none")
@@ -112,8 +109,8 @@ def _timed(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def _prefix_ids(lm: LoadedModel, n: int) -> list[int]:
-    lines = loghub_lines(lm, 400, 64)
+def _prefix_ids(lm: LoadedModel, n: int, loghub: Path) -> list[int]:
+    lines = loghub_lines(lm, 400, 64, loghub)
     flat = [t for line in lines for t in line]
     if len(flat) < n:
         raise ValueError(f"expected at least {n} prefix tokens from Loghub, got {len(flat)}")
@@ -161,6 +158,7 @@ def _crop(cache: DynamicCache, length: int) -> None:
 @torch.inference_mode()
 def decode(
     lm: LoadedModel,
+    loghub: Path,
     sizes: Sequence[int] = (1, 4, 16, 64),
     sinks: int = 4,
     window: int = 1020,
@@ -169,9 +167,10 @@ def decode(
     sequential_max: int = 64,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s of one-token-per-stream decode steps at B streams (see the module docstring)."""
+    """Tokens/s of one-token-per-stream decode steps at B streams (see the module docstring); the history is
+    made of Loghub lines from the `loghub` folder."""
     prefix = sinks + window
-    prefix_ids = _prefix_ids(lm, prefix)
+    prefix_ids = _prefix_ids(lm, prefix, loghub)
     pool, stepper, slots, last = _filled_pool(lm, max(sizes), sinks, window, max_chunk, prefix_ids)
     runner = SinkModel(lm)
     sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
@@ -244,6 +243,7 @@ def decode(
 @torch.inference_mode()
 def ingest(
     lm: LoadedModel,
+    loghub: Path,
     counts: Sequence[int] = (1, 16, 64),
     sinks: int = 4,
     window: int = 1020,
@@ -253,18 +253,18 @@ def ingest(
     progress: Callable[[str], None] | None = None,
     warmup: bool = True,
 ) -> dict[str, Any]:
-    """Tokens/s of N streams each ingesting one Loghub line (see the module docstring).
+    """Tokens/s of N streams each ingesting one Loghub line from the `loghub` folder (see the module docstring).
 
     `sequential_max` caps how many streams the one-forward-per-stream variant runs (its tokens/s is over those).
     """
     prefix = sinks + window
-    prefix_ids = _prefix_ids(lm, prefix)
+    prefix_ids = _prefix_ids(lm, prefix, loghub)
     pool, stepper, slots, last = _filled_pool(lm, max(counts), sinks, window, max_chunk, prefix_ids)
     runner = SinkModel(lm)
     sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
     runner.step(sink_state, prefix_ids)
     base_state = sink_state.state()
-    lines = loghub_lines(lm, max(counts), max_chunk)  # lines longer than max_chunk are cut (counted below)
+    lines = loghub_lines(lm, max(counts), max_chunk, loghub)  # lines longer than max_chunk are cut (counted below)
     rows = []
     for count in counts:
         if progress:

@@ -234,6 +234,10 @@ class ServiceSettings(_Section):
     quarantine_after: int = Field(3, ge=1)
     # Longest wait for one partition's final checkpoint on revoke or shutdown, in seconds.
     shutdown_checkpoint_s: float = Field(30.0, gt=0)
+    # At start-up, how long to wait for the broker and Redis to answer (retrying with backoff, one log line
+    # per miss) before giving up with exit code 2, in seconds; 0 gives up at the first miss. Lets a pod start
+    # before, or during a restart of, its Redis or Kafka.
+    startup_wait_s: float = Field(60.0, ge=0)
 
 
 class Settings(BaseSettings):

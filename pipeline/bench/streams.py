@@ -123,7 +123,7 @@ def _service_run(
 def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, repeats: int) -> dict[str, Any]:
     """Plain transformers: each round (one line per stream) as one right-padded batch over a DynamicCache."""
     count = len(token_rounds[0])
-    prefix_ids = _prefix_ids(lm, prefix)
+    prefix_ids = _prefix_ids(lm, prefix, loghub_dir())
     with _plain_sdpa(lm):
         dyn = _dynamic_prefix(lm, prefix_ids, count)
     seconds, tokens, padded_tokens = 0.0, 0, 0
@@ -198,7 +198,8 @@ def bench_streams(
     if decode_sizes:
         if progress:
             progress("streams: batched decode")
-        result["decode"] = decode(lm, sizes=decode_sizes, sinks=sinks, window=window, max_chunk=chunk, repeats=repeats)
+        result["decode"] = decode(lm, loghub_dir(), sizes=decode_sizes, sinks=sinks, window=window, max_chunk=chunk,
+                                  repeats=repeats)
     return result
 
 

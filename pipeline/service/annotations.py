@@ -100,6 +100,9 @@ class Reply(_Doc):
     stopped: Literal["end_of_turn", "max_tokens"] = Field(
         description="Why generation stopped: the model ended its turn, or `dialogue.max_reply_tokens` was reached")
     turn: int = Field(ge=0, description="Index of this reply in its conversation (0 = the first)")
+    text_omitted_chars: int = Field(0, ge=0, description="Characters cut from the end of `text` so that the "
+                                                         "annotation fits `service.max_annotation_bytes` (the "
+                                                         "cache holds the whole reply)")
 
 
 class Problem(_Doc):
@@ -260,29 +263,36 @@ def encode(annotation: dict[str, Any]) -> bytes:
 
 
 def encode_bounded(annotation: dict[str, Any], max_bytes: int) -> bytes:
-    """`encode`, with a `score` annotation's `lines` cut so the result fits `max_bytes`.
+    """`encode`, with a `score` annotation's `lines` or a `reply` annotation's `text` cut to fit `max_bytes`.
 
-    The cut keeps the first lines and counts the rest in `lines_omitted` (the record-level figures still cover
-    every line), so an annotation is never too large for the topic and never dropped. Deterministic: a
-    replay cuts the same way. Other kinds are small by construction (messages are bounded).
+    A score keeps its first lines and counts the rest in `lines_omitted` (the record-level figures still cover
+    every line); a reply keeps the start of its text and counts the cut characters in `text_omitted_chars`. So
+    an annotation is never too large for the topic and never dropped. Deterministic: a replay cuts the same
+    way. Notes and errors are small by construction (their texts and messages are bounded).
     """
     data = encode(annotation)
-    if len(data) <= max_bytes or annotation["kind"] != "score":
+    if len(data) <= max_bytes or annotation["kind"] not in ("score", "reply"):
         return data
-    lines = annotation["score"]["lines"]
-    lo, hi = 0, len(lines)  # the largest number of leading lines that fits
+    cut = _cut_lines if annotation["kind"] == "score" else _cut_text
+    total = len(annotation["score"]["lines"]) if annotation["kind"] == "score" else len(annotation["reply"]["text"])
+    lo, hi = 0, total  # the most leading lines (characters) that fit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if len(encode(_cut(annotation, mid))) <= max_bytes:
+        if len(encode(cut(annotation, mid))) <= max_bytes:
             lo = mid
         else:
             hi = mid - 1
-    return encode(_cut(annotation, lo))
+    return encode(cut(annotation, lo))
 
 
-def _cut(annotation: dict[str, Any], keep: int) -> dict[str, Any]:
+def _cut_lines(annotation: dict[str, Any], keep: int) -> dict[str, Any]:
     lines = annotation["score"]["lines"]
     return {**annotation, "score": {**annotation["score"], "lines": lines[:keep], "lines_omitted": len(lines) - keep}}
+
+
+def _cut_text(annotation: dict[str, Any], keep: int) -> dict[str, Any]:
+    text = annotation["reply"]["text"]
+    return {**annotation, "reply": {**annotation["reply"], "text": text[:keep], "text_omitted_chars": len(text) - keep}}
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 `pipeline.service.service.Service` only knows the protocols of `connectors.protocols`; this module picks the
 concrete classes, resolves the addresses (settings, else the embedded stack of `sinkstream stack up`), checks
-that the broker and Redis answer before anything starts, and hands everything to the service. A broker or
-Redis that does not answer is a `UserError` naming the address that was tried (never the Redis URL itself,
-which can carry a password).
+that the broker and Redis answer before anything starts (waiting up to `service.startup_wait_s` for them), and
+hands everything to the service. A broker or Redis that still does not answer is a `UserError` naming the
+address that was tried (never the Redis URL itself, which can carry a password).
 
 Rebalance callbacks: the Kafka source must call the service's `on_assign` / `on_revoke` / `on_lost`, so the
 service receives a `SourceFactory` (see `connectors.protocols`) and builds its source with its own callbacks.
@@ -16,6 +16,7 @@ import os
 
 import redis
 import structlog
+import tenacity
 from kafka.errors import KafkaError
 
 from connectors.kafka.admin import kafka_metadata
@@ -93,21 +94,46 @@ def build_store(settings: Settings, url: str) -> RedisStateStore:
     return RedisStateStore(client, key_prefix=r.key_prefix, pace_s=settings.checkpoint.pace_ms / 1000.0)
 
 
-def check_reachable(client: KafkaClientConfig, store: RedisStateStore, url: str, timeout_s: float = 10.0) -> None:
-    """Raise `UserError` when the broker or Redis does not answer: a wrong address is a user mistake."""
+class _NotAnswering(Exception):
+    """One start-up check missed; the message is the user-facing line."""
+
+
+def check_reachable(
+    client: KafkaClientConfig, store: RedisStateStore, url: str, wait_s: float = 0.0, timeout_s: float = 10.0
+) -> None:
+    """Wait up to `wait_s` seconds for the broker and Redis to answer (backoff 0.5 s doubling to 5 s, a
+    `startup.waiting` log line per miss), then raise `UserError` naming what did not answer: after the wait
+    a wrong address is the likely cause, a user mistake."""
+
+    def check() -> None:
+        try:
+            kafka_metadata(client, timeout_s)
+        except (OSError, KafkaError) as exc:
+            raise _NotAnswering(
+                f"expected a Kafka broker at {client.bootstrap_servers}, none answered within {timeout_s:.0f}s "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        try:
+            store.ping()
+        except redis.RedisError as exc:
+            raise _NotAnswering(
+                f"expected Redis at {redacted_address(url)}, it did not answer ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def waiting(state: tenacity.RetryCallState) -> None:
+        assert state.outcome is not None  # before_sleep runs after a failed attempt
+        log.warning("startup.waiting", attempt=state.attempt_number, why=str(state.outcome.exception()),
+                    waited_s=round(state.seconds_since_start or 0.0, 1), wait_s=wait_s)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(wait_s), wait=tenacity.wait_exponential(multiplier=0.5, max=5.0),
+        retry=tenacity.retry_if_exception_type(_NotAnswering), before_sleep=waiting, reraise=True,
+    )
     try:
-        kafka_metadata(client, timeout_s)
-    except (OSError, KafkaError) as exc:
-        raise UserError(
-            f"expected a Kafka broker at {client.bootstrap_servers}, none answered within {timeout_s:.0f}s "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-    try:
-        store.ping()
-    except redis.RedisError as exc:
-        raise UserError(
-            f"expected Redis at {redacted_address(url)}, it did not answer ({type(exc).__name__}: {exc})"
-        ) from exc
+        retrying(check)
+    except _NotAnswering as exc:
+        waited = f" (waited {wait_s:g}s; service.startup_wait_s)" if wait_s else ""
+        raise UserError(f"{exc}{waited}") from exc.__cause__
 
 
 def build_service(settings: Settings, lm: LoadedModel | None = None) -> Service:
@@ -115,7 +141,7 @@ def build_service(settings: Settings, lm: LoadedModel | None = None) -> Service:
     bootstrap, url = resolve_addresses(settings)
     client = kafka_client(settings.kafka, bootstrap)
     store = build_store(settings, url)
-    check_reachable(client, store, url)
+    check_reachable(client, store, url, wait_s=settings.service.startup_wait_s)
     m = settings.model
     engine = Engine(
         lm or load_model(m.name, m.device, m.dtype, m.threads, cache_dir=sinkstream_home() / "models"), settings

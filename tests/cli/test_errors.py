@@ -77,9 +77,11 @@ def test_unreachable_broker_at_start_is_one_line_naming_the_address(tmp_path):
     port = _closed_port()
     (tmp_path / "config.yaml").write_text(
         f"kafka:\n  bootstrap_servers: 127.0.0.1:{port}\nredis:\n  url: redis://:secret@127.0.0.1:{port}/0\n"
+        "service:\n  startup_wait_s: 0\n"
     )
     line = one_line(sinkstream("run", "--config", "config.yaml", tmp_path=tmp_path))
     assert line.startswith(f"sinkstream: error: expected a Kafka broker at 127.0.0.1:{port}, none answered")
+    assert "secret" not in line
 
 
 def test_no_addresses_and_no_stack_is_one_line(tmp_path):

@@ -57,3 +57,48 @@ def test_build_store_uses_prefix_pacing_and_password_free_url(redis_server):
     epoch = store.claim("in-2")
     store.write_checkpoint("in-2", epoch, {"a": b"1", "b": b"2"}, {})
     assert redis_server.client().exists(f"{settings.redis.key_prefix}:manifest:{{in-2}}")
+
+
+class _Store:
+    """A store whose ping fails `misses` times, then answers."""
+
+    def __init__(self, misses: int):
+        self.misses, self.pings = misses, 0
+
+    def ping(self) -> None:
+        import redis
+
+        self.pings += 1
+        if self.pings <= self.misses:
+            raise redis.ConnectionError("Connection refused")
+
+
+def test_start_up_waits_for_redis_that_comes_back(monkeypatch):
+    """Redis down for the first two checks: start-up waits (backoff), logs each miss, then goes on."""
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr(wiring, "kafka_metadata", lambda client, timeout_s: {})
+    store = _Store(misses=2)
+    client = KafkaClientConfig(bootstrap_servers="127.0.0.1:9")
+    with capture_logs() as logs:
+        wiring.check_reachable(client, store, "redis://:pw@127.0.0.1:6390/0", wait_s=30)  # type: ignore[arg-type]
+    assert store.pings == 3
+    waits = [e for e in logs if e["event"] == "startup.waiting"]
+    assert [e["attempt"] for e in waits] == [1, 2]
+    assert all(e["why"].startswith("expected Redis at 127.0.0.1:6390, it did not answer") for e in waits)
+    assert not any("pw" in str(e) for e in logs)
+
+
+def test_start_up_gives_up_after_the_wait_with_one_line_naming_what_did_not_answer(monkeypatch):
+    import time
+
+    monkeypatch.setattr(wiring, "kafka_metadata", lambda client, timeout_s: {})
+    store = _Store(misses=10**6)
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        wiring.check_reachable(KafkaClientConfig(bootstrap_servers="h:1"), store, "redis://127.0.0.1:6390/0",  # type: ignore[arg-type]
+                               wait_s=1.2)
+    assert 1.2 <= time.monotonic() - start < 8
+    assert str(err.value).startswith("expected Redis at 127.0.0.1:6390, it did not answer (ConnectionError")
+    assert str(err.value).endswith("(waited 1.2s; service.startup_wait_s)")
+    assert store.pings >= 2
