@@ -218,7 +218,15 @@ class ServiceSettings(_Section):
     metrics_host: str = "127.0.0.1"
     # Tokens the model steps per group of records (many streams together); the service checks SIGTERM,
     # checkpoint cadence and poll age between groups. Larger groups batch better; smaller answer faster.
-    batch_tokens: int = Field(2048, ge=1, le=1_048_576)
+    # Unset: by device, 2048 on a CPU (compute-bound: larger groups gain nothing) and 16384 on CUDA (a packed
+    # forward of a few thousand tokens leaves a large GPU mostly idle).
+    batch_tokens: int | None = Field(None, ge=1, le=1_048_576)
+
+    def batch_tokens_on(self, device_type: str) -> int:
+        """`batch_tokens`, or the default for a model on `device_type` ("cpu", "cuda", ...)."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens
+        return 16_384 if device_type == "cuda" else 2048
     # Keep resident streams in one preallocated KV pool and step many streams per forward pass (RoPE and
     # GPT-2 style models; others always use one cache per stream). Memory: see docs/operations.md.
     kv_pool: bool = True

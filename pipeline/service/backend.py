@@ -111,7 +111,7 @@ class PoolBackend:
 
     pooled = True
 
-    def __init__(self, lm: LoadedModel, sinks: int, window: int, chunk: int, resident: int, batch_tokens: int):
+    def __init__(self, lm: LoadedModel, sinks: int, window: int, chunk: int, resident: int):
         check_poolable(lm)
         self.lm = lm
         self.pool = KVPool(lm, capacity=resident + 2, sinks=sinks, window=window, max_chunk=chunk)
@@ -180,5 +180,5 @@ def make_backend(lm: LoadedModel, settings: Any) -> SinkBackend | PoolBackend:
         except ValueError:
             pass
         else:
-            return PoolBackend(lm, c.sinks, c.window, c.chunk, s.max_resident_streams, s.batch_tokens)
+            return PoolBackend(lm, c.sinks, c.window, c.chunk, s.max_resident_streams)
     return SinkBackend(lm, c.sinks, c.window, c.chunk)

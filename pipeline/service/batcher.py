@@ -166,7 +166,7 @@ class _PooledRun:
 
     def __init__(self, backend: PoolBackend, groups: list[list[RecordWork]]):
         self.backend = backend
-        self.budget = max(1, groups[0][0].session.engine.settings.service.batch_tokens)
+        self.budget = groups[0][0].session.engine.batch_tokens
         self.lanes = [_Lane(works) for works in groups]
 
     def run(self) -> None:

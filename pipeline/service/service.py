@@ -101,7 +101,8 @@ class Service:
         metrics.REDIS_UP.set(1)
         self._update_readiness()
         log.info("service.started", model=settings.model.name, fingerprint=self.engine.lm.fingerprint,
-                 device=str(engine.lm.device), dtype=str(engine.lm.dtype).replace("torch.", ""))
+                 device=str(engine.lm.device), dtype=str(engine.lm.dtype).replace("torch.", ""),
+                 batch_tokens=engine.batch_tokens, kv_pool=engine.backend.pooled)
 
     # ---- rebalance callbacks (run inside poll) ---------------------------------------------------------------
     def _assign(self, tps: list[TopicPartition]) -> None:
@@ -273,7 +274,7 @@ class Service:
         """Pop records from `pending` and prepare them until the group holds `service.batch_tokens` tokens."""
         works: list[RecordWork] = []
         tokens = 0
-        while pending and tokens < self.settings.service.batch_tokens:
+        while pending and tokens < self.engine.batch_tokens:
             record = pending.popleft()
             tp = record.tp
             part = self.parts.get(tp)

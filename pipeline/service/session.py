@@ -58,6 +58,8 @@ class Engine:
         # `cache.sink_token` (issue 13): fed into every new stream's cache before its text, never scored.
         vocab = lm.model.config.get_text_config().vocab_size
         self.sink_token = resolve_sink_token(lm.tokenizer, settings.cache.sink_token, vocab)
+        # Tokens per group of records (`service.batch_tokens`, else the default for the model's device).
+        self.batch_tokens = settings.service.batch_tokens_on(lm.device.type)
         # Where every stream's KV state lives: one pooled set of slots, or a SinkCache each (`backend`).
         self.backend = make_backend(lm, settings)
         # `service.mode: dialogue`: records are user turns, answered by `dialogue_mode` (None in score mode).

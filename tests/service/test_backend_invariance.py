@@ -60,7 +60,7 @@ class _RowCounter(torch.nn.Module):
 def test_the_pool_backend_never_runs_fewer_rows_than_min_rows(text_lm):
     """Decode steps (1 token) and short chunks are padded to MIN_ROWS; long forwards are sliced for logits in
     slices of LOGIT_SLICE_ROWS, never leaving a tail under MIN_ROWS. Results of the real streams come back."""
-    backend = PoolBackend(text_lm, sinks=4, window=64, chunk=32, resident=40, batch_tokens=4096)
+    backend = PoolBackend(text_lm, sinks=4, window=64, chunk=32, resident=40)
     mlp = text_lm.model.model.layers[0].mlp
     original_head = backend.stepper.lm_head
     counter = _RowCounter(mlp.down_proj)

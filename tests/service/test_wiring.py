@@ -102,3 +102,13 @@ def test_start_up_gives_up_after_the_wait_with_one_line_naming_what_did_not_answ
     assert str(err.value).startswith("expected Redis at 127.0.0.1:6390, it did not answer (ConnectionError")
     assert str(err.value).endswith("(waited 1.2s; service.startup_wait_s)")
     assert store.pings >= 2
+
+
+def test_batch_tokens_default_depends_on_the_models_device(text_lm):
+    from pipeline.service.session import Engine
+
+    unset = load_settings(None)
+    assert unset.service.batch_tokens is None
+    assert (unset.service.batch_tokens_on("cpu"), unset.service.batch_tokens_on("cuda")) == (2048, 16384)
+    assert load_settings(None, service={"batch_tokens": 512}).service.batch_tokens_on("cuda") == 512
+    assert Engine(text_lm, unset).batch_tokens == 2048  # text_lm runs on the CPU
