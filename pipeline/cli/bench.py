@@ -263,7 +263,12 @@ def _streams(lm, args, note):
         f"N={x['streams']}: service {x['service_pool']['tokens_per_s']:.0f} tok/s "
         f"({x['service_pool']['lines_per_s']:.1f} lines/s, "
         f"{x['service_pool']['outside_model_fraction']:.0%} of it outside the model forward), "
-        f"raw padded forward {x['raw_padded']['tokens_per_s']:.0f} tok/s: {x['pool_vs_raw']:.2f}x (goal >= 1.0 at 64)"
+        + (
+            f"raw padded forward {x['raw_padded']['tokens_per_s']:.0f} tok/s: {x['pool_vs_raw']:.2f}x "
+            "(goal >= 1.0 at 64)"
+            if x["raw_padded"]
+            else "raw padded forward not run (N > raw_max: its DynamicCache and padded batch outgrow this machine)"
+        )
         + (
             f"; one cache per stream {x['service_per_stream']['tokens_per_s']:.0f} tok/s "
             f"({x['pool_vs_per_stream']:.2f}x)"
