@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -117,15 +118,31 @@ def _prefix_ids(lm: LoadedModel, n: int, loghub: Path) -> list[int]:
     return flat[:n]
 
 
-def _filled_pool(
-    lm, capacity, sinks, window, max_chunk, prefix_ids
-) -> tuple[KVPool, PoolStepper, list[int], torch.Tensor]:
+@dataclass
+class _Histories:
+    """The same (sinks + window)-token Loghub history in `capacity` pool slots and as one SinkCache state."""
+
+    prefix_ids: list[int]
+    pool: KVPool
+    stepper: PoolStepper
+    slots: list[int]
+    last: torch.Tensor  # (vocab,) the history's prediction of the next token
+    runner: SinkModel
+    base_state: Any  # SinkCache state after the history (restored into a fresh cache per stream)
+
+
+def _histories(lm: LoadedModel, loghub: Path, capacity: int, sinks: int, window: int, max_chunk: int) -> _Histories:
+    """One prefix forward through the pool, forked into every slot, and one through a SinkCache."""
+    prefix_ids = _prefix_ids(lm, sinks + window, loghub)
     pool = KVPool(lm, capacity, sinks, window, max_chunk=max_chunk)
     stepper = PoolStepper(pool)
     first = pool.allocate()
     last = stepper.feed(first, prefix_ids).last_logits
     slots = [first] + [pool.fork(first) for _ in range(capacity - 1)]
-    return pool, stepper, slots, last
+    runner = SinkModel(lm)
+    sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
+    runner.step(sink_state, prefix_ids)
+    return _Histories(prefix_ids, pool, stepper, slots, last, runner, sink_state.state())
 
 
 @torch.inference_mode()
@@ -170,12 +187,9 @@ def decode(
     """Tokens/s of one-token-per-stream decode steps at B streams (see the module docstring); the history is
     made of Loghub lines from the `loghub` folder."""
     prefix = sinks + window
-    prefix_ids = _prefix_ids(lm, prefix, loghub)
-    pool, stepper, slots, last = _filled_pool(lm, max(sizes), sinks, window, max_chunk, prefix_ids)
-    runner = SinkModel(lm)
-    sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
-    runner.step(sink_state, prefix_ids)
-    base_state = sink_state.state()
+    h = _histories(lm, loghub, max(sizes), sinks, window, max_chunk)
+    prefix_ids, pool, stepper, slots, last, runner, base_state = (
+        h.prefix_ids, h.pool, h.stepper, h.slots, h.last, h.runner, h.base_state)
     vocab = lm.model.get_output_embeddings().out_features
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -258,12 +272,9 @@ def ingest(
     `sequential_max` caps how many streams the one-forward-per-stream variant runs (its tokens/s is over those).
     """
     prefix = sinks + window
-    prefix_ids = _prefix_ids(lm, prefix, loghub)
-    pool, stepper, slots, last = _filled_pool(lm, max(counts), sinks, window, max_chunk, prefix_ids)
-    runner = SinkModel(lm)
-    sink_state = runner.new_cache(sinks, window, max_chunk=max_chunk)
-    runner.step(sink_state, prefix_ids)
-    base_state = sink_state.state()
+    h = _histories(lm, loghub, max(counts), sinks, window, max_chunk)
+    prefix_ids, stepper, slots, last, runner, base_state = (
+        h.prefix_ids, h.stepper, h.slots, h.last, h.runner, h.base_state)
     lines = loghub_lines(lm, max(counts), max_chunk, loghub)  # lines longer than max_chunk are cut (counted below)
     rows = []
     for count in counts:

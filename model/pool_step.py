@@ -131,20 +131,8 @@ class PoolPlan:
         return memo
 
     def _attend_batched(self, query, key, value, scaling, gqa):
-        _, heads, total, dim = query.shape
-        kind, a, b, row_of, rows = self._rows(key)
-        if kind == "view":
-            k, v = key[a:b], value[a:b]  # (P, Hkv, S + R, D) views
-        else:
-            k, v = key.index_select(0, a), value.index_select(0, a)  # gathered copies
-        n_max = max(s.length for s in self.streams)
-        tok_row = self._memo.get("tok_row")
-        if tok_row is None:
-            tok_row = self._memo["tok_row"] = row_of.repeat_interleave(
-                torch.tensor([s.length for s in self.streams], device=row_of.device))
-        q = query.new_zeros(rows, n_max, heads, dim)
-        q[tok_row, self.row_j] = query[0].transpose(0, 1)  # (N, H, D) into (P, n_max, H, D)
-        q = q.transpose(1, 2)  # (P, H, n_max, D)
+        heads, dim = query.shape[1], query.shape[3]
+        q, k, v, tok_row, rows, n_max = self._padded_rows(query, key, value)
         mask = self._batched_mask(tok_row, rows, n_max)  # (P, 1, n_max, L) bool
         S = self.pool.sinks
         if self.sink_cos is None or not S:
@@ -170,20 +158,9 @@ class PoolPlan:
         Compiled on CUDA; eager (a slow reference) elsewhere, which is how the CPU tests check it."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        _, heads, total, dim = query.shape
-        kind, a, b, row_of, rows = self._rows(key)
-        if kind == "view":
-            k, v = key[a:b], value[a:b]  # (P, Hkv, S + R, D) views
-        else:
-            k, v = key.index_select(0, a), value.index_select(0, a)
-        n_max = max(s.length for s in self.streams)
-        tok_row = self._memo.get("tok_row")
-        if tok_row is None:
-            tok_row = self._memo["tok_row"] = row_of.repeat_interleave(
-                torch.tensor([s.length for s in self.streams], device=row_of.device))
-        q = query.new_zeros(rows, n_max, heads, dim)
-        q[tok_row, self.row_j] = query[0].transpose(0, 1)
-        q = q.transpose(1, 2).contiguous()  # (P, H, n_max, D)
+        heads, dim = query.shape[1], query.shape[3]
+        q, k, v, tok_row, rows, n_max = self._padded_rows(query, key, value)
+        q = q.contiguous()
         visible = self._batched_mask(tok_row, rows, n_max)[:, 0]  # (P, n_max, L) bool
         block = self._memo.get("block_mask")
         if block is None:
@@ -202,6 +179,25 @@ class PoolPlan:
 
         out = _flex_attention(q.device)(q, k, v, score_mod=score_mod, block_mask=block, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2)[tok_row, self.row_j][None]  # (P, n_max, H, D) -> (1, N, H, D)
+
+    def _padded_rows(self, query, key, value):
+        """The batched paths' inputs: the packed queries (1, H, N, D) as one row per stream padded to the longest
+        chunk, (P, H, n_max, D), and the streams' slot rows of the pool layer, (P, Hkv, S + R, D) (views of a
+        contiguous slot range, else gathered copies). Returns (q, k, v, tok_row (N,), P, n_max)."""
+        _, heads, _, dim = query.shape
+        kind, a, b, row_of, rows = self._rows(key)
+        if kind == "view":
+            k, v = key[a:b], value[a:b]  # (P, Hkv, S + R, D) views
+        else:
+            k, v = key.index_select(0, a), value.index_select(0, a)  # gathered copies
+        n_max = max(s.length for s in self.streams)
+        tok_row = self._memo.get("tok_row")
+        if tok_row is None:
+            tok_row = self._memo["tok_row"] = row_of.repeat_interleave(
+                torch.tensor([s.length for s in self.streams], device=row_of.device))
+        q = query.new_zeros(rows, n_max, heads, dim)
+        q[tok_row, self.row_j] = query[0].transpose(0, 1)  # (N, H, D) into (P, n_max, H, D)
+        return q.transpose(1, 2), k, v, tok_row, rows, n_max  # q: (P, H, n_max, D)
 
     def _batched_mask(self, tok_row, rows, n_max):
         mask = self._memo.get("mask")

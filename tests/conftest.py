@@ -105,3 +105,15 @@ def text_lm():
     from tests.helpers.models import build_text_lm
 
     return build_text_lm()
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch to one thread for the test: CPU results are bit-identical across batch compositions only on one
+    thread (see pipeline/service/backend.py, "Batch invariance")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

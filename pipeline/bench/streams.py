@@ -6,9 +6,11 @@ For N streams (default 1, 16, 64, 256), in one run, on the same Loghub lines:
   checkpoints) over the in-memory connectors (`connectors.memory`), so the figure is the service's own cost
   without broker and Redis I/O (`sinkstream bench service` measures those). Every stream first gets a warm-up
   record of about `window` tokens, so every timed line attends to a full window, like the raw baseline;
-  only groups made of timed records count. `model_seconds` is the time inside the packed forwards of those
-  groups, `outside_model_fraction` the share of the service's own work around them (sessions, chunker,
-  tokenizer, scoring, annotations, publishing). The store counts checkpoint bytes without keeping them.
+  only groups made of timed records count. A group's time runs from the preparation of its records (byte
+  limits, chunker, tokenizer) through the packed forwards, scoring and publishing to the end of the
+  housekeeping after it (checkpoint cadence, metrics); polling the in-memory source is not counted.
+  `model_seconds` is the time inside the packed forwards of those groups, `outside_model_fraction` the share
+  of the service's own work around them. The store counts checkpoint bytes without keeping them.
 - `service_per_stream`: the same with `service.kv_pool: false` (one SinkCache per stream, one stream per
   forward: the path before the pooled cache), for N <= `per_stream_max`.
 - `raw_padded` (for N <= `raw_max`): plain transformers over the same token lists, right-padded into one batch with a
@@ -79,7 +81,8 @@ def _service_run(
     service = Service(settings, engine, MemorySource.factory(topic), MemorySink(), store)
     timed = {"seconds": 0.0, "model_seconds": 0.0, "tokens": 0, "records": 0, "groups": 0}
     in_model = [0.0]
-    original = service._run_group
+    group: dict[str, Any] = {}  # the group between its preparation and the housekeeping after it
+    take, housekeeping = service._take_group, service._housekeeping
     backend = engine.backend
     step = getattr(backend, "step", None)  # the pooled backend's packed forward (the one-cache path has none)
     if step is not None:
@@ -92,18 +95,25 @@ def _service_run(
 
         backend.step = timed_step  # type: ignore[union-attr,method-assign]
 
-    def run_group(works):
+    def take_group(pending):  # a group's clock starts before its records are prepared (chunker, tokenizer)
         in_model[0] = 0.0
-        start = time.perf_counter()
-        original(works)
-        if all(w.record.offset >= timed_from for w in works):
-            timed["seconds"] += time.perf_counter() - start
+        group["start"] = time.perf_counter()
+        works = take(pending)
+        group["works"] = works
+        return works
+
+    def after_group():  # ... and stops after the housekeeping that follows it (checkpoints, metrics)
+        housekeeping()
+        works = group.pop("works", None)
+        if works and all(w.record.offset >= timed_from for w in works):
+            timed["seconds"] += time.perf_counter() - group["start"]
             timed["model_seconds"] += in_model[0]
             timed["tokens"] += sum(w.tokens for w in works)
             timed["records"] += len(works)
             timed["groups"] += 1
 
-    service._run_group = run_group  # type: ignore[method-assign]
+    service._take_group = take_group  # type: ignore[method-assign]
+    service._housekeeping = after_group  # type: ignore[method-assign]
     service.run(idle_exit_s=0.2, install_signals=False)
     if not timed["seconds"]:
         raise RuntimeError("no group consisted of timed records only; raise --streams or the line count")

@@ -20,7 +20,8 @@ in the per-stream "loop" mode on CPU: on one thread the service's output is then
 stream alone, and the crash/restart tests compare bytes. `tests/service/test_backend_invariance.py` checks the
 row property on the machine that runs the suite, so a CPU that needs more rows fails there first, by name. With
 more threads the BLAS splits rows across threads by row count and results differ by float rounding (about 1e-5
-in NLL; equivalence for that case: ids, keys, lines, token counts and flags identical, numbers within 1e-4).
+in NLL; equivalence for that case: ids, keys, lines, token counts and flags identical, numbers within 1e-4;
+`tests/helpers/service.py::assert_equivalent`, checked on two threads in `tests/service/test_faults.py`).
 """
 
 from __future__ import annotations

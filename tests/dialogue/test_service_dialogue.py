@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-import torch
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from model.stepper import SinkModel
@@ -30,14 +29,6 @@ CONVERSATIONS = {
     b"bob": ["Tell me a joke.", "Another one, please.", "Why is that funny?"],
     "carol ✓".encode(): ["Bonjour ✓", "Ça va ?", "Quelle heure est-il ?", "Merci", "Au revoir"],
 }
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _settings(window=1020, dialogue=None, **over):

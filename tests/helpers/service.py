@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +135,39 @@ class ServiceProcess:
                 raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             time.sleep(0.2)
         raise AssertionError(f"expected {text!r} in the service log within {timeout_s} s:\n{self.log()[-3000:]}")
+
+
+def check_output(messages: list[dict], expected: dict[str, bytes]) -> int:
+    """Every expected id is there, every copy of every id is byte-identical to the baseline (and its header id
+    and record key match the document); returns the number of duplicates (replayed copies)."""
+    copies: dict[str, list[bytes]] = defaultdict(list)
+    for m in messages:
+        assert m["headers"]["sinkstream-id"].decode() == m["value"]["id"]
+        assert m["key"].decode() == m["value"]["stream"]
+        copies[m["value"]["id"]].append(m["raw"])
+    assert set(copies) == set(expected), (
+        sorted(set(expected) - set(copies))[:5],
+        sorted(set(copies) - set(expected))[:5],
+    )
+    for aid, blobs in copies.items():
+        assert all(b == expected[aid] for b in blobs), (aid, blobs[0], expected[aid])
+    return sum(len(b) for b in copies.values()) - len(copies)
+
+
+def assert_equivalent(a: object, b: object, tol: float = 1e-4, path: str = "") -> None:
+    """The equivalence of annotations whose forward passes were batched differently on several torch threads
+    (pipeline/service/backend.py, "Batch invariance"): the same keys, ids, lines, token counts, strings and
+    flags; floats within `tol` (absolute, or relative to values above 1)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), (path, sorted(a.keys() ^ b.keys()))
+        for k in a:
+            assert_equivalent(a[k], b[k], tol, f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equivalent(x, y, tol, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), (path, a, b)
+        assert abs(a - b) <= tol * max(1.0, abs(a)), (path, a, b)
+    else:
+        assert type(a) is type(b) and a == b, (path, a, b)

@@ -30,6 +30,7 @@ from model.pool_step import PoolStepper
 from model.snapshot import SnapshotError, dump_cache, load_cache
 from model.stepper import SinkModel
 from tests.helpers.models import VOCAB, build_tiny
+from tests.helpers.pool import batch_vs_alone, ragged_results_by_mode
 
 S, W, C = 4, 12, 8
 HAS_CUDA = torch.cuda.is_available()
@@ -85,39 +86,7 @@ def _pool_nll(lm: LoadedModel, chunks: list[list[int]], mode: str = "auto") -> t
 def test_batch_composition_independence_on_cuda(mode):
     """fp32 on CUDA: a stream stepped inside a ragged batch equals the same stream stepped alone (<= 1e-5);
     streams before the sinks fill, before and after eviction, frame moves inside the batch, slots with gaps."""
-    lm = tiny("cuda")
-    histories = [0, 2, 9, 15, 26, 40]
-    pool = KVPool(lm, 2 * len(histories), S, W, max_chunk=C)
-    stepper = PoolStepper(pool, mode=mode)
-    in_batch, alone, prev_b, prev_a = [], [], [], []
-    for k, n in enumerate(histories):
-        a, b = pool.allocate(), pool.allocate()
-        pa = pb = None
-        if n:
-            pa = stepper.feed(a, _ids(n, seed=10 + k)).last_logits
-            pb = stepper.feed(b, _ids(n, seed=10 + k)).last_logits
-        in_batch.append(a)
-        alone.append(b)
-        prev_b.append(pa)
-        prev_a.append(pb)
-    order = [3, 0, 5, 1, 4, 2]
-    g = torch.Generator().manual_seed(7)
-    worst, moved = 0.0, 0
-    for rnd in range(10):
-        lengths = [1] * len(order) if rnd == 4 else torch.randint(1, C + 1, (len(order),), generator=g).tolist()
-        chunks = [_ids(n, seed=100 * rnd + k) for k, n in zip(order, lengths)]
-        bases = [pool.base[in_batch[k]] for k in order]
-        batched = stepper.step([in_batch[k] for k in order], chunks, [prev_b[k] for k in order])
-        moved += sum(pool.base[in_batch[k]] != b0 for k, b0 in zip(order, bases))
-        for k, chunk, res in zip(order, chunks, batched):
-            (one,) = stepper.step([alone[k]], [chunk], [prev_a[k]])
-            assert (pool.seen[in_batch[k]], pool.base[in_batch[k]]) == (pool.seen[alone[k]], pool.base[alone[k]])
-            both = ~torch.isnan(one.nll)
-            assert torch.equal(both, ~torch.isnan(res.nll))
-            if both.any():
-                worst = max(worst, float((res.nll[both] - one.nll[both]).abs().max()))
-            worst = max(worst, float((res.last_logits - one.last_logits).abs().max()))
-            prev_b[k], prev_a[k] = res.last_logits, one.last_logits
+    worst, moved = batch_vs_alone(tiny("cuda"), S, W, C, mode, rounds=10)
     assert worst <= 1e-5, worst
     assert moved >= 3  # frame moves happened inside batched steps
 
@@ -142,22 +111,7 @@ def test_cuda_agrees_with_cpu_in_fp32():
 def test_attention_modes_agree_on_cuda():
     """loop (SDPA per stream), batched (padded SDPA) and flex (compiled FlexAttention, block mask and sink
     score_mod) give the same NLLs on the same ragged batches on CUDA, fp32 (<= 1e-4), frame moves included."""
-    lm = tiny("cuda")
-    results = {}
-    for mode in ("loop", "batched", "flex"):
-        pool = KVPool(lm, 4, S, W, max_chunk=C)
-        stepper = PoolStepper(pool, mode=mode)
-        slots = [pool.allocate() for _ in range(4)]
-        for s, n in zip(slots, (0, 3, 14, 30)):
-            if n:
-                stepper.feed(s, _ids(n, seed=s))
-        g = torch.Generator().manual_seed(11)
-        out = []
-        for rnd in range(6):
-            lengths = [1] * 4 if rnd == 2 else torch.randint(1, C + 1, (4,), generator=g).tolist()
-            res = stepper.step(slots, [_ids(n, seed=10 * rnd + b) for b, n in enumerate(lengths)])
-            out.append(torch.cat([torch.cat([r.nll[1:], r.last_logits.float().cpu()]) for r in res]))
-        results[mode] = torch.cat(out)
+    results = ragged_results_by_mode(tiny("cuda"), S, W, C)
     for mode in ("batched", "flex"):
         assert torch.isfinite(results[mode]).all(), mode
         assert (results[mode] - results["loop"]).abs().max() <= 1e-4, mode

@@ -11,6 +11,7 @@ from model.pool_step import PoolStepper
 from model.snapshot import SnapshotError, dump_cache, load_cache, read_header
 from model.stepper import SinkModel
 from tests.helpers.models import EXACT, FALLBACK, VOCAB
+from tests.helpers.pool import batch_vs_alone, ragged_results_by_mode
 from tests.model.reference import reference_logits
 
 S, W, C = 4, 12, 8
@@ -88,40 +89,7 @@ def test_batch_composition_independence(tiny_lm, arch, mode):
     """A stream stepped inside a ragged batch gives the same NLLs (<= 1e-5) as stepped alone: streams before the
     sinks fill, before and after eviction, with frame moves inside the batch, slots out of order and with gaps."""
     lm = tiny_lm(arch)
-    histories = [0, 2, 9, 15, 26, 40]
-    pool = KVPool(lm, 2 * len(histories) + 1, S, W, max_chunk=C)
-    stepper = PoolStepper(pool, mode=mode)
-    batch_slots, alone_slots, prev_b, prev_a = [], [], [], []
-    for k, n in enumerate(histories):
-        hist = _ids(n, seed=10 + k)
-        a, b = pool.allocate(), pool.allocate()  # interleaved: the batch's slots have gaps
-        pa = pb = None
-        if n:
-            pa = stepper.feed(a, hist).last_logits
-            pb = stepper.feed(b, hist).last_logits
-        batch_slots.append(a)
-        alone_slots.append(b)
-        prev_b.append(pa)
-        prev_a.append(pb)
-    order = [3, 0, 5, 1, 4, 2]  # callers' order differs from slot order
-    g = torch.Generator().manual_seed(7)
-    moved = 0
-    worst = 0.0
-    for rnd in range(12):
-        lengths = [1] * len(order) if rnd == 4 else torch.randint(1, C + 1, (len(order),), generator=g).tolist()
-        chunks = [_ids(n, seed=100 * rnd + k) for k, n in zip(order, lengths)]
-        bases = [pool.base[batch_slots[k]] for k in order]
-        batched = stepper.step([batch_slots[k] for k in order], chunks, [prev_b[k] for k in order])
-        moved += sum(pool.base[batch_slots[k]] != b0 for k, b0 in zip(order, bases))
-        for k, chunk, res in zip(order, chunks, batched):
-            (alone,) = stepper.step([alone_slots[k]], [chunk], [prev_a[k]])
-            assert pool.seen[batch_slots[k]] == pool.seen[alone_slots[k]]
-            assert pool.base[batch_slots[k]] == pool.base[alone_slots[k]]
-            both = ~torch.isnan(alone.nll)
-            assert torch.equal(both, ~torch.isnan(res.nll))
-            worst = max(worst, float((res.nll[both] - alone.nll[both]).abs().max()) if both.any() else 0.0)
-            worst = max(worst, float((res.last_logits - alone.last_logits).abs().max()))
-            prev_b[k], prev_a[k] = res.last_logits, alone.last_logits
+    worst, moved = batch_vs_alone(lm, S, W, C, mode, rounds=12)
     assert worst <= 1e-5, worst
     if lm.arch.positions == "rope":
         assert moved >= 3  # frame moves happened inside batched steps
@@ -321,22 +289,7 @@ def test_sliced_logits_equal_full_logits(tiny_lm):
 def test_attention_modes_agree(tiny_lm, arch):
     """The per-stream SDPA loop, the padded batched SDPA path and the FlexAttention path (the CUDA kernels'
     semantics, run eagerly here) give the same NLLs on the same ragged batches, frame moves included."""
-    lm = tiny_lm(arch)
-    results = {}
-    for mode in ("loop", "batched", "flex"):
-        pool = KVPool(lm, 4, S, W, max_chunk=C)
-        stepper = PoolStepper(pool, mode=mode)
-        slots = [pool.allocate() for _ in range(4)]
-        for s, n in zip(slots, (0, 3, 14, 30)):
-            if n:
-                stepper.feed(s, _ids(n, seed=s))
-        g = torch.Generator().manual_seed(11)
-        out = []
-        for rnd in range(6):
-            lengths = [1] * 4 if rnd == 2 else torch.randint(1, C + 1, (4,), generator=g).tolist()
-            res = stepper.step(slots, [_ids(n, seed=10 * rnd + b) for b, n in enumerate(lengths)])
-            out.append(torch.cat([torch.cat([r.nll[1:], r.last_logits]) for r in res]))
-        results[mode] = torch.cat(out)
+    results = ragged_results_by_mode(tiny_lm(arch), S, W, C)
     for mode in ("batched", "flex"):
         assert (results[mode] - results["loop"]).abs().max() <= 1e-5, mode
 

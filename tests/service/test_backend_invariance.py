@@ -17,14 +17,6 @@ from pipeline.service.backend import MIN_ROWS, PoolBackend
 SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape", SMOLLM2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_rows_of_a_matrix_product_do_not_depend_on_the_call_from_min_rows_on(shape, one_thread):
     gen = torch.Generator().manual_seed(sum(shape))

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import random
 import signal
-from collections import defaultdict
 
 import pytest
 
 from model.loader import load_model
-from tests.helpers.service import ServiceProcess, baseline, load, service_settings
+from tests.helpers.service import ServiceProcess, baseline, check_output, load, service_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,22 +44,6 @@ def _records() -> dict[int, list[tuple[bytes, bytes, dict]]]:
                 items.append((key, turns[i].encode(), {}))
         out[p] = items
     return out
-
-
-def _check_output(messages: list[dict], expected: dict[str, bytes]) -> int:
-    """Every expected id is there; every copy of every id is byte-identical to the baseline; returns duplicates."""
-    copies: dict[str, list[bytes]] = defaultdict(list)
-    for m in messages:
-        assert m["headers"]["sinkstream-id"].decode() == m["value"]["id"]
-        assert m["key"].decode() == m["value"]["stream"]
-        copies[m["value"]["id"]].append(m["raw"])
-    assert set(copies) == set(expected), (
-        sorted(set(expected) - set(copies))[:5],
-        sorted(set(copies) - set(expected))[:5],
-    )
-    for aid, blobs in copies.items():
-        assert all(b == expected[aid] for b in blobs), (aid, blobs[0], expected[aid])
-    return sum(len(b) for b in copies.values()) - len(copies)
 
 
 def test_sigkill_mid_conversation_then_restart_gives_identical_replies(
@@ -101,7 +84,7 @@ def test_sigkill_mid_conversation_then_restart_gives_identical_replies(
     assert "Traceback" not in final.log(), final.log()[-3000:]
     messages = read_topic(bootstrap, out_topic, 1, until=lambda g: {m["value"]["id"] for m in g} >= set(expected),
                           timeout_s=60)
-    duplicates = _check_output(messages, expected)
+    duplicates = check_output(messages, expected)
     assert duplicates > 0, "the kills should have caused replays; the test did not exercise the resume path"
     resumed = [json.loads(line)["resume_offset"] for svc in runs for line in svc.log().splitlines()
                if '"partition.assigned"' in line]

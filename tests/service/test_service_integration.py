@@ -20,6 +20,7 @@ from model.loader import load_model
 from tests.helpers.service import (
     ServiceProcess,
     baseline,
+    check_output,
     input_records,
     load,
     service_settings,
@@ -51,22 +52,6 @@ def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
     return make
 
 
-def _check_output(messages: list[dict], expected: dict[str, bytes]) -> int:
-    """Every expected id is there; every copy of every id is byte-identical to the baseline."""
-    copies: dict[str, list[bytes]] = defaultdict(list)
-    for m in messages:
-        assert m["headers"]["sinkstream-id"].decode() == m["value"]["id"]
-        assert m["key"].decode() == m["value"]["stream"]
-        copies[m["value"]["id"]].append(m["raw"])
-    assert set(copies) == set(expected), (
-        sorted(set(expected) - set(copies))[:5],
-        sorted(set(copies) - set(expected))[:5],
-    )
-    for aid, blobs in copies.items():
-        assert all(b == expected[aid] for b in blobs), aid
-    return sum(len(b) for b in copies.values()) - len(copies)
-
-
 def _have_all(expected):
     return lambda got: {m["value"]["id"] for m in got} >= set(expected)
 
@@ -88,7 +73,7 @@ def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
     final = ServiceProcess.start(config, tmp_path, "final", idle_exit_s=4)
     assert final.wait(300) == 0, final.log()[-3000:]
     messages = read_topic(bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60)
-    duplicates = _check_output(messages, expected)
+    duplicates = check_output(messages, expected)
     assert duplicates > 0, "the kills should have caused replays; the test did not exercise the resume path"
     for p in range(2):  # the last run left a checkpoint at the end of every partition
         assert _manifest(redis_server, config, p)["manifest"]["next_offset"] == 24
@@ -122,7 +107,7 @@ def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(
     first.kill(signal.SIGTERM)
 
     messages = read_topic(bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=30)
-    _check_output(messages, expected)
+    check_output(messages, expected)
     # No stale owner overwrote state: every manifest is at the end of its partition, written under an epoch
     # no newer than the current one (a zombie's writes are refused by the compare-and-set).
     store = redis_server.client()
@@ -170,7 +155,7 @@ def test_redis_paused_30s_mid_run_loses_nothing_and_exits_0(scenario, read_topic
     log = svc.log()
     assert '"redis.available"' in log and "Traceback" not in log, log[-3000:]
     messages = read_topic(kafka_stack.bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60)
-    _check_output(messages, expected)
+    check_output(messages, expected)
     for p in range(2):
         assert _manifest(redis_server, config, p)["manifest"]["next_offset"] == 24
 
@@ -267,4 +252,4 @@ def test_sigterm_with_a_full_poll_pending_exits_within_the_grace_period(scenario
     assert done < 48  # it really stopped mid-poll
     final = ServiceProcess.start(config, tmp_path, "sigterm-final", idle_exit_s=4)
     assert final.wait(600) == 0, final.log()[-3000:]
-    _check_output(read_topic(kafka_stack.bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60), expected)
+    check_output(read_topic(kafka_stack.bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=60), expected)
