@@ -212,7 +212,8 @@ class ServiceSettings(_Section):
     max_resident_streams: int = Field(64, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
     metrics_port: int = Field(0, ge=0, le=65535)
-    # Bytes of an unterminated line kept before it is scored anyway (guards against endless lines).
+    # Longest line scored as one: a longer line (terminated or not) is scored in pieces of at most this many
+    # bytes, cut between UTF-8 characters; also the most bytes of an unterminated line kept between records.
     max_pending_bytes: int = Field(65536, ge=4)
     # Address the metrics/health/status HTTP endpoint binds to: 0.0.0.0 in a pod, 127.0.0.1 on a laptop.
     metrics_host: str = "127.0.0.1"

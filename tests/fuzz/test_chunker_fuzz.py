@@ -1,16 +1,14 @@
 """Properties of `LineChunker`: what it emits must not depend on how the stream's bytes were cut into records.
 
 The contract (module docstring of `pipeline.service.chunker`): feeding `b"ab"` then `b"c\\n"` emits exactly what
-feeding `b"abc\\n"` emits; lines are `str`; pending bytes stay below `max_pending_bytes`. Split invariance holds
-for every stream whose lines are shorter than the limit; two ways it breaks at the limit are the xfail tests at
-the end (bugs, see docs/robustness.md).
+feeding `b"abc\\n"` emits; lines are `str`; pending bytes never exceed `max_pending_bytes`. The last two tests
+are the two ways split invariance used to break at the limit (found by these properties, fixed since).
 """
 
 from __future__ import annotations
 
 import itertools
 
-import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
@@ -22,7 +20,7 @@ def _feed_all(parts: list[bytes], limit: int) -> tuple[list[str], bytes]:
     lines: list[str] = []
     for part in parts:
         lines += chunker.feed(part)
-        assert len(chunker.pending) < limit  # never holds a whole limit's worth
+        assert len(chunker.pending) <= limit  # never more than the limit
     return lines, chunker.pending
 
 
@@ -80,7 +78,7 @@ def test_any_bytes_any_split_never_raises_and_pending_stays_below_the_limit(data
     assert all(isinstance(line, str) for line in lines)
     for line in lines:
         line.encode("utf-8")  # valid str: no lone surrogates
-    assert len(pending) < limit and data.endswith(pending)
+    assert len(pending) <= limit and data.endswith(pending)
     assert sum(line.count("\n") for line in lines) == data.count(b"\n")
 
 
@@ -92,13 +90,11 @@ def test_a_long_unterminated_line_is_cut_on_character_boundaries_in_one_feed(tex
     assert all(len(line.encode()) <= limit for line in lines)
 
 
-# ---- known bugs (coordinator: pipeline/service/chunker.py) ------------------------------------------------------
+# ---- at the limit (two bugs these properties found: a record ending at the limit inside a character was cut
+# there, turning valid UTF-8 into U+FFFD; a line longer than the limit was emitted whole when its newline came
+# in the same record but cut when it spanned records) -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chunker bug: a record boundary that leaves exactly max_pending_bytes pending, inside a multi-byte UTF-8 "
-    "character, is cut there (_utf8_boundary cannot look at the next byte, which has not arrived), so valid "
-    "UTF-8 becomes U+FFFD twice; one feed of the same bytes cuts before the character"))
 @given(parts=st.just([b"abc\xc3", b"\xa9\n"]))
 @example(parts=[b"x" * 63 + b"\xe2", b"\x82\xac\n"])
 def test_a_record_ending_at_the_limit_inside_a_character_keeps_the_character(parts):
@@ -108,12 +104,17 @@ def test_a_record_ending_at_the_limit_inside_a_character_keeps_the_character(par
     assert "".join(lines) + pending.decode() == b"".join(parts).decode()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chunker contract: a line longer than max_pending_bytes is emitted whole when its newline arrives in the same "
-    "feed, but cut at the limit when the line spans records, so the lines (and their scores) depend on record "
-    "boundaries, against the module docstring ('depends on the stream's bytes alone')"))
 @given(split_at=st.integers(1, 9))
 @example(split_at=5)
 def test_a_line_longer_than_the_limit_comes_out_the_same_however_it_is_split(split_at):
     stream = b"0123456789\n"
     assert _feed_all([stream], 8) == _feed_all([stream[:split_at], stream[split_at:]], 8)
+
+
+@given(pieces=st.lists(st.one_of(_byte, st.just(b"\n")), max_size=300), limit=st.integers(4, 24),
+       cuts=st.lists(st.integers(0, 10_000), max_size=30))
+def test_any_bytes_and_lines_of_any_length_come_out_the_same_however_they_are_split(pieces, limit, cuts):
+    """The whole contract: lines longer than the limit, invalid UTF-8, characters across record boundaries."""
+    stream = b"".join(pieces)
+    whole = _feed_all([stream], limit)
+    assert _feed_all(_split(stream, cuts), limit) == whole

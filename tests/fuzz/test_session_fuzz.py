@@ -14,7 +14,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
@@ -66,7 +66,7 @@ def test_prepare_takes_any_bytes_and_stays_within_the_limits(engine, values):
             for line in work.lines:
                 line.encode("utf-8")  # no lone surrogates
             assert work.tokens <= LIMITS["max_record_tokens"]
-            assert len(session.chunker.pending) < LIMITS["max_pending_bytes"]
+            assert len(session.chunker.pending) <= LIMITS["max_pending_bytes"]
             reasons = [p["reason"] for p in work.problems]
             assert ("record_too_large" in reasons) == (len(value) > LIMITS["max_record_bytes"])
             session.counters.next_offset = offset + 1  # what finish() does
@@ -80,11 +80,14 @@ def test_valid_utf8_lines_round_trip_through_prepare_however_records_cut_them(en
     raw = text.encode()
     points = sorted({c % (len(raw) + 1) for c in cuts})
     bounds = [0, *points, len(raw)]
-    got = []
+    got, problems = [], []
     with _session(engine) as session:
         for offset, (a, b) in enumerate(itertools.pairwise(bounds)):
-            got += session.prepare(Record("in", 0, offset, b"s", raw[a:b])).lines
+            work = session.prepare(Record("in", 0, offset, b"s", raw[a:b]))
+            got += work.lines
+            problems += work.problems
             session.counters.next_offset = offset + 1
+        assume(not problems)  # a record over max_record_tokens (96) skips lines, reported (tested elsewhere)
         assert "".join(got) == text and session.chunker.pending == b""
 
 
