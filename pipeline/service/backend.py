@@ -9,19 +9,21 @@
 Both keep the position contract of `model.sink_cache` and use the same snapshot format, so a stream moves
 between them through a snapshot.
 
-Batch invariance. A stream's results must not depend on which other streams share its forward pass. The
-pooled step computes attention per stream; what can differ is the matrix multiplications of the linear layers,
-whose rounding can depend on how many rows a call has. Measured on one torch thread (torch 2.13 CPU, the five
-SmolLM2 matrix shapes, random row windows): every row is bit-identical whatever the call's row count as long as
-the call has at least 4 rows on an AMD EPYC and at least 16 rows on an Intel Xeon with AVX-512 (there every
-call of 1-15 rows differed). So every packed forward is padded to at least `MIN_ROWS` = 16 tokens (a reserved
-pad slot takes the extra tokens and is reset after), no logits slice is shorter than that, and attention runs
-in the per-stream "loop" mode on CPU: on one thread the service's output is then bit-identical to feeding each
-stream alone, and the crash/restart tests compare bytes. `tests/service/test_backend_invariance.py` checks the
-row property on the machine that runs the suite, so a CPU that needs more rows fails there first, by name. With
-more threads the BLAS splits rows across threads by row count and results differ by float rounding (about 1e-5
-in NLL; equivalence for that case: ids, keys, lines, token counts and flags identical, numbers within 1e-4;
-`tests/helpers/service.py::assert_equivalent`, checked on two threads in `tests/service/test_faults.py`).
+Batch invariance. A stream's results must not depend on which other streams share its forward pass. The pooled
+step computes attention per stream; what can differ is the matrix multiplications of the linear layers, whose
+rounding can depend on how many rows a call has. Measured on one torch thread (torch 2.13 CPU, the five SmolLM2
+matrix shapes, random row windows): every row is bit-identical whatever the call's row count as long as the call
+has at least 4 rows on an AMD EPYC and at least 16 rows on an Intel Xeon with AVX-512 (there every call of 1-15
+rows differed). So every packed forward is padded to at least `MIN_ROWS` = 16 tokens (a reserved pad slot takes
+the extra tokens and is reset after), no logits slice is shorter than that, and attention runs in the per-stream
+"loop" mode on CPU: on one thread the service's output is then bit-identical to feeding each stream alone, and
+the crash/restart tests compare bytes (with `cache.chunk` below 16 the single pad chunk cannot fill a forward up
+to 16 rows, so that guarantee needs `cache.chunk` >= 16 on such CPUs; the default is 64).
+`tests/service/test_backend_invariance.py` checks the row property on the machine that runs the suite, so a CPU
+that needs more rows fails there first, by name. With more threads the BLAS splits rows across threads by row
+count and results differ by float rounding (about 1e-5 in NLL; equivalence for that case: ids, keys, lines,
+token counts and flags identical, numbers within 1e-4; `tests/helpers/service.py::assert_equivalent`, checked on
+two threads in `tests/service/test_faults.py`).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class PoolBackend:
         """One packed forward, padded to MIN_ROWS tokens with the pad slot (see the module docstring)."""
         total = sum(len(c) for c in chunks)
         padded = total < MIN_ROWS
-        if padded:  # one pad chunk (at most the pool's chunk: only tiny test models have chunks under MIN_ROWS)
+        if padded:  # one pad chunk, at most the pool's chunk (with `cache.chunk` < MIN_ROWS a forward may stay short)
             self.pool.reset(self.pad_slot)
             pad = [0] * min(MIN_ROWS - total, self.pool.max_chunk)
             slots, chunks, prev = [*slots, self.pad_slot], [*chunks, pad], [*prev, None]
