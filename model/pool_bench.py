@@ -33,6 +33,7 @@ from model.loader import LoadedModel
 from model.pool import KVPool, bytes_per_slot
 from model.pool_step import PoolStepper
 from model.stepper import SinkModel
+from model.tokens import encode_text
 
 
 def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path) -> list[list[int]]:
@@ -47,7 +48,7 @@ def loghub_lines(lm: LoadedModel, count: int, max_tokens: int, folder: Path) -> 
     while len(out) < count:
         for lines in per_file:
             if row < len(lines) and lines[row].strip() and len(out) < count:
-                ids = lm.tokenizer(lines[row] + "\n", add_special_tokens=False)["input_ids"]
+                ids = encode_text(lm.tokenizer, lines[row] + "\n")
                 out.append(ids[:max_tokens])
         row += 1
     return out

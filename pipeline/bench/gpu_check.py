@@ -58,6 +58,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from model.pool_step import Mode
+from model.tokens import encode_text
 from pipeline.evaluation.tables import markdown_table
 
 log = structlog.get_logger(__name__)
@@ -235,7 +236,7 @@ def _text_ids(lm, cfg: Config, n: int, seed: int = 0) -> tuple[list[int], str]:
         return _random_ids(n, vocab, seed), "random ids"
     ids: list[int] = []
     for f in files:
-        ids += lm.tokenizer(f.read_text(errors="replace")[: 8 * n], add_special_tokens=False)["input_ids"]
+        ids += encode_text(lm.tokenizer, f.read_text(errors="replace")[: 8 * n])
         if len(ids) >= n:
             return ids[:n], f"{f.name} ({f.parent.name})"
     return (ids * (n // max(1, len(ids)) + 1))[:n], f"{files[0].parent.name}, repeated"
@@ -509,7 +510,7 @@ def _ppl_text(cfg: Config, tokenizer) -> tuple[list[int], str]:
     if not files:
         raise Skip(f"no text: expected Canterbury texts in {cfg.canterbury} or Loghub samples in {cfg.loghub}")
     text = "\n".join(f.read_text(errors="replace") for f in files)
-    return tokenizer(text, add_special_tokens=False)["input_ids"], f"{files[0].parent.name} ({len(files)} files)"
+    return encode_text(tokenizer, text), f"{files[0].parent.name} ({len(files)} files)"
 
 
 @torch.inference_mode()

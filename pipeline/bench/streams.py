@@ -36,6 +36,7 @@ from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from model.loader import LoadedModel
 from model.pool import bytes_per_slot
 from model.pool_bench import _crop, _dynamic_prefix, _plain_sdpa, _prefix_ids, decode, padded_batch
+from model.tokens import encode_text
 from pipeline.evaluation.datasets import loghub_dir
 from pipeline.service.service import Service
 from pipeline.service.session import Engine
@@ -55,7 +56,7 @@ def _lines(lm: LoadedModel, count: int, per_stream: int, warmup_tokens: int) -> 
         for line in text[start:]:
             lines.append(line + "\n")
             if tokens < warmup_tokens:
-                tokens += len(lm.tokenizer(line + "\n", add_special_tokens=False)["input_ids"])
+                tokens += len(encode_text(lm.tokenizer, line + "\n"))
                 history_lines = len(lines)
             elif len(lines) >= history_lines + per_stream:
                 break

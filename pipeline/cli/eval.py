@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.tokens import encode_text
 from pipeline.cli import recall as recall_command
 from pipeline.cli.common import (
     add_model_options,
@@ -114,7 +115,7 @@ def read_ids(args: argparse.Namespace, tokenizer: Any) -> tuple[list[int], str]:
     if tokenizer is None:
         raise SystemExit(f"--text {path}: the model has no tokenizer; pass --ids instead")
     text = path.read_text(encoding="utf-8", errors="replace")
-    return tokenizer(text, add_special_tokens=False)["input_ids"], path.name
+    return encode_text(tokenizer, text), path.name
 
 
 def _cap(ids: list[int], args: argparse.Namespace, experiment: str) -> list[int]:

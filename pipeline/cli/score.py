@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.policies import POLICIES, score_ids, summarize
+from model.tokens import encode_text
 from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_int, positive_int
 from pipeline.errors import UserError
 
@@ -57,7 +58,7 @@ def read_ids(args: argparse.Namespace, tokenizer) -> list[int]:
         if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids):
             raise UserError(f"--ids {args.ids}: expected a JSON list of integers, got {type(ids).__name__}")
     else:
-        ids = tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        ids = encode_text(tokenizer, args.text.read_text(encoding="utf-8"))
     return ids[: args.max_tokens] if args.max_tokens else ids
 
 

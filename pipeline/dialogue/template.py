@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from model.tokens import encode_markup, encode_text
+
 # Placeholders unlikely to occur in any template's own text.
 _SYS = "\x00sys-placeholder\x00"
 _USER = "\x00user-placeholder\x00"
@@ -86,7 +88,7 @@ class ChatTurns:
             )
         next_user = _split(following[len(closed) :], _NEXT, "next user placeholder")
 
-        suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        suffix_ids = encode_markup(tokenizer, suffix) if suffix else []
         if suffix_ids and suffix_ids[0] in set(tokenizer.all_special_ids):
             end_id = suffix_ids[0]
         elif tokenizer.eos_token_id is not None:
@@ -97,19 +99,30 @@ class ChatTurns:
 
     # ---- text of one turn ---------------------------------------------------------------------------------
     def user_text(self, user: str, first: bool, system: str | None = None) -> str:
-        """Template text that opens the assistant's reply to `user` (`first`: the conversation's first turn)."""
+        """Template text that opens the assistant's reply to `user` (`first`: the conversation's first turn).
+        For display and tests: the model is fed `user_ids`, which never parses markers out of `user`."""
+        return "".join(text for text, _ in self._user_pieces(user, first, system))
+
+    def _user_pieces(self, user: str, first: bool, system: str | None) -> list[tuple[str, bool]]:
+        """The turn's text in pieces, each marked True where it is the template's own (markers meant)."""
         if first and system is not None:
             head, mid, tail = self.first_with_system
-            return head + system + mid + user + tail
+            return [(head, True), (system, False), (mid, True), (user, False), (tail, True)]
         before, after = self.first_default if first else self.next_user
-        return before + user + after
+        return [(before, True), (user, False), (after, True)]
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of template text; special markers in it become their special tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Token ids of the template's own text; special markers in it become their special tokens."""
+        return encode_markup(self.tokenizer, text)
 
     def user_ids(self, user: str, first: bool, system: str | None = None) -> list[int]:
-        return self.encode(self.user_text(user, first, system))
+        """Token ids of a user turn: the template's pieces with their markers, the user's (and system prompt's)
+        text as data, so `<|im_end|>` typed by a user is the characters it is and cannot end the turn."""
+        ids: list[int] = []
+        for text, markup in self._user_pieces(user, first, system):
+            if text:
+                ids += self.encode(text) if markup else encode_text(self.tokenizer, text)
+        return ids
 
     def closing_ids(self, stopped_on_end: bool) -> list[int]:
         """Tokens that finish a reply in the cache: after the end-of-turn token, or the whole suffix."""

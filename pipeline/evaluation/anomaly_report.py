@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from connectors.protocols import Record
+from model.tokens import encode_text
 from pipeline.service.session import Engine, StreamSession
 
 LABEL_FORMATS = ("bgl",)
@@ -241,7 +242,7 @@ def baseline_scores(lines: Sequence[str], tokenizer: Any) -> dict[str, list[floa
     """Model-free rankers on the raw lines: length in characters and in tokens (line plus its newline)."""
     return {
         "length_chars": [float(len(line)) for line in lines],
-        "length_tokens": [float(len(tokenizer(line + "\n", add_special_tokens=False)["input_ids"])) for line in lines],
+        "length_tokens": [float(len(encode_text(tokenizer, line + "\n"))) for line in lines],
     }
 
 

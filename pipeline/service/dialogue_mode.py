@@ -42,6 +42,7 @@ import structlog
 
 from connectors.protocols import Record
 from model.loader import LoadedModel
+from model.tokens import encode_text
 from pipeline.dialogue import Conversation, ConversationState, GenerationSettings, Reply, TemplateError
 from pipeline.dialogue.conversation import STATE_FORMAT
 from pipeline.dialogue.template import ChatTurns
@@ -102,7 +103,7 @@ class DialogueMode:
             problems.append(too_large(len(value), limits.max_record_bytes, "the turn is the first ones"))
             value = value[: limits.max_record_bytes]
         text = value.decode("utf-8", errors="replace")
-        ids = list(session.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = encode_text(session.engine.tokenizer, text)  # as ChatTurns.user_ids will feed it
         if len(ids) > limits.max_record_tokens:
             work = RecordWork(record, session, [], [], skip_score=True, problems=[*problems, {
                 "reason": "record_too_many_tokens",

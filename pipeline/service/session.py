@@ -29,6 +29,7 @@ from connectors.protocols import Record
 from model.loader import LoadedModel
 from model.snapshot import SnapshotError
 from model.stepper import SinkModel
+from model.tokens import encode_text
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
 from pipeline.service.backend import Capture, make_backend
@@ -79,7 +80,7 @@ class Engine:
 
     def tokenize(self, line: str) -> list[int]:
         text = normalize_line(line) if self.settings.score.normalize else line
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_text(self.tokenizer, text)  # input is data: special markers are scored as text
 
 
 MAX_KEY_BYTES = 256  # longer record keys are named by their digest (annotations and output keys stay small)

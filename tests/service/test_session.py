@@ -133,3 +133,26 @@ def test_stream_keys():
     assert stream_key(Record("t", 3, 0, None, b"", {}, 0)) == "partition-3"
     assert stream_key(Record("t", 0, 0, b"host-a", b"", {}, 0)) == "host-a"
     assert stream_key(Record("t", 0, 0, b"\xff\x00", b"", {}, 0)) == "hex:ff00"
+
+
+def test_special_token_text_in_a_record_is_scored_as_text(text_lm):
+    """A log line carrying any special marker of the tokenizer (an LLM gateway's log, say) is tokenized as the
+    characters it is: its token count is the split tokenization's, and no special id reaches the model."""
+    tokenizer = text_lm.tokenizer
+    markers = [tokenizer.convert_ids_to_tokens(i) for i in sorted(tokenizer.all_special_ids)]
+    assert "<|endoftext|>" in markers and "<|im_start|>" in markers
+    lines = [f"gateway: completion {i} ended with {m} after {m}user turn\n" for i, m in enumerate(markers)]
+    engine = Engine(text_lm, _settings())
+    session = StreamSession(engine, "llm-gateway")
+    annotations = []
+    for record in _records([line.encode() for line in lines]):
+        annotations += session.process(record)
+    scored = [line for a in annotations for line in a["score"]["lines"]]
+    assert [line["text"] for line in scored] == [line.rstrip("\n") for line in lines]
+    specials = set(tokenizer.all_special_ids)
+    for a, line in zip(annotations, lines):
+        split = tokenizer(line, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        parsed = tokenizer(line, add_special_tokens=False)["input_ids"]
+        assert a["score"]["tokens"] == len(split) > len(parsed)
+        assert not set(split) & specials
+    assert session.tokens_seen == sum(a["score"]["tokens"] for a in annotations)
