@@ -47,6 +47,8 @@ class LoadedModel:
     fingerprint: str
     # Relative RoPE rotations from the model's own rotary module (None for ALiBi / absolute positions).
     rotation: Rotation | None = None
+    # `adapter_fingerprint` of the LoRA adapter merged into the weights (`model.adapter`), None without one.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.rotation is None and self.arch.positions == "rope":
@@ -166,9 +168,11 @@ def load_model(
     dtype: str = "auto",
     threads: int = 0,
     cache_dir: Path | None = None,
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for streaming: resolved locally (converted models cached under `cache_dir`, see
-    `resolve_model_dir`), eval mode, sinkstream attention when supported."""
+    `resolve_model_dir`), eval mode, sinkstream attention when supported; with `adapter` (a folder written by
+    `sinkstream adapt`) the LoRA adapter is merged into the weights, see `merge_adapter`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads > 0:
@@ -183,7 +187,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn)
     model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to() is typed as taking the model
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, arch, dev, dt, path, fingerprint(path, dt))
+    lm = LoadedModel(model, tokenizer, arch, dev, dt, path, fingerprint(path, dt))
+    return merge_adapter(lm, Path(adapter)) if adapter else lm
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: Any = None) -> LoadedModel:
@@ -201,3 +206,62 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any = None) -> LoadedModel:
         h.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
     h.update(str(param.dtype).encode())
     return LoadedModel(model, tokenizer, arch, param.device, param.dtype, Path("."), h.hexdigest()[:16])
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# The adapter_config.json keys that change what merging does (the rest names paths and tool versions).
+_MERGE_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "fan_in_fan_out", "bias",
+               "rank_pattern", "alpha_pattern", "use_dora")
+
+
+class AdapterError(ValueError):
+    """`model.adapter` names something that is not a LoRA adapter folder, or one for another model."""
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    """sha256 (hex, 16 digits) of a LoRA adapter: every tensor of `adapter_model.safetensors` (name, dtype, shape,
+    bytes, in name order) plus the adapter_config.json keys that change the merge (rank, alpha, targets)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    weights, config = folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise AdapterError(f"model.adapter: expected a folder with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                           f"(written by `sinkstream adapt`), got {str(folder)!r}")
+    try:
+        cfg = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"model.adapter: {config} is not JSON ({exc})") from exc
+    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in _MERGE_KEYS}, sort_keys=True, default=str).encode())
+    with safe_open(str(weights), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
+    """Merge the LoRA adapter in `folder` into `lm`'s weights (peft's `merge_and_unload`: W += B A * alpha/r).
+
+    The merged model has the base architecture and the same parameter shapes, so every forward path (pooled,
+    batched, one cache per stream) runs exactly as fast as without an adapter. The model fingerprint becomes
+    sha256(base fingerprint, adapter fingerprint): a snapshot taken without this adapter, or with another one,
+    is refused (`model.snapshot.load_cache`). `lm` itself must not be used afterwards (its weights changed).
+    """
+    if lm.adapter is not None:
+        raise AdapterError(f"model.adapter: this model already has adapter {lm.adapter} merged in")
+    digest = adapter_fingerprint(folder)
+    try:
+        from peft import PeftModel
+    except ImportError as exc:  # peft is in the [adapt] / [eval] extras, not needed without an adapter
+        raise AdapterError("model.adapter needs the peft package: pip install 'sinkstream[adapt]'") from exc
+    try:
+        merged = PeftModel.from_pretrained(lm.model, str(folder)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as exc:  # shapes or module names of another base model
+        raise AdapterError(f"model.adapter: {folder} does not fit this model ({type(exc).__name__}: {exc})") from exc
+    merged.eval()
+    combined = hashlib.sha256(f"{lm.fingerprint}+lora:{digest}".encode()).hexdigest()[:16]
+    log.info("model.adapter_merged", adapter=str(folder), adapter_fingerprint=digest, fingerprint=combined)
+    return LoadedModel(merged, lm.tokenizer, lm.arch, lm.device, lm.dtype, lm.path, combined, adapter=digest)

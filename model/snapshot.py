@@ -6,7 +6,8 @@ last logits of a stream). The safetensors metadata entry `sinkstream` is a JSON 
 `SnapshotHeader`:
 
     {"format": 1, "fingerprint": ..., "model_type": ..., "sinks": S, "window": W, "max_chunk": C,
-     "dtype": "torch.float32", "seen": tokens seen, "base": frame offset, "crc32c": {...}, "extra": {...}}
+     "dtype": "torch.float32", "seen": tokens seen, "base": frame offset, "crc32c": {...}, "extra": {...},
+     "adapter": LoRA adapter fingerprint (only when `model.adapter` is set)}
 
 Restore is bit-exact: continuing after restore gives the same logits, bit for bit, as never stopping.
 A snapshot from another model, dtype or format, or with damaged bytes, raises `SnapshotError` saying what
@@ -60,9 +61,18 @@ class SnapshotHeader(BaseModel):
     # crc32c of this header's own JSON with this field set to 0: a flipped bit in a number (seen, a session's
     # next_offset, ...) is refused like a flipped bit in a tensor.
     header_crc32c: int = 0
+    # `LoadedModel.adapter`: the LoRA adapter merged into the weights (`model.adapter`), absent without one. Only
+    # for the message: the fingerprint already covers it. Left out of the JSON when None, so the headers (and
+    # their checksums) of snapshots taken before adapters existed stay exactly as they were.
+    adapter: str | None = None
 
     def own_checksum(self) -> int:
-        return crc32c.crc32c(self.model_copy(update={"header_crc32c": 0}).model_dump_json().encode())
+        zeroed = self.model_copy(update={"header_crc32c": 0})
+        return crc32c.crc32c(zeroed.model_dump_json(exclude=self.unset_adapter()).encode())
+
+    def unset_adapter(self) -> set[str] | None:
+        """What the JSON leaves out: `adapter` when there is none (bytes as before adapters existed)."""
+        return {"adapter"} if self.adapter is None else None
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -96,9 +106,10 @@ def dump_cache(
         base=cache.base,
         crc32c=_checksum(out),
         extra=extra or {},
+        adapter=cache.lm.adapter,
     )
     header = header.model_copy(update={"header_crc32c": header.own_checksum()})
-    return st_save(out, metadata={"sinkstream": header.model_dump_json()})
+    return st_save(out, metadata={"sinkstream": header.model_dump_json(exclude=header.unset_adapter())})
 
 
 def read_header(blob: bytes) -> dict[str, Any]:
@@ -135,10 +146,20 @@ def parse_header(blob: bytes) -> SnapshotHeader:
     return header
 
 
+def _adapter_name(fingerprint: str | None) -> str:
+    return f"LoRA adapter {fingerprint}" if fingerprint else "no adapter"
+
+
 def load_cache(lm: LoadedModel, blob: bytes) -> tuple[SinkCache, dict[str, Any], dict[str, torch.Tensor]]:
     """Restore a cache for `lm` from `dump_cache` bytes; returns (cache, extra, tensors)."""
     header = parse_header(blob)
-    # dtype first: the fingerprint covers the dtype too, and a bf16 snapshot offered to an fp32 model says so
+    # dtype and adapter first: the fingerprint covers both, and a bf16 snapshot offered to an fp32 model, or one
+    # taken under another LoRA adapter (`model.adapter`), says so
+    if header.dtype == str(lm.dtype) and header.adapter != lm.adapter:
+        raise SnapshotError(
+            f"snapshot adapter mismatch: this model runs with {_adapter_name(lm.adapter)} (model.adapter), "
+            f"the snapshot was taken with {_adapter_name(header.adapter)}"
+        )
     for key, have in (("dtype", str(lm.dtype)), ("fingerprint", lm.fingerprint)):
         if getattr(header, key) != have:
             raise SnapshotError(

@@ -51,6 +51,10 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU threads for torch; 0 keeps torch's default.
     threads: int = Field(0, ge=0)
+    # A LoRA adapter folder written by `sinkstream adapt` (null = none). Merged into the weights at start, so the
+    # forward pass costs the same; it changes the model fingerprint, so snapshots taken without this adapter (or
+    # with another) are refused and those streams start fresh.
+    adapter: str | None = None
 
 
 class CacheSettings(_Section):

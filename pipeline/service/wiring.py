@@ -25,7 +25,7 @@ from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
 from connectors.protocols import PartitionCallbacks, Source, SourceFactory
 from connectors.redis_store import RedisStateStore, connect_redis, redacted_address
-from model.loader import LoadedModel, load_model
+from model.loader import AdapterError, LoadedModel, load_model
 from pipeline.errors import UserError
 from pipeline.service.service import Service
 from pipeline.service.session import Engine
@@ -143,9 +143,13 @@ def build_service(settings: Settings, lm: LoadedModel | None = None) -> Service:
     store = build_store(settings, url)
     check_reachable(client, store, url, wait_s=settings.service.startup_wait_s)
     m = settings.model
-    engine = Engine(
-        lm or load_model(m.name, m.device, m.dtype, m.threads, cache_dir=sinkstream_home() / "models"), settings
-    )
+    if lm is None:
+        try:
+            lm = load_model(m.name, m.device, m.dtype, m.threads, cache_dir=sinkstream_home() / "models",
+                            adapter=m.adapter)
+        except AdapterError as exc:
+            raise UserError(str(exc)) from exc
+    engine = Engine(lm, settings)
     sink = KafkaSink(bootstrap_servers=client)
     log.info("wiring.connectors", bootstrap=bootstrap, redis=redacted_address(url), group=settings.kafka.group_id)
     return Service(settings, engine, source_factory(settings.kafka, client), sink, store)

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-EXTRAS_ONLY = ("matplotlib", "sklearn", "scipy", "tabulate", "pexpect")
+EXTRAS_ONLY = ("matplotlib", "sklearn", "scipy", "tabulate", "pexpect", "peft")
 
 
 def test_command_line_and_service_import_no_eval_or_bench_library():
