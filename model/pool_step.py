@@ -6,10 +6,11 @@ next one. Exact StreamingLLM attention per stream (see `model.pool` for the posi
 
 - All tokens are packed as one sequence (1, N), streams in slot order, with per-token `position_ids` from each
   stream's own plan, so the linear layers see no padding at all.
-- A transient `PoolCache` goes in as `past_key_values`; each layer's `update()` re-rotates the kept window of
-  slots whose frame moves, scatters the chunk's keys/values into their slots' columns in place, and returns the
-  whole pool layer. Every overwritten column (and every re-rotated key) is saved first, so a forward that raises
-  leaves every slot exactly as before.
+- Frame moves (see `model.pool`) are done before the forward, one slot at a time: the kept window of every
+  layer is re-rotated out of place, then written back, and the slot's `base` moves. A move is an exact
+  re-expression of the same keys in a new frame, so it is committed whether or not the forward succeeds.
+- A transient `PoolCache` goes in as `past_key_values`; each layer's `update()` scatters the chunk's
+  keys/values into their slots' columns in place and returns the whole pool layer.
 - The `sinkstream` attention function receives `pool_plan` (registered through `AttentionInterface`, no
   patching) and attends each stream's queries over its own slot's [sinks | ring] columns with an exact mask:
   causal, a band of W ending at each query, sinks with the query re-rotated to min(t, S + W - 1). The math is
@@ -23,6 +24,15 @@ next one. Exact StreamingLLM attention per stream (see `model.pool` for the posi
     reference, used by the tests to check its semantics); it has not yet run on a GPU.
 - Logits are computed from the last hidden states in slices of `slice_rows` (a slice that would leave fewer
   than `min_rows` rows after it takes them too), so memory stays bounded for any N.
+
+Failures keep no undo log. A step that raises leaves every slot's stream where it was: `seen` moves only
+after a step's results exist, and the columns it wrote are, by the ring's size (R = W + max_chunk - 1), the
+columns of tokens older than the kept window (or sink columns not reached yet), which no query sees and no
+snapshot holds; a retry writes them again. A retry of the same chunks gives bit-identical results to a
+forward that never failed (tested). The only transient memory the failure model needs is one slot's re-rotated
+kept window during a frame move: (W - 1) * layers * Hkv * D * itemsize bytes (SmolLM2-135M bf16, W = 1020:
+11.7 MB), whatever the batch size, computed in full before anything is written, so an out-of-memory error
+inside a move leaves that slot untouched too.
 
 A stream's results do not depend on which other streams share its batch (fp32 CPU: max |dNLL| <= 1e-5,
 `tests/model/test_pool.py`). Falcon and MPT compute attention in their own code: the pool refuses them and
@@ -78,22 +88,23 @@ class PoolPlan:
     shifts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (slot, cols, cos, sin) frame moves
     new_bases: list[int]  # frame offset of each stream after the step
     has_next: torch.Tensor  # (N,) bool: the next packed token belongs to the same stream
-    saved: list = field(default_factory=list)  # what update() overwrote, for rollback
     _memo: dict = field(default_factory=dict, repr=False)
 
-    # ---- rollback -------------------------------------------------------------------------------------------
-    def rollback(self) -> None:
-        """Put back every column this forward overwrote, newest first."""
+    # ---- frame moves ----------------------------------------------------------------------------------------
+    def move_frames(self) -> None:
+        """Re-rotate the kept window of every slot whose frame moves and move its `base` (before the forward).
+
+        One slot at a time, all layers computed out of place before any is written: an error while computing
+        (out of memory) leaves that slot as it was; slots moved before it stay moved (an exact re-expression).
+        """
         pool = self.pool
-        for entry in reversed(self.saved):
-            if entry[0] == "write":
-                _, layer, old_k, old_v = entry
-                pool.keys[layer][self.write_slot, :, self.write_col] = old_k
-                pool.values[layer][self.write_slot, :, self.write_col] = old_v
-            else:
-                _, layer, slot, cols, old = entry
-                pool.keys[layer][slot].index_copy_(1, cols, old)
-        self.saved.clear()
+        bases = {s.slot: base for s, base in zip(self.streams, self.new_bases)}
+        for slot, cols, cos, sin in self.shifts:
+            rotated = [Rotation.apply(keys[slot].index_select(1, cols), cos, sin) for keys in pool.keys]
+            for keys, new in zip(pool.keys, rotated):
+                keys[slot].index_copy_(1, cols, new)
+            pool.base[slot] = bases[slot]
+        self.shifts = []
 
     # ---- attention ------------------------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -273,12 +284,7 @@ class _PoolLayer(CacheLayerMixin):
                 f"pool layer {i} holds (Hkv={pool.kv_heads}, D={pool.head_dim}), the model produced "
                 f"(Hkv={key_states.shape[1]}, D={key_states.shape[-1]})"
             )
-        for slot, cols, cos, sin in plan.shifts:  # frame moves: re-rotate the kept window in place
-            old = keys[slot].index_select(1, cols)  # (Hkv, keep, D)
-            plan.saved.append(("shift", i, slot, cols, old))
-            keys[slot].index_copy_(1, cols, Rotation.apply(old, cos, sin))
-        ws, wc = plan.write_slot, plan.write_col
-        plan.saved.append(("write", i, keys[ws, :, wc], values[ws, :, wc]))  # (N, Hkv, D) copies
+        ws, wc = plan.write_slot, plan.write_col  # columns no query of the stream sees before this forward
         keys[ws, :, wc] = key_states[0].transpose(0, 1).to(keys.dtype)  # (N, Hkv, D)
         values[ws, :, wc] = value_states[0].transpose(0, 1).to(values.dtype)
         return keys, values
@@ -407,7 +413,8 @@ class PoolStepper:
 
     @torch.inference_mode()
     def _forward(self, slots: Sequence[int], ids: Sequence[Sequence[int]]):
-        """Run the packed forward; returns (order, plan, packed ids (N,), hidden (N, hidden)). Rolls back on error."""
+        """Run the packed forward; returns (order, plan, packed ids (N,), hidden (N, hidden)). Commits nothing:
+        `step` moves the slots' `seen` once their results exist."""
         slots = [int(s) for s in slots]
         ids = [[int(t) for t in chunk] for chunk in ids]
         self._check(slots, ids)
@@ -415,16 +422,10 @@ class PoolStepper:
         s_sorted = [slots[b] for b in order]
         packed = torch.tensor([t for b in order for t in ids[b]], dtype=torch.long, device=self.pool.device)
         plan, positions = self.plan(s_sorted, [len(ids[b]) for b in order])
-        try:
-            out = self.base_model(input_ids=packed[None], position_ids=positions[None],
-                                  past_key_values=PoolCache(plan), use_cache=True, pool_plan=plan)
-        except BaseException:
-            plan.rollback()
-            raise
-        plan.saved.clear()
-        for s, (slot, new_base) in zip(plan.streams, zip(s_sorted, plan.new_bases)):
-            self.pool.seen[slot] += s.length
-            self.pool.base[slot] = new_base
+        plan.move_frames()
+        # Nothing to undo if this raises: `seen` moves only in `step` (see the module docstring, "Failures").
+        out = self.base_model(input_ids=packed[None], position_ids=positions[None],
+                              past_key_values=PoolCache(plan), use_cache=True, pool_plan=plan)
         return order, plan, packed, out.last_hidden_state[0]
 
     @torch.inference_mode()
@@ -439,7 +440,8 @@ class PoolStepper:
 
         `nll[j] = -log p(ids[b][j] | stream so far)`; `prev_logits[b]` (vocab,) predicts `ids[b][0]` (else NaN).
         `full_logits=True` also returns every row's logits (n_b, vocab) (tests, generation); otherwise only
-        slices of `slice_rows` rows exist at once. If the forward raises, every slot is left exactly as before.
+        slices of `slice_rows` rows exist at once. If the forward raises, every stream is left where it was
+        (see the module docstring, "Failures").
         """
         order, plan, packed, hidden = self._forward(slots, ids)
         total = packed.numel()
@@ -474,6 +476,8 @@ class PoolStepper:
             firsts = torch.tensor([offsets[k] for k, _ in carried], device=nll.device)
             nll[firsts] = -torch.log_softmax(prev, -1).gather(1, packed[firsts][:, None])[:, 0]
         nll_cpu = nll.cpu()
+        for s in plan.streams:  # the results exist: the slots' streams move past the chunk
+            self.pool.seen[s.slot] += s.length
         results: list[StreamResult | None] = [None] * len(order)
         for k, b in enumerate(order):
             off, n = offsets[k], plan.streams[k].length

@@ -8,6 +8,9 @@ from pathlib import Path
 from pipeline.cli.common import positive_float
 from pipeline.settings import load_settings
 
+# The accelerator failed (not out of memory): restart the process; it resumes from its last checkpoints.
+EXIT_DEVICE_FAILURE = 3
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "stream to Redis, so a restart or a rebalance resumes exactly where it stopped. Settings come from "
             "--config (default ./config.yaml) and SINKSTREAM_* environment variables; with empty broker/Redis "
             "addresses the embedded stack from `sinkstream stack up` is used. SIGTERM finishes the batch, "
-            "checkpoints, commits and exits 0."
+            "checkpoints, commits and exits 0. A failure of the GPU other than out of memory (illegal memory "
+            "access, device-side assert) exits 3 without a checkpoint: restart it, it resumes from the last one."
         ),
     )
     p.add_argument("--config", type=Path, default=None, help="YAML settings file (default ./config.yaml)")
@@ -31,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.device_errors import DeviceFailure
     from pipeline.logs import configure_logging
     from pipeline.service import metrics
     from pipeline.service.wiring import build_service
@@ -44,4 +49,7 @@ def run(args: argparse.Namespace) -> int:
     service = build_service(settings)
     if settings.service.metrics_port:
         metrics.serve(settings.service.metrics_host, settings.service.metrics_port, service.health)
-    return service.run(idle_exit_s=args.exit_when_idle)
+    try:
+        return service.run(idle_exit_s=args.exit_when_idle)
+    except DeviceFailure:  # logged by the service (service.device_failed); the orchestrator restarts the pod
+        return EXIT_DEVICE_FAILURE

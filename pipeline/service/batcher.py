@@ -10,12 +10,14 @@ and generates a due note, so both describe exactly that point of the stream.
   and the chunks go through ONE packed forward pass, up to `service.batch_tokens` tokens per pass.
 - One cache per stream (`SinkBackend`): streams are stepped one after another.
 
-Failure isolation. A pooled forward that raises leaves every slot as before (the pool saves what it
-overwrites); its streams are then retried one by one (on CUDA out-of-memory this is the retry with a smaller
+Failure isolation. A pooled forward that raises leaves every stream where it was (`model.pool_step`,
+"Failures"); its streams are then retried one by one (on CUDA out-of-memory this is the retry with a smaller
 batch), and a stream that fails alone is rolled back to the start of its failing record (a record longer than
 one pass is fed from a backup slot taken before it) and its records left in the group get `error` set; the
 other streams go on. With one cache per stream a failing stream is rolled back to before the group. An
-exception that is not an ordinary failure of the step (KeyboardInterrupt, SystemExit) propagates.
+exception that is not an ordinary failure of the step (KeyboardInterrupt, SystemExit) propagates, and so does
+a failure of the device itself (an illegal memory access, a device-side assert: `model.device_errors`), as
+`DeviceFailure`: the service then exits without a checkpoint and restarts from the last one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 import structlog
 import torch
 
+from model.device_errors import raise_if_fatal
 from pipeline.service import metrics
 from pipeline.service.backend import PoolBackend, SinkBackend
 from pipeline.service.session import RecordWork, StreamSession
@@ -77,6 +80,7 @@ class Batcher:
                     session.last_logits = last
                 session.after_step(w)
         except Exception as exc:  # noqa: BLE001 - any failure of one stream's step is isolated to that stream
+            raise_if_fatal(exc)  # the device itself failed: nothing on it can be trusted, the process must go
             session.cache.restore(before[0])
             session.last_logits, session.counters.next_note_at = before[1], before[2]
             tokens = sum(w.tokens for w in works)
@@ -198,7 +202,8 @@ class _PooledRun:
         try:
             results = self.backend.step([lane.session.cache for lane, _ in batch], [c for _, c in batch],
                                         [lane.session.last_logits for lane, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - every slot is as before; find the stream(s) that fail alone
+        except Exception as exc:  # noqa: BLE001 - every stream is where it was; find the stream(s) that fail alone
+            raise_if_fatal(exc)  # the device itself failed: nothing on it can be trusted, the process must go
             if len(batch) == 1:
                 self._give_up(batch[0][0], exc)
                 return

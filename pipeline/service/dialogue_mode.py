@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 
 from connectors.protocols import Record
+from model.device_errors import raise_if_fatal
 from model.loader import LoadedModel
 from model.tokens import encode_text
 from pipeline.dialogue import Conversation, ConversationState, GenerationSettings, Reply, TemplateError
@@ -139,6 +140,7 @@ class DialogueMode:
             try:
                 reply = conv.turn(w.dialogue.text)
             except Exception as exc:  # noqa: BLE001 - a failed turn is isolated to its record (cache restored)
+                raise_if_fatal(exc)  # unless the device itself failed
                 reason = (f"model step failed for conversation {session.key!r} (turn of {w.tokens} tokens): "
                           f"{type(exc).__name__}: {exc}")
                 log.error(

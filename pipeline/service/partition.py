@@ -23,6 +23,7 @@ import structlog
 
 from connectors.errors import MissingSnapshotError, StateStoreError
 from connectors.protocols import CheckpointStore
+from model.device_errors import raise_if_fatal
 from pipeline.service import metrics
 from pipeline.service.backend import CacheFull
 from pipeline.service.session import Engine, StreamSession
@@ -153,6 +154,7 @@ class PartitionState:
         except CacheFull:
             raise
         except Exception as exc:  # noqa: BLE001 - SnapshotError, or anything a damaged blob provokes: never a crash loop
+            raise_if_fatal(exc)  # a failed device is not a damaged blob: never reset a stream for it
             return self._fresh(key, "snapshot_refused", f"{type(exc).__name__}: {exc}")
         metrics.STREAMS_RELOADED.inc()
         return session

@@ -21,7 +21,10 @@ Faults: a Redis outage never stops the process (checkpoints are retried with bac
 bound, readiness turns false); a record that cannot be handled gets an `error` annotation (or also a
 dead-letter record) and the partition goes on; broken state resets the stream with an `error` annotation. An
 exception that is none of these is a bug: the partitions of the group it hit are not checkpointed (their
-sessions may be ahead of their offsets), the others are, and the process exits with the traceback.
+sessions may be ahead of their offsets), the others are, and the process exits with the traceback. A failure
+of the accelerator itself other than out of memory (`model.device_errors`: an illegal memory access, a
+device-side assert) leaves nothing on the device trustworthy: no partition is checkpointed, `DeviceFailure`
+propagates and `sinkstream run` exits 3 so that the orchestrator restarts it from the last checkpoints.
 
 Shutdown (SIGTERM or SIGINT): the current group is finished, every partition is checkpointed, offsets are
 committed, the consumer leaves the group and the process exits 0.
@@ -43,6 +46,7 @@ import structlog
 
 from connectors.errors import ConnectorError, CorruptStateError, StateStoreError
 from connectors.protocols import CheckpointStore, PartitionCallbacks, Record, Sink, SourceFactory
+from model.device_errors import DeviceFailure, fatal_device_error, raise_if_fatal
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
 from pipeline.service.batcher import Batcher
@@ -198,9 +202,25 @@ class Service:
                 if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
                     log.info("service.idle_exit", idle_s=idle_exit_s)
                     break
+        except BaseException as exc:
+            if fatal_device_error(exc):
+                self._device_failed(exc)
+            raise
         finally:
             self.shutdown()
         return 0
+
+    def _device_failed(self, exc: BaseException) -> None:
+        """The accelerator failed (not out of memory): every stream's state on it may be damaged, so no
+        partition is checkpointed again; the process exits and resumes from the last checkpoints."""
+        for part in self.parts.values():
+            part.tainted = True
+        cause = exc.__cause__ if isinstance(exc, DeviceFailure) and exc.__cause__ is not None else exc
+        log.critical("service.device_failed", error=f"{type(cause).__name__}: {cause}",
+                     partitions=sorted(p.id for p in self.parts.values()),
+                     action="exiting without a checkpoint; a restart resumes from the last one")
+        if not isinstance(exc, DeviceFailure):
+            raise DeviceFailure(f"the accelerator failed: {type(exc).__name__}: {exc}") from exc
 
     def _busy(self) -> bool:
         """Work is still owed: an unclaimed or blocked partition, a checkpoint in flight, or a store outage
@@ -309,6 +329,7 @@ class Service:
         try:
             work = session.prepare(record)
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the partition
+            raise_if_fatal(exc)  # unless the device itself failed
             session.rollback(mark)
             log.error("record.bad_input", partition=part.id, offset=record.offset, error=f"{type(exc).__name__}: {exc}")
             metrics.ERRORS.labels("bad_input").inc()

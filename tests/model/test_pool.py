@@ -171,19 +171,33 @@ def test_restore_refuses_other_geometry(tiny_lm):
         pool.restore(bytes(blob))
 
 
+def _live(pool: KVPool, slot: int):
+    """What a slot's stream is: its counters and its snapshot-layout tensors (sinks + kept window)."""
+    state = pool.slot_tensors(slot)
+    return state.seen, state.base, state.layers
+
+
+def _same_live(a, b) -> bool:
+    return a[:2] == b[:2] and all(torch.equal(x, y) for la, lb in zip(a[2], b[2]) for x, y in zip(la, lb))
+
+
 @pytest.mark.parametrize("mode", ["loop", "batched"])
-def test_failed_step_leaves_every_slot_untouched(tiny_lm, mode):
-    """A forward that raises mid-way (after layer 0 wrote keys and moved a frame) restores every slot."""
+def test_failed_step_leaves_every_stream_where_it_was(tiny_lm, mode):
+    """A forward that raises mid-way (after layer 0 wrote keys; a frame moved before it) keeps no undo log and
+    needs none: every stream is at the same token, a stream whose frame did not move holds the very same live
+    state, and retrying the same chunks gives results and states bit-identical to twins that never failed."""
     lm = tiny_lm("llama")
-    pool = KVPool(lm, 4, S, W, max_chunk=C)
+    pool = KVPool(lm, 7, S, W, max_chunk=C)
     stepper = PoolStepper(pool, mode=mode)
     slots = [pool.allocate() for _ in range(3)]
     for s, n in zip(slots, (3, 20, 27)):
         stepper.feed(s, _ids(n, seed=s))
+    twins = [pool.fork(s) for s in slots]
     chunks = [_ids(2, seed=1), _ids(5, seed=2), _ids(8, seed=3)]
     plan, _ = stepper.plan(slots, [len(c) for c in chunks])
-    assert plan.shifts  # the step moves a frame: re-rotated keys must be restored too
-    before = [_slot_copy(pool, s) for s in slots]
+    moved = {slot for slot, *_ in plan.shifts}
+    assert moved and moved != set(slots)  # the step moves a frame, and not every frame
+    before = {s: _live(pool, s) for s in slots}
     layer1 = lm.model.base_model.layers[1]
 
     def boom(module, args):
@@ -195,15 +209,52 @@ def test_failed_step_leaves_every_slot_untouched(tiny_lm, mode):
             stepper.step(slots, chunks)
     finally:
         handle.remove()
-    assert all(_same_slot(pool, s, b) for s, b in zip(slots, before))
     with pytest.raises(IndexError):  # out-of-vocabulary id fails inside the model, before any layer
         stepper.step(slots, [chunks[0], chunks[1], [1, VOCAB + 5]])
-    assert all(_same_slot(pool, s, b) for s, b in zip(slots, before))
-    # and the slots still step exactly like untouched twins
-    twins = [pool.fork(slots[0])]
-    a = stepper.step([slots[0]], [chunks[0]])[0]
-    b = stepper.step([twins[0]], [chunks[0]])[0]
-    assert torch.equal(a.nll[1:], b.nll[1:])
+
+    def no_logits(module, args):
+        raise torch.OutOfMemoryError("injected: out of memory in the logits slice")
+
+    handle = stepper.lm_head.register_forward_pre_hook(no_logits)  # the forward succeeded, its logits fail
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            stepper.step(slots, chunks)
+    finally:
+        handle.remove()
+    for s in slots:
+        assert pool.seen[s] == before[s][0]
+        if s not in moved:
+            assert _same_live(_live(pool, s), before[s])
+    again = stepper.step(slots, chunks)
+    twin = stepper.step(twins, chunks)
+    for a, b, s, t in zip(again, twin, slots, twins):
+        assert torch.equal(a.nll[1:], b.nll[1:]) and torch.equal(a.last_logits, b.last_logits)
+        assert _same_live(_live(pool, s), _live(pool, t))
+
+
+def test_a_frame_move_that_fails_leaves_its_slot_untouched(tiny_lm, monkeypatch):
+    """An error while a frame move computes its re-rotated keys (out of memory on a GPU) writes nothing."""
+    from model.rotary import Rotation
+
+    lm = tiny_lm("llama")
+    pool = KVPool(lm, 2, S, W, max_chunk=C)
+    stepper = PoolStepper(pool)
+    slot = pool.allocate()
+    stepper.feed(slot, _ids(27))
+    assert stepper.plan([slot], [C])[0].shifts
+    before = _slot_copy(pool, slot)
+    real, calls = Rotation.apply, []
+
+    def apply(x, cos, sin):
+        calls.append(1)
+        if len(calls) == 2:  # the second layer's keys
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return real(x, cos, sin)
+
+    monkeypatch.setattr(Rotation, "apply", staticmethod(apply))
+    with pytest.raises(torch.OutOfMemoryError):
+        stepper.step([slot], [_ids(C, seed=9)])
+    assert _same_slot(pool, slot, before)
 
 
 def test_generation_leaves_the_slot_bit_identical(tiny_lm):

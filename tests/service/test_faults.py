@@ -2,15 +2,18 @@
 
 The same scenarios run against the real broker and Redis in `test_faults_integration.py`; here each one is
 small and deterministic: an oversized record, a record of newlines, a failing model step, a store outage, a
-broken snapshot or manifest, SIGTERM in the middle of a poll, and a bug in the middle of a group.
+broken snapshot or manifest, SIGTERM in the middle of a poll, a bug in the middle of a group, an out-of-memory
+retry and a failed device (exit, then an exact replay).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
+import structlog
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from pipeline.service import annotations as ann
@@ -97,7 +100,7 @@ def test_a_failing_model_step_rolls_the_stream_back_and_quarantines_only_that_st
             if any(poison in chunk for chunk in chunks):
                 calls["bad"] += 1
                 attempted.extend(tuple(c) for c in chunks if poison in c)
-                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+                raise RuntimeError("injected failure of the model step")  # not a device failure: recoverable
             return real(slots, chunks, prev)
 
         monkeypatch.setattr(backend, "step", step)
@@ -108,7 +111,7 @@ def test_a_failing_model_step_rolls_the_stream_back_and_quarantines_only_that_st
             if poison in ids:
                 calls["bad"] += 1
                 attempted.append(tuple(ids))
-                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+                raise RuntimeError("injected failure of the model step")  # not a device failure: recoverable
             return real(cache, ids, prev_logits=prev_logits)
 
         monkeypatch.setattr(backend.runner, "nll", nll)
@@ -385,8 +388,6 @@ def test_more_streams_in_a_group_than_may_stay_resident(text_lm, one_thread, kv_
 def test_on_two_threads_grouping_changes_numbers_only_within_the_stated_tolerance(text_lm):
     """With more than one torch thread rows may round differently by batch: the grouped service and feeding
     each record alone must still agree in ids, keys, lines, token counts and flags, numbers within 1e-4."""
-    import json
-
     import torch
 
     from connectors.protocols import Record
@@ -410,3 +411,122 @@ def test_on_two_threads_grouping_changes_numbers_only_within_the_stated_toleranc
     got = json.loads(json.dumps(sink.values("out")))
     assert len(got) == len(expected) == 16
     assert_equivalent(got, json.loads(json.dumps(expected)))
+
+
+def _straight(lm, settings, topic) -> list[bytes]:
+    sink = MemorySink()
+    _service(lm, settings, topic, sink, MemoryStore()).run(idle_exit_s=0.2, install_signals=False)
+    return [ann.encode(a) for a in sink.values("out")]
+
+
+def _two_streams(n: int = 24) -> MemoryTopic:
+    topic = MemoryTopic("in", partitions=2)
+    for i in range(n):
+        topic.append(i % 2, b"a" if i % 2 else b"b", f"GET /item/{i} 200 {i * 7} bytes\n".encode())
+    return topic
+
+
+def _fail_step_once(monkeypatch, backend, error: BaseException, at_call: int, streams_at_least: int = 1) -> list:
+    """Make the pooled step raise `error` once, at its `at_call`-th call with that many streams or more."""
+    real, calls, raised = backend.step, [0], []
+
+    def step(slots, chunks, prev):
+        if len(slots) >= streams_at_least:
+            calls[0] += 1
+            if calls[0] == at_call and not raised:
+                raised.append(len(slots))
+                raise error
+        return real(slots, chunks, prev)
+
+    monkeypatch.setattr(backend, "step", step)
+    return raised
+
+
+def test_out_of_memory_in_a_packed_forward_is_retried_stream_by_stream_bit_identically(text_lm, monkeypatch,
+                                                                                        one_thread):
+    import torch
+
+    settings = _settings(service={"batch_tokens": 100_000})
+    topic = _two_streams()
+    expected = _straight(text_lm, settings, topic)
+    sink = MemorySink()
+    service = _service(text_lm, settings, topic, sink)
+    raised = _fail_step_once(monkeypatch, service.engine.backend, torch.OutOfMemoryError("CUDA out of memory "
+                             "(injected)"), at_call=2, streams_at_least=2)
+    assert service.run(idle_exit_s=0.2, install_signals=False) == 0
+    assert raised == [2]  # a forward of both streams failed, and was retried
+    assert [ann.encode(a) for a in sink.values("out")] == expected
+
+
+@pytest.mark.parametrize("error", ["accelerator", "device_assert"])
+def test_a_failed_device_exits_without_a_checkpoint_and_the_restart_replays_byte_identically(
+        text_lm, monkeypatch, one_thread, error):
+    """A non-OOM device error (the CUDA context is dead) is not isolated to a stream: the service checkpoints
+    nothing more and raises DeviceFailure (`sinkstream run` exits 3); a fresh service on the same store resumes
+    from the last checkpoints, and every annotation, replayed copies included, is byte-identical to a run
+    without the failure."""
+    import torch
+
+    from model.device_errors import DeviceFailure
+
+    settings = _settings(service={"batch_tokens": 40}, kafka={"max_poll_records": 4},
+                         checkpoint={"every_records": 3})
+    topic, store = _two_streams(), MemoryStore()
+    expected = _straight(text_lm, settings, topic)
+    first_sink = MemorySink()
+    first = _service(text_lm, settings, topic, first_sink, store)
+    exc = (torch.AcceleratorError("CUDA error: an illegal memory access was encountered") if error == "accelerator"
+           else RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"))
+    _fail_step_once(monkeypatch, first.engine.backend, exc, at_call=9)
+    manifests: list[dict] = []
+    real_shutdown = first.shutdown
+
+    def offsets():
+        return {pid: (store.read_manifest(pid) or {"manifest": {"next_offset": 0}})["manifest"]["next_offset"]
+                for pid in ("in:0", "in:1")}
+
+    def shutdown():
+        manifests.append(offsets())
+        real_shutdown()
+
+    first.shutdown = shutdown
+    with pytest.raises(DeviceFailure, match="illegal memory access|device-side assert"):
+        first.run(install_signals=False)
+    after = offsets()
+    assert after == manifests[0]  # shutdown wrote no checkpoint
+    published = [ann.encode(a) for a in first_sink.values("out")]
+    assert 0 < len(published) < len(expected)
+    assert sum(after.values()) < len(expected)  # something is replayed
+    second_sink = MemorySink()
+    assert _service(text_lm, settings, topic, second_sink, store).run(idle_exit_s=0.2, install_signals=False) == 0
+    replayed = [ann.encode(a) for a in second_sink.values("out")]
+    by_id = {json.loads(b)["id"]: b for b in expected}
+    got = published + replayed
+    assert {json.loads(b)["id"] for b in got} == set(by_id)  # nothing lost
+    for b in got:  # every copy, replayed ones included, is byte-identical to the run without the failure
+        assert b == by_id[json.loads(b)["id"]]
+    assert len(got) > len(expected)  # the records after the last checkpoint came again
+
+
+def test_sinkstream_run_exits_3_on_a_device_failure(text_lm, monkeypatch, capsys):
+    import torch
+
+    from pipeline.cli.main import main
+    from pipeline.cli.run import EXIT_DEVICE_FAILURE
+
+    settings = _settings()
+    topic = _two_streams(4)
+    service = _service(text_lm, settings, topic)
+    _fail_step_once(monkeypatch, service.engine.backend,
+                    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), at_call=1)
+    monkeypatch.setattr("pipeline.service.wiring.build_service", lambda settings: service)
+    logging = structlog.get_config()
+    try:
+        assert main(["--log-format", "json", "run", "--exit-when-idle", "1"]) == EXIT_DEVICE_FAILURE == 3
+    finally:
+        structlog.configure(**logging)
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in (captured.out + captured.err).splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "service.device_failed"]
+    assert len(failed) == 1 and failed[0]["level"] == "critical" and "illegal memory access" in failed[0]["error"]
+    assert not [e for e in events if e["event"] == "checkpoint.done" and e.get("reason") == "shutdown"]
