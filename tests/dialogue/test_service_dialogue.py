@@ -233,7 +233,7 @@ def test_a_failing_turn_leaves_its_conversation_as_it_was_and_quarantine_applies
     def step(cache, ids):
         if "poison" in tiny_chat_lm.tokenizer.decode(list(ids)):
             attempted.append(list(ids))
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            raise RuntimeError("injected failure of the turn")  # not a device failure: recoverable
         return real(cache, ids)
 
     monkeypatch.setattr(runner, "step", step)
