@@ -14,13 +14,13 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from pipeline.cli import adapt, anomaly, bench, chat, demo, eval, model, pretrain, run, score, stack
+from pipeline.cli import adapt, anomaly, bench, chat, demo, eval, model, pretrain, run, score, stack, tail
 from pipeline.errors import UserError
 from pipeline.evaluation.datasets import DatasetError, DatasetMissingError
 from pipeline.logs import configure_logging
 from pipeline.settings import describe_validation_error
 
-COMMANDS = (score, model, stack, run, eval, bench, anomaly, adapt, demo, pretrain, chat)
+COMMANDS = (score, model, stack, run, tail, eval, bench, anomaly, adapt, demo, pretrain, chat)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -92,16 +92,33 @@ class Health:
 
 
 class StatusBoard:
-    """What the status page shows: per stream, the most anomalous of its recent lines (bounded memory)."""
+    """What the status page shows: per stream, the most anomalous of its recent lines, and the most recent
+    alerts of all streams with their template and the stream's verdict at that time (bounded memory)."""
 
-    def __init__(self, per_stream: int = 5, streams: int = 200):
+    def __init__(self, per_stream: int = 5, streams: int = 200, alerts: int = 50):
         self.per_stream, self.streams = per_stream, streams
         self._lines: dict[str, deque[dict[str, Any]]] = {}
+        self._alerts: deque[dict[str, Any]] = deque(maxlen=alerts)
         self._lock = threading.Lock()
         self.partitions: dict[str, dict[str, Any]] = {}
 
     def observe(self, stream: str, annotation: dict[str, Any]) -> None:
-        scored = [line for line in annotation["score"]["lines"] if line["z"] is not None]
+        score = annotation["score"]
+        alerts = [line for line in score["lines"] if line.get("alert")]
+        if alerts:
+            source = annotation["source"]
+            with self._lock:
+                for line in alerts:
+                    t = line.get("template")
+                    self._alerts.append({
+                        "stream": stream, "line_no": line["line_no"], "text": line["text"],
+                        "score": line.get("score"), "z": line["z"], "offset": source["offset"],
+                        "partition": f"{source['topic']}:{source['partition']}",
+                        "template": None if t is None else {"id": t["id"], "text": t["text"],
+                                                             "seen_reference": t.get("seen_reference")},
+                        "verdict": score.get("verdict"),
+                    })
+        scored = [line for line in score["lines"] if line["z"] is not None]
         if not scored:
             return
         with self._lock:
@@ -117,7 +134,9 @@ class StatusBoard:
             streams = {
                 key: sorted(lines, key=lambda line: -line["z"])[: self.per_stream] for key, lines in self._lines.items()
             }
-        return {"partitions": self.partitions, "resident_streams": int(RESIDENT._value.get()), "streams": streams}
+            recent_alerts = list(reversed(self._alerts))  # newest first
+        return {"partitions": self.partitions, "resident_streams": int(RESIDENT._value.get()), "streams": streams,
+                "recent_alerts": recent_alerts}
 
 
 STATUS = StatusBoard()

@@ -29,6 +29,7 @@ import structlog
 import torch
 
 from model.loader import LoadedModel, adapter_fingerprint
+from model.tokens import encode_text
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +38,8 @@ log = structlog.get_logger(__name__)
 class AdaptConfig:
     """What `sinkstream adapt` trains; the defaults fit a few CPU minutes on SmolLM2-135M."""
 
-    steps: int = 200
-    batch: int = 4
+    steps: int = 100
+    batch: int = 2
     block: int = 128
     lr: float = 1e-3
     rank: int = 8
@@ -53,7 +54,7 @@ def token_blocks(tokenizer: Any, lines: Sequence[str], block: int) -> torch.Tens
     """The lines as one token stream (each ends with a newline), cut into (N, block) blocks; the tail is dropped."""
     ids: list[int] = []
     for line in lines:
-        ids.extend(tokenizer.encode(line.rstrip("\n") + "\n", add_special_tokens=False))
+        ids.extend(encode_text(tokenizer, line.rstrip("\n") + "\n"))  # data, never control tokens
     n = len(ids) // block
     if n < 2:
         raise ValueError(f"expected at least {2 * block} tokens of normal text (two blocks of {block}: one to "
