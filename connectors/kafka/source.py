@@ -13,9 +13,16 @@ would dead-lock. `KafkaSource` therefore runs `on_assign` / `on_revoke` / `on_lo
 thread while the IO loop keeps serving the network, and waits for them to finish. They run only inside
 `poll()` or `close()` (the calling thread is blocked meanwhile), so they never race with the caller's own
 processing, and they may call `seek()` and `commit()`. An exception in a callback makes that `poll()` raise.
+Why not the plain `ConsumerRebalanceListener`: kafka-python 3 calls it on the IO thread too, where it blocks
+heartbeats for as long as the final checkpoint of a revoke takes and where `commit()` raises; why not
+confluent-kafka (its callbacks run inside `poll()` on the caller's thread): it means moving the Source and the
+Sink to another client and re-proving the rebalance, SIGKILL and outage tests against tansu, which issue 17
+left for later. The wait on the helper thread uses kafka-python's own loop sleep (`KernelEvent`), the one
+awaitable its loop offers to a listener.
 
 Record checksums use the `crc32c` C extension when it is importable (kafka-python picks it up by itself);
-`CRC32C_ACCELERATED` tells whether it did, and a warning is logged once when it did not.
+`CRC32C_ACCELERATED` tells whether it did, and a warning is logged once when it did not. Fetch health and the
+checksum choice are read through public kafka-python names only, gathered in `connectors.kafka.compat`.
 """
 
 from __future__ import annotations
@@ -32,23 +39,17 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.net.selector import KernelEvent
-from kafka.record import util as _record_util
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from connectors.errors import SourceError
+from connectors.kafka import compat
 from connectors.kafka.config import KafkaClientConfig, client_config
 from connectors.protocols import PartitionCallback, PartitionCallbacks, Record, TopicPartitionKey
 
 log = structlog.get_logger(__name__)
 
 
-
-try:
-    import crc32c as _crc32c_module
-
-    CRC32C_ACCELERATED = _record_util._crc32c is _crc32c_module.crc32c
-except ImportError:  # pragma: no cover - crc32c is a declared dependency
-    CRC32C_ACCELERATED = False
+CRC32C_ACCELERATED = compat.crc32c_accelerated()
 if not CRC32C_ACCELERATED:  # pragma: no cover
     log.warning("kafka.crc32c_pure_python", hint="pip install crc32c; record CRC checks are much slower without it")
 
@@ -155,6 +156,7 @@ class KafkaSource:
         client = client_config(bootstrap_servers)
         self._in_callback = threading.local()
         self._closed = False
+        self._last_fetch_seen: float | None = None  # monotonic time a fetch response was last seen
         config: dict[str, Any] = {
             **client.options(),
             "group_id": group_id,
@@ -167,6 +169,7 @@ class KafkaSource:
             "session_timeout_ms": session_timeout_ms,
             "heartbeat_interval_ms": max(100, min(3000, session_timeout_ms // 3)),
             "max_poll_interval_ms": max_poll_interval_ms,
+            **compat.METRICS_CONFIG,
             **consumer_config,
         }
         try:
@@ -243,11 +246,14 @@ class KafkaSource:
         self._consumer.resume(*[TopicPartition(t, p) for t, p in partitions])
 
     def silent_s(self) -> float | None:
-        """Seconds since the last fetch response from any broker, from kafka-python's `fetch-latency` sensor
-        (recorded on every fetch response; kafka-python 3.0 internals, None if they moved)."""
-        sensors = getattr(getattr(self._consumer, "_fetcher", None), "_sensors", None)
-        last_ms = getattr(getattr(sensors, "fetch_latency", None), "_last_record_time", None)
-        return None if last_ms is None else max(0.0, time.monotonic() - last_ms / 1000.0)
+        """Seconds since a fetch response from any broker was last seen, from the consumer's public `fetch-rate`
+        metric (`connectors.kafka.compat`: above zero when one arrived in the last 1-2 s, so this reads up to
+        2 s late); None before the first one or without metrics."""
+        rate = compat.fetch_rate(self._consumer)
+        now = time.monotonic()
+        if rate:
+            self._last_fetch_seen = now
+        return None if rate is None or self._last_fetch_seen is None else now - self._last_fetch_seen
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """The partition's end offset as of the last fetch response (None before one arrived)."""

@@ -5,22 +5,30 @@ HTTP (`service.metrics_host`:`service.metrics_port`):
 - `/healthz`: 200 while the poll loop turns (liveness).
 - `/readyz`: 200 when the model is loaded, the state store answered, Kafka answers and every assigned
   partition was claimed and restored; 503 while Redis or Kafka is unreachable.
-- `/` : a small HTML status page (partitions with lag and checkpoint age, resident streams, the most
-  anomalous recent lines per stream), refreshed live from `/status.json`.
+- `/status.json`: what the status page shows (`StatusBoard.snapshot()` plus `ready`).
+- `/` : a static HTML status page (package data `pipeline/service/static/status.html`: partitions with lag
+  and checkpoint age, resident streams, the most anomalous recent lines per stream) that reads `/status.json`
+  every 2 s; a new section is a container plus a renderer there.
+
+One WSGI application (`app`) serves them: `/metrics` is prometheus_client's own `make_wsgi_app()`, the rest
+sits beside it; `serve` runs it on the standard library's threading WSGI server.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from importlib import metadata
+from importlib.resources import files
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import Counter, Gauge, Histogram, Info, make_wsgi_app
 
 RECORDS = Counter("sinkstream_records_total", "Input records processed (annotated or answered with an error)")
 TOKENS = Counter("sinkstream_tokens_total", "Tokens fed to the model")
@@ -135,81 +143,59 @@ class StatusBoard:
                 key: sorted(lines, key=lambda line: -line["z"])[: self.per_stream] for key, lines in self._lines.items()
             }
             recent_alerts = list(reversed(self._alerts))  # newest first
-        return {"partitions": self.partitions, "resident_streams": int(RESIDENT._value.get()), "streams": streams,
+        resident = int(next(iter(RESIDENT.collect())).samples[0].value)
+        return {"partitions": self.partitions, "resident_streams": resident, "streams": streams,
                 "recent_alerts": recent_alerts}
 
 
 STATUS = StatusBoard()
 
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>sinkstream status</title>
-<style>body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}.anomaly{background:#ffe0e0}
-code{font-size:12px}</style></head><body>
-<h1>sinkstream</h1><p id="summary">loading…</p>
-<h2>Partitions</h2><table id="partitions"><tr><th>partition</th><th>lag (records)</th><th>checkpoint age (s)</th>
-<th>next offset</th><th>resident streams</th></tr></table>
-<h2>Most anomalous recent lines</h2><div id="streams"></div>
-<script>
-function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
-async function refresh(){
-  const r = await fetch('status.json'); const s = await r.json();
-  document.getElementById('summary').textContent =
-    `ready: ${s.ready} · resident streams: ${s.resident_streams} · updated ${new Date().toLocaleTimeString()}`;
-  let rows = '<tr><th>partition</th><th>lag (records)</th><th>checkpoint age (s)</th><th>next offset</th>'
-    + '<th>resident streams</th></tr>';
-  for (const [p, v] of Object.entries(s.partitions)) {
-    rows += `<tr><td>${esc(p)}</td><td>${v.lag ?? ''}</td><td>${v.checkpoint_age_s.toFixed(1)}</td>`
-      + `<td>${v.next_offset ?? ''}</td><td>${v.resident}</td></tr>`;
-  }
-  document.getElementById('partitions').innerHTML = rows;
-  let out = '';
-  for (const [k, lines] of Object.entries(s.streams)) {
-    out += `<h3>${esc(k)}</h3><table><tr><th>line</th><th>z</th><th>text</th></tr>`;
-    for (const l of lines) {
-      out += `<tr class="${l.anomaly ? 'anomaly' : ''}"><td>${l.line_no}</td><td>${l.z.toFixed(2)}</td>`
-        + `<td><code>${esc(l.text)}</code></td></tr>`;
-    }
-    out += '</table>';
-  }
-  document.getElementById('streams').innerHTML = out || '<p>no scored lines yet</p>';
-}
-refresh(); setInterval(refresh, 2000);
-</script></body></html>
-"""
+PAGE = files("pipeline.service").joinpath("static/status.html")  # package data; reads /status.json
 
 
-def serve(host: str, port: int, health: Health) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz, /readyz, / and /status.json on `host:port` from a daemon thread."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep access logs out of the service log
+        pass
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                ok = health.alive()
-                self._send(200 if ok else 503, b"ok\n" if ok else b"poll loop stalled\n")
-            elif path == "/readyz":
-                self._send(200 if health.ready else 503, b"ready\n" if health.ready else b"not ready\n")
-            elif path == "/status.json":
-                body = {**STATUS.snapshot(), "ready": health.ready}
-                self._send(200, json.dumps(body).encode(), "application/json")
-            elif path == "/":
-                self._send(200, _PAGE.encode(), "text/html; charset=utf-8")
-            else:
-                self._send(404, html.escape("not found: try /, /metrics, /healthz or /readyz\n").encode())
 
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
 
-        def log_message(self, *args: Any) -> None:  # keep access logs out of the service log
-            pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+def app(health: Health) -> Callable[..., Iterable[bytes]]:
+    """The WSGI application of the metrics port: prometheus_client's `/metrics` app, beside it the health
+    endpoints, `/status.json` and the static status page."""
+    prometheus = make_wsgi_app()
+    page = PAGE.read_bytes()
+
+    def respond(start_response: Callable[..., Any], code: int, body: bytes,
+                ctype: str = "text/plain; charset=utf-8") -> list[bytes]:
+        start_response(f"{code} {HTTPStatus(code).phrase}",
+                       [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return prometheus(environ, start_response)
+        if path == "/healthz":
+            ok = health.alive()
+            return respond(start_response, 200 if ok else 503, b"ok\n" if ok else b"poll loop stalled\n")
+        if path == "/readyz":
+            return respond(start_response, 200 if health.ready else 503,
+                           b"ready\n" if health.ready else b"not ready\n")
+        if path == "/status.json":
+            body = {**STATUS.snapshot(), "ready": health.ready}
+            return respond(start_response, 200, json.dumps(body).encode(), "application/json")
+        if path in ("/", "/index.html"):
+            return respond(start_response, 200, page, "text/html; charset=utf-8")
+        return respond(start_response, 404, b"not found: try /, /metrics, /healthz, /readyz or /status.json\n")
+
+    return application
+
+
+def serve(host: str, port: int, health: Health) -> WSGIServer:
+    """Serve `app(health)` on `host:port` from a daemon thread; `shutdown()` and `server_close()` stop it."""
+    server = make_server(host, port, app(health), server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
