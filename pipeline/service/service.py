@@ -158,26 +158,28 @@ class Service:
         return True
 
     def _revoke(self, tps: list[TopicPartition]) -> None:
-        for tp in tps:
-            tp = (tp[0], tp[1])
-            self.unclaimed.pop(tp, None)
-            self.blocked.pop(tp, None)
-            part = self.parts.pop(tp, None)
-            if part is not None:
-                self._final_checkpoint(part, "revoke")
-                part.close()
-                log.info("partition.revoked", partition=part.id)
-        metrics.PARTITIONS.set(len(self.parts))
+        self._release(tps, lost=False)
 
     def _lost(self, tps: list[TopicPartition]) -> None:
+        self._release(tps, lost=True)
+
+    def _release(self, tps: list[TopicPartition], lost: bool) -> None:
+        """Partitions leave this process: a revoked one is checkpointed first, a lost one (its membership is
+        gone, another owner may already write) is dropped without writing."""
         for tp in tps:
             tp = (tp[0], tp[1])
             self.unclaimed.pop(tp, None)
             self.blocked.pop(tp, None)
             part = self.parts.pop(tp, None)
-            if part is not None:
-                part.close()
+            if part is None:
+                continue
+            if not lost:
+                self._final_checkpoint(part, "revoke")
+            part.close()
+            if lost:
                 log.warning("partition.lost", partition=part.id, unsaved_records=part.records_since_checkpoint)
+            else:
+                log.info("partition.revoked", partition=part.id)
         metrics.PARTITIONS.set(len(self.parts))
 
     # ---- main loop ----------------------------------------------------------------------------------------

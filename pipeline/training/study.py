@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 import torch
@@ -30,6 +31,24 @@ FIRST_POSITIONS = 4
 SINK_EPS = 0.3  # Gu et al. 2024's threshold for a sink head
 
 
+@contextmanager
+def _evaluating(model: torch.nn.Module, attention: str | None = None) -> Iterator[None]:
+    """The one evaluation path of the study: the model in eval mode (and with `attention` as its attention
+    implementation) inside the block, its training flag and attention implementation restored after."""
+    was_training = model.training
+    pretrained = cast("PreTrainedModel", model)  # an attention implementation exists on transformers models
+    previous = pretrained.config._attn_implementation if attention is not None else None
+    model.eval()
+    if attention is not None:
+        pretrained.set_attn_implementation(attention)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            pretrained.set_attn_implementation(previous)
+        model.train(was_training)
+
+
 @torch.no_grad()
 def attention_share(model: PreTrainedModel, samples: torch.Tensor, sink_id: int | None) -> dict[str, Any]:
     """Attention weight on key positions 0..3 per layer, from queries in the second half of each window.
@@ -40,15 +59,8 @@ def attention_share(model: PreTrainedModel, samples: torch.Tensor, sink_id: int 
     """
     if sink_id is not None:
         samples = torch.cat([torch.full((samples.shape[0], 1), sink_id, dtype=samples.dtype), samples], dim=1)
-    previous = model.config._attn_implementation
-    was_training = model.training
-    model.eval()
-    model.set_attn_implementation("eager")
-    try:
+    with _evaluating(model, attention="eager"):
         out = model(input_ids=samples, output_attentions=True, use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
-        model.train(was_training)
     length = samples.shape[1]
     lo = length // 2
     shares, per_head = [], []
@@ -74,13 +86,8 @@ def heldout_loss(model: torch.nn.Module, samples: torch.Tensor, sink_id: int | N
     """Mean next-token NLL (nats) on held-out windows, scoring the same L-1 targets for both variants."""
     from pipeline.training.loop import lm_loss
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(lm_loss(model, samples, sink_id))
-    finally:
-        model.train(was_training)
+    with _evaluating(model), torch.no_grad():
+        return float(lm_loss(model, samples, sink_id))
 
 
 def _perplexity(nlls: Sequence[float]) -> float:

@@ -530,3 +530,21 @@ def test_sinkstream_run_exits_3_on_a_device_failure(text_lm, monkeypatch, capsys
     failed = [e for e in events if e["event"] == "service.device_failed"]
     assert len(failed) == 1 and failed[0]["level"] == "critical" and "illegal memory access" in failed[0]["error"]
     assert not [e for e in events if e["event"] == "checkpoint.done" and e.get("reason") == "shutdown"]
+
+
+@pytest.mark.parametrize("how", ["revoke", "lost"])
+def test_a_revoked_partition_is_checkpointed_and_a_lost_one_dropped_unwritten(text_lm, how):
+    settings = _settings(checkpoint={"every_records": 100})
+    topic, store = MemoryTopic("in"), MemoryStore()
+    _normal(topic, 6)
+    service = _service(text_lm, settings, topic, MemorySink(), store)
+    service._process(service._poll())  # assigned, all six records processed, no cadence checkpoint yet
+    assert ("in", 0) in service.parts and store.read_manifest("in:0") is None
+    (service._revoke if how == "revoke" else service._lost)([("in", 0)])
+    assert service.parts == {}
+    manifest = store.read_manifest("in:0")
+    if how == "revoke":
+        assert manifest is not None and manifest["manifest"]["next_offset"] == 6
+    else:
+        assert manifest is None  # another owner may already be writing: nothing is written
+    service.shutdown()
