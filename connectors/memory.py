@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.errors import FencedError, MissingSnapshotError, SinkError, SourceError, StateStoreError
+from connectors.errors import (
+    FencedError,
+    MissingSnapshotError,
+    SinkError,
+    SourceError,
+    StateLostError,
+    StateStoreError,
+    UnknownReuseError,
+)
 from connectors.protocols import PartitionCallbacks, Record, Source, SourceFactory, TopicPartitionKey
 
 
@@ -130,6 +138,10 @@ class MemorySource:
         """The partition's end offset (the log length)."""
         return len(self.topics[topic].partitions[partition])
 
+    def committed_offset(self, topic: str, partition: int) -> int | None:
+        """The offset `commit` recorded for `(topic, partition)`, None before the first."""
+        return self.committed.get((topic, partition))
+
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Record `{(topic, partition): next_offset}` in `committed`."""
         self._check_open("commit")
@@ -224,7 +236,8 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
 class MemoryStore:
     """A `CheckpointStore` (`StateStore` + `SnapshotStore`) in dictionaries, with the Redis store's contracts:
     increasing owner epochs, fencing of stale epochs, blobs written once under fresh keys, atomic manifest switch,
-    spilled sessions of a previous owner dropped by `claim`. Thread-safe (the service writes checkpoints from a
+    spilled sessions of a previous owner dropped by `claim`, a lost epoch (`flush_all`) told from a newer one.
+    Thread-safe (the service writes checkpoints from a
     background thread). Set `down = True` to make every call raise `StateStoreError`, as an unreachable Redis
     does (tests of outages). `keep_checkpoint_blobs=False` counts the bytes of checkpoint blobs instead of keeping
     them (benchmarks of the service's own cost with many large streams; such a store cannot resume: reading one
@@ -245,10 +258,20 @@ class MemoryStore:
     def ping(self) -> None:
         """Answer (raise `StateStoreError` while `down`)."""
 
+    def flush_all(self) -> None:
+        """Forget everything, as Redis' FLUSHALL (or a failover to an empty replica) does: epochs, manifests,
+        blobs and spill indexes. Owners that still hold partitions find their epoch missing (`StateLostError`)."""
+        with self._lock:
+            self.epochs.clear()
+            self.manifests.clear()
+            self.blobs.clear()
+            self.spilled.clear()
+
     @_guarded
-    def claim(self, partition_id: str) -> int:
-        """Increment and return the partition's owner epoch; drop the previous owner's spilled sessions."""
-        self.epochs[partition_id] = self.epochs.get(partition_id, 0) + 1
+    def claim(self, partition_id: str, *, after: int = 0) -> int:
+        """Increment and return the partition's owner epoch (at least `after + 1`); drop the previous owner's
+        spilled sessions."""
+        self.epochs[partition_id] = max(self.epochs.get(partition_id, 0), after) + 1
         referenced = set((self.manifests.get(partition_id) or {}).get("snapshots", {}).values())
         for key in self.spilled.pop(partition_id, {}).values():
             if key not in referenced:
@@ -282,10 +305,9 @@ class MemoryStore:
         for stream in reuse:
             found = spilled.get(stream) or (old or {}).get("snapshots", {}).get(stream)
             if found is None:
-                raise ValueError(
-                    f"reuse: expected stream {stream!r} of partition {partition_id!r} to have a stored blob "
-                    f"(spilled in epoch {epoch} or in the previous manifest), found neither"
-                )
+                raise UnknownReuseError(partition_id, stream, epoch)
+            if found not in self.blobs and (self.keep_checkpoint_blobs or found.startswith("spill:")):
+                raise MissingSnapshotError(found, f" when committing the checkpoint of partition {partition_id!r}")
             refs[stream] = found
         self._seq += 1
         written: list[str] = []
@@ -338,7 +360,7 @@ class MemoryStore:
         if key is None:
             return None
         if key not in self.blobs:
-            raise StateStoreError(f"spill index of {partition_id!r} names {key!r}, expected its blob, found none")
+            raise MissingSnapshotError(key, f" (spill index of partition {partition_id!r}, stream {stream_key!r})")
         return self.blobs[key]
 
     def _check_up(self, op: str) -> None:
@@ -347,5 +369,7 @@ class MemoryStore:
 
     def _fence(self, partition_id: str, epoch: int, action: str) -> None:
         current = self.epochs.get(partition_id)
+        if current is None or current < epoch:
+            raise StateLostError(partition_id, epoch, current, action)
         if current != epoch:
             raise FencedError(partition_id, epoch, current, action)

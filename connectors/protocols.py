@@ -130,6 +130,15 @@ class Source(Protocol):
         """
         ...
 
+    def committed_offset(self, topic: str, partition: int) -> int | None:
+        """The group's committed next offset of `(topic, partition)`, None when nothing was committed.
+
+        When: in `on_assign`, when the state store has no checkpoint of the partition: a committed offset then
+        means the group processed records before, whose context is gone (the streams are told so).
+        On failure: raises (broker unreachable); the caller treats that as "unknown".
+        """
+        ...
+
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Synchronously commit `{(topic, partition): next_offset}` for the consumer group.
 
@@ -195,8 +204,10 @@ class StateStore(Protocol):
         readiness follows an outage without records (see `Checkpointer.probe_store`)."""
         ...
 
-    def claim(self, partition_id: str) -> int:
-        """Take ownership of `partition_id` and return the new owner epoch (strictly increasing).
+    def claim(self, partition_id: str, *, after: int = 0) -> int:
+        """Take ownership of `partition_id` and return the new owner epoch (strictly increasing, and above
+        `after`: a caller re-claiming after `StateLostError` passes its old epoch, so epochs keep increasing
+        even though the store forgot them).
 
         When: in `on_assign`, before reading the manifest. Every later write passes this epoch; a previous
         owner that still runs (a zombie after a network partition or a long GC pause) is fenced from then on.
@@ -225,8 +236,10 @@ class StateStore(Protocol):
         streams whose state did not change since it was last stored (spilled, or in the previous manifest):
         the checkpoint then references that stored blob instead of rewriting it.
 
-        On failure: raises `FencedError` when `epoch` is no longer the partition's current epoch (another
-        owner claimed it: stop processing the partition), or another exception when the store failed. In
+        On failure: raises `FencedError` when a newer epoch was claimed (another owner: stop processing the
+        partition), `StateLostError` when the epoch is missing or went back below `epoch` (the store lost the
+        partition's state; nobody else claimed it: claim again and re-checkpoint), `MissingSnapshotError` when a
+        blob named by `reuse` is gone, or another exception when the store failed. In
         every failure case the previous checkpoint stays readable and intact; nothing half-written is ever
         visible through `read_manifest`.
         """

@@ -14,6 +14,10 @@ A blob is a Redis LIST of parts of at most `BLOB_PART_BYTES` (2 MiB), written by
 read back with one LRANGE. One 47 MB SET costs Redis with an append-only file about 300 ms on the 2-core
 test machine, the same bytes as 2 MiB parts about 55 ms (`sinkstream bench service` reports the cost).
 
+Epochs only increase, so a missing epoch key (FLUSHALL, a failover to an empty replica, an eviction policy
+other than `noeviction`) or one below the caller's is state the store lost, not a newer owner: those writes
+raise `StateLostError` (the caller re-claims with `claim(after=epoch)`), a higher epoch raises `FencedError`.
+
 A checkpoint writes its blobs under fresh keys with a TTL (`pending_ttl_s`), so a writer that dies half-way
 leaves only expiring garbage. One Lua script then, atomically: checks that the caller's epoch is still the
 current one (else `FencedError`, nothing changes), checks every referenced blob exists, removes the TTLs,
@@ -41,7 +45,14 @@ import redis
 import structlog
 from pydantic import ValidationError
 
-from connectors.errors import CorruptStateError, FencedError, MissingSnapshotError, StateStoreError
+from connectors.errors import (
+    CorruptStateError,
+    FencedError,
+    MissingSnapshotError,
+    StateLostError,
+    StateStoreError,
+    UnknownReuseError,
+)
 from connectors.manifest import CheckpointDocument
 
 log = structlog.get_logger(__name__)
@@ -53,9 +64,10 @@ _PIPELINE_BYTES = 64 * 1024 * 1024  # flush a write pipeline once this many blob
 
 
 
-# KEYS: epoch, spilled, refs.  Returns {new_epoch, dropped_spill_blobs}.
+# KEYS: epoch, spilled, refs.  ARGV: after (the new epoch must exceed it).  Returns {new_epoch, dropped_spill_blobs}.
 _CLAIM_LUA = """
 local e = redis.call('INCR', KEYS[1])
+if e <= tonumber(ARGV[1]) then e = tonumber(ARGV[1]) + 1; redis.call('SET', KEYS[1], e) end
 local dropped = 0
 for _, k in ipairs(redis.call('HVALS', KEYS[2])) do
   if redis.call('SISMEMBER', KEYS[3], k) == 0 then redis.call('UNLINK', k); dropped = dropped + 1 end
@@ -178,6 +190,14 @@ def _store_errors(method: _F) -> _F:
     return wrapped  # type: ignore[return-value]
 
 
+def _fence_error(partition_id: str, epoch: int, current: int | None, action: str) -> StateStoreError:
+    """A newer epoch is fencing (`FencedError`); a missing epoch key, or one below ours, is state the store lost
+    (`StateLostError`): epochs only ever increase, so nobody newer holds the partition."""
+    if current is None or current < epoch:
+        return StateLostError(partition_id, epoch, current, action)
+    return FencedError(partition_id, epoch, current, action)
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -227,10 +247,13 @@ class RedisStateStore:
 
     # ---- StateStore --------------------------------------------------------------------------------------
     @_store_errors
-    def claim(self, partition_id: str) -> int:
-        """Increment and return the partition's owner epoch; drop the previous owner's spilled sessions."""
+    def claim(self, partition_id: str, *, after: int = 0) -> int:
+        """Increment and return the partition's owner epoch, at least `after + 1` (a re-claim after the epoch key
+        was lost keeps epochs increasing); drop the previous owner's spilled sessions."""
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ValueError(f"expected after to be an epoch int >= 0, got {after!r}")
         epoch, dropped = self._claim(
-            keys=[self._key("epoch", partition_id), self._key("spilled", partition_id), self._key("refs", partition_id)]
+            keys=[self._key(kind, partition_id) for kind in ("epoch", "spilled", "refs")], args=[after],
         )
         log.info("state.claimed", partition=partition_id, epoch=int(epoch), dropped_spills=int(dropped))
         return int(epoch)
@@ -290,10 +313,7 @@ class RedisStateStore:
             if found is None and old_doc is not None:
                 found = old_doc["snapshots"].get(stream)
             if found is None:
-                raise ValueError(
-                    f"reuse: expected stream {stream!r} of partition {partition_id!r} to have a stored blob "
-                    f"(spilled in epoch {epoch} or in the previous manifest), found neither"
-                )
+                raise UnknownReuseError(partition_id, stream, epoch)
             refs[stream] = _text(found)
         seq = int(self._r.incr(self._key("seq", partition_id)))
         pairs = snapshots.items() if isinstance(snapshots, Mapping) else snapshots
@@ -400,7 +420,7 @@ class RedisStateStore:
             raise ValueError(f"expected an epoch returned by claim() (int >= 1), got {epoch!r}")
         current = self.current_epoch(partition_id)
         if current != epoch:
-            raise FencedError(partition_id, epoch, current, action)
+            raise _fence_error(partition_id, epoch, current, action)
 
     def _write_blobs(self, blobs: Iterable[tuple[str, tuple[str, bytes]]], written: dict[str, str]) -> None:
         """RPUSH each blob in parts, pipelined in bounded batches (one blob at a time when paced); record each
@@ -441,7 +461,7 @@ class RedisStateStore:
     def _raise_for(status: str, result: list[Any], partition_id: str, epoch: int, action: str) -> None:
         if status == "fenced":
             current = _text(result[1])
-            raise FencedError(partition_id, epoch, int(current) if current else None, action)
+            raise _fence_error(partition_id, epoch, int(current) if current else None, action)
         if status == "conflict":
             raise StateStoreError(
                 f"{action} for partition {partition_id!r}: the manifest changed while epoch {epoch} was writing; "

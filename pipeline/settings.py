@@ -155,7 +155,8 @@ class RedisSettings(_Section):
 class CheckpointSettings(_Section):
     # Checkpoint a partition after this many records since its last checkpoint.
     every_records: int = Field(500, ge=1)
-    # ... or after this many seconds, whichever comes first.
+    # ... or after this many seconds, whichever comes first. An idle partition rewrites its checkpoint this often
+    # (no blob is written), which finds state Redis lost (FLUSHALL, failover, eviction) within one interval.
     every_seconds: float = Field(30.0, gt=0)
     # Sleep between snapshot writes of one checkpoint, in milliseconds, so large values do not stall Redis.
     pace_ms: float = Field(0.0, ge=0)

@@ -260,6 +260,10 @@ class KafkaSource:
         self._check_open("highwater")
         return self._consumer.highwater(TopicPartition(topic, partition))
 
+    def committed_offset(self, topic: str, partition: int) -> int | None:
+        """The group's committed next offset for a partition (`Source` protocol), None when none was committed."""
+        return self.committed(topic, partition)
+
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Synchronously commit `{(topic, partition): next_offset}`; raises SourceError when the broker refuses."""
         self._check_open("commit")

@@ -21,6 +21,10 @@ The commit order (each step only starts once the one before it succeeded):
    Bytewax), which also sidesteps tansu's dropped commit metadata. (Model thread: the consumer is not
    thread-safe, so the writer hands the result back and `collect()` commits.)
 
+A checkpoint refused because the store lost the partition's state (`StateLostError`: the epoch key is
+gone; or a reused blob is missing) is not fencing: the partition is marked `lost` and the service claims a
+fresh epoch and re-checkpoints the sessions it holds (see `pipeline.service.partition`).
+
 A failed checkpoint changes nothing durable: the previous manifest stays, the partition keeps its dirty
 streams, and the next attempt waits a capped exponential backoff (`checkpoint.retry_initial_s` doubling up
 to `checkpoint.retry_max_s`). While the store is down the service keeps processing until a partition holds
@@ -38,7 +42,7 @@ from typing import Any
 
 import structlog
 
-from connectors.errors import ConnectorError, FencedError
+from connectors.errors import ConnectorError, FencedError, MissingSnapshotError, StateLostError
 from connectors.protocols import CheckpointStore, Sink, Source
 from pipeline.service import metrics
 from pipeline.service.partition import CheckpointTicket, PartitionState
@@ -94,14 +98,17 @@ class Checkpointer:
         Raises `SinkError` (a `ConnectorError`) when the flush failed: the caller must re-process the
         partition from its last checkpoint, since annotations after it may be lost.
         """
-        if part.fenced or part.tainted or part.in_flight is not None or part.next_offset is None:
+        if part.fenced or part.tainted or part.lost or part.in_flight is not None or part.next_offset is None:
             return False
-        if not part.records_since_checkpoint:
+        idle = not part.records_since_checkpoint and not part.force_checkpoint
+        if idle and reason != "idle":
             return False
+        part.force_checkpoint = False
         # Step 1: flush the producer.
         self.sink.flush(self.flush_timeout_s)
         # Step 2 (capture): the dirty sessions' state as of now, handed over through a bounded queue.
         dirty, reuse, manifest, ticket = part.capture()
+        ticket.idle = idle
         part.in_flight = ticket
         job = _Job(part, reason, queue.Queue(maxsize=self.settings.max_inflight_snapshots), reuse, manifest, ticket)
         self._jobs.put(job)
@@ -199,6 +206,12 @@ class Checkpointer:
             metrics.CHECKPOINT_FAILURES.labels("fenced").inc()
             fenced.append(part)
             return
+        if isinstance(job.error, (StateLostError, MissingSnapshotError)):
+            # Not fencing: nobody newer owns the partition, the store forgot (part of) its state. The service
+            # claims a fresh epoch and re-checkpoints what is in memory (`PartitionState.recover`).
+            part.mark_lost(job.error)
+            metrics.CHECKPOINT_FAILURES.labels("state_lost").inc()
+            return
         if job.error is not None:
             self._failed(job)
             return
@@ -218,7 +231,7 @@ class Checkpointer:
         metrics.CHECKPOINT_SECONDS.observe(seconds)
         metrics.CHECKPOINT_SIZE.observe(job.written_bytes)
         metrics.CHECKPOINT_AGE.labels(part.id).set(0)
-        log.info(
+        (log.debug if job.ticket.idle else log.info)(
             "checkpoint.done", partition=part.id, reason=job.reason, offset=job.ticket.offset,
             streams_written=job.written_streams, streams_reused=len(job.reuse), bytes=job.written_bytes,
             ms=round(1000 * seconds, 1),

@@ -19,3 +19,7 @@ class PartitionManifest(BaseModel):
     next_offset: int = Field(ge=0)
     topic: str = Field(min_length=1)
     partition: int = Field(ge=0)
+    # Streams whose context was reset (state lost or refused) and that have not had a record since: stream ->
+    # the reason, published as a `context_reset` error with that stream's next record. "*": every stream that
+    # starts without stored state in this partition (the partition's history was lost).
+    context_resets: dict[str, str] = Field(default_factory=dict)

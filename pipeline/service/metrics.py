@@ -62,11 +62,16 @@ ERRORS = Counter("sinkstream_errors_total", "Errors by type", ["type"])
 KAFKA_UP = Gauge("sinkstream_kafka_up", "1 while the broker answers polls, else 0")
 REDIS_UP = Gauge("sinkstream_redis_up", "1 while the state store answers, else 0")
 READY = Gauge("sinkstream_ready", "1 while /readyz answers 200")
+STATE_LOSSES = Counter(
+    "sinkstream_state_losses_total",
+    "Times the state store lost an owned partition's state (epoch key or a blob gone: FLUSHALL, an empty "
+    "replica, eviction); the partition was claimed afresh and its in-memory streams re-checkpointed",
+)
 BUILD = Info("sinkstream_build", "Version, model and cache of this process")
 
-for _type in ("bad_input", "redis", "kafka", "snapshot_refused", "fenced", "model_step"):
+for _type in ("bad_input", "redis", "kafka", "snapshot_refused", "fenced", "model_step", "state_lost"):
     ERRORS.labels(_type)
-for _reason in ("store", "sink", "fenced"):
+for _reason in ("store", "sink", "fenced", "state_lost"):
     CHECKPOINT_FAILURES.labels(_reason)
 
 

@@ -9,7 +9,18 @@ the only offset a checkpoint may claim, and it moves only in `published()`.
 
 Broken state never stops a partition: a stored blob that is missing, damaged, foreign (another model) or of
 another dtype is refused with a log line and a metric, the stream starts afresh, and `context_resets` holds
-the reason until the stream's next record carries it in an `error` annotation.
+the reason until the stream's next record carries it in an `error` annotation. Pending notices are part of
+the checkpoint manifest (`context_resets`), so a restart still delivers them, at the same records.
+
+Lost state is not fencing: when the store forgot the partition (its epoch key missing, `StateLostError`; or a
+blob a checkpoint reuses is gone) `lost` is set, the service claims a fresh epoch and calls `recover`: the
+sessions in memory are whole (they hold every published record), so they are all written by the next
+checkpoint, which is due at once; the streams that were only in the store lost their context and get a
+`context_reset` notice on their next record.
+
+A partition-wide notice (`context_resets["*"]`: the manifest was unreadable, or missing while the consumer group
+had a committed offset) is given to every stream that starts without stored state in this partition from then
+on: which streams had context before is unknown.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from connectors.errors import MissingSnapshotError, StateStoreError
+from connectors.errors import FencedError, MissingSnapshotError, StateLostError, StateStoreError
 from connectors.protocols import CheckpointStore
 from model.device_errors import raise_if_fatal
 from pipeline.service import metrics
@@ -47,6 +58,7 @@ class CheckpointTicket:
     records: int  # records_since_checkpoint at capture time
     changes: dict[str, int]  # stream -> change number captured
     started: float  # monotonic time of the capture
+    idle: bool = False  # nothing new: rewrites the same checkpoint to see that the store still has it
 
 
 class Residency:
@@ -115,10 +127,15 @@ class PartitionState:
         self.tainted = False
         self.in_flight: CheckpointTicket | None = None
         self.paused = False
-        # Why streams lost their context (broken state); reported on their next record. "*": the whole partition.
-        self.context_resets: dict[str, str] = {}
+        # Why streams lost their context (broken state); reported on their next record. "*": the whole partition
+        # (every stream that starts without stored state gets it). Kept in the checkpoint manifest.
+        self.context_resets: dict[str, str] = dict(user.get("context_resets", {}))
         if manifest_problem:
             self.context_resets["*"] = manifest_problem
+        # The store lost this partition's state (why): the service claims a fresh epoch and calls `recover`.
+        self.lost: str | None = None
+        # Checkpoint as soon as possible, even without new records (after `recover`).
+        self.force_checkpoint = False
 
     # ---- sessions ---------------------------------------------------------------------------------------
     def session(self, key: str) -> StreamSession:
@@ -143,11 +160,16 @@ class PartitionState:
             blob = self.store.load_spilled(self.id, key) if key in self.spilled else None
             if blob is None and key in self.stored:
                 blob = self.store.read_snapshot(self.stored[key])
+            if blob is None and key in self.spilled:  # the spill index forgot it (state lost)
+                raise MissingSnapshotError(key, f" (spilled session of partition {self.id!r}: its index entry is gone)")
         except MissingSnapshotError as exc:
             return self._fresh(key, "snapshot_missing", str(exc))
         except StateStoreError as exc:
             raise StoreUnavailable(f"reading the state of stream {key!r} of {self.id}: {exc}") from exc
         if blob is None:
+            partition_notice = self.context_resets.get("*")
+            if partition_notice is not None:
+                self.context_resets.setdefault(key, partition_notice)
             return StreamSession(self.engine, key)
         try:
             session = StreamSession.restore(self.engine, blob)
@@ -176,8 +198,37 @@ class PartitionState:
         self.residency.forget(self.id)
 
     def take_reset_notice(self, key: str) -> str | None:
-        """The reason this stream's (or partition's) context was reset, once; None when it was not."""
-        return self.context_resets.pop(key, None) or self.context_resets.pop("*", None)
+        """The reason this stream's context was reset, once; None when it was not."""
+        return self.context_resets.pop(key, None)
+
+    def mark_lost(self, error: BaseException) -> None:
+        """The store lost this partition's state (`StateLostError`, or a blob a checkpoint reuses is gone): log and
+        count it once; the service claims a fresh epoch and calls `recover`."""
+        if self.lost is not None:
+            return
+        self.lost = f"{type(error).__name__}: {error}"
+        log.error("state.lost", partition=self.id, epoch=self.epoch, error=self.lost,
+                  resident_streams=len(self.sessions), uncheckpointed_records=self.records_since_checkpoint)
+        metrics.STATE_LOSSES.inc()
+        metrics.ERRORS.labels("state_lost").inc()
+
+    def recover(self, epoch: int) -> tuple[int, int]:
+        """After the store lost this partition's state and a fresh `epoch` was claimed: every resident session
+        is written by the next checkpoint (forced now); streams that lived only in the store start afresh with a
+        `context_reset` notice. Returns (streams kept, streams reset)."""
+        why = self.lost or "the state store lost the partition's state"
+        self.epoch = epoch
+        lost = sorted((set(self.stored) | self.spilled) - set(self.sessions))
+        for key in lost:
+            self.context_resets[key] = (f"state_lost: the state store lost this stream's stored context ({why}); "
+                                        "its context was reset")
+        self.stored.clear()
+        self.spilled.clear()
+        for key in sorted(self.sessions):
+            self.changed(key)
+        self.lost = None
+        self.force_checkpoint = True
+        return len(self.sessions), len(lost)
 
     def spill(self, key: str) -> bool:
         """Move a cold session out of memory; False when it must stay (store down, checkpoint in flight).
@@ -194,6 +245,10 @@ class PartitionState:
                 self.store.spill(self.id, self.epoch, key, session.snapshot())
             except StateStoreError as exc:
                 log.warning("session.spill_failed", partition=self.id, stream=key, error=str(exc))
+                if isinstance(exc, StateLostError):
+                    self.mark_lost(exc)
+                elif isinstance(exc, FencedError):  # a newer owner: the service drops the partition
+                    self.fenced = True
                 return False
             self.spilled.add(key)
             self.dirty.pop(key, None)
@@ -216,8 +271,12 @@ class PartitionState:
         self.records_since_checkpoint += 1
 
     def due(self, every_records: int, every_seconds: float) -> bool:
-        if self.fenced or self.tainted or self.in_flight is not None or not self.records_since_checkpoint:
+        if self.fenced or self.tainted or self.lost or self.in_flight is not None:
             return False
+        if self.force_checkpoint and self.next_offset is not None:
+            return True
+        if not self.records_since_checkpoint:  # idle: every `every_seconds`, check the store still has our state
+            return self.next_offset is not None and time.monotonic() - self.last_checkpoint >= every_seconds
         return (
             self.records_since_checkpoint >= every_records
             or time.monotonic() - self.last_checkpoint >= every_seconds
@@ -231,7 +290,9 @@ class PartitionState:
         known = set(self.stored) | self.spilled | set(self.sessions)
         reuse = sorted(k for k in known if k not in captured)
         assert self.next_offset is not None
-        manifest = {"next_offset": self.next_offset, "topic": self.topic, "partition": self.partition}
+        manifest: dict[str, Any] = {"next_offset": self.next_offset, "topic": self.topic, "partition": self.partition}
+        if self.context_resets:
+            manifest["context_resets"] = dict(sorted(self.context_resets.items()))
         ticket = CheckpointTicket(
             self.next_offset, self.records_since_checkpoint, {k: self.dirty[k] for k in captured}, time.monotonic()
         )

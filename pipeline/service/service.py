@@ -17,14 +17,18 @@ membership from the pod name). The loop, once per poll:
    records while the store is down, and stop early on SIGTERM or when the poll is getting old; records not
    processed yet are sought back and come again with the next poll.
 
-Faults: a Redis outage never stops the process (checkpoints are retried with backoff, partitions pause at a
-bound, readiness turns false); a record that cannot be handled gets an `error` annotation (or also a
-dead-letter record) and the partition goes on; broken state resets the stream with an `error` annotation. An
-exception that is none of these is a bug: the partitions of the group it hit are not checkpointed (their
-sessions may be ahead of their offsets), the others are, and the process exits with the traceback. A failure
-of the accelerator itself other than out of memory (`model.device_errors`: an illegal memory access, a
-device-side assert) leaves nothing on the device trustworthy: no partition is checkpointed, `DeviceFailure`
-propagates and `sinkstream run` exits 3 so that the orchestrator restarts it from the last checkpoints.
+Faults: a Redis that lost its state (FLUSHALL, an empty replica, eviction) is not fencing: the partition is
+claimed afresh and the sessions in memory re-checkpointed at once (`pipeline.service.partition`); a partition
+found fenced by a newer owner is dropped and paused, and if Kafka still assigns it to this member after
+`kafka.max_poll_interval_ms` the process exits non-zero rather than hold it idle. A Redis outage never stops
+the process (checkpoints are retried with backoff, partitions pause at a bound, readiness turns false); a
+record that cannot be handled gets an `error` annotation (or also a dead-letter record) and the partition goes
+on; broken state resets the stream with an `error` annotation. An exception that is none of these is a bug:
+the partitions of the group it hit are not checkpointed (their sessions may be ahead of their offsets), the
+others are, and the process exits with the traceback. A failure of the accelerator itself other than out of
+memory (`model.device_errors`: an illegal memory access, a device-side assert) leaves nothing on the device
+trustworthy: no partition is checkpointed, `DeviceFailure` propagates and `sinkstream run` exits 3 so that the
+orchestrator restarts it from the last checkpoints.
 
 Shutdown (SIGTERM or SIGINT): the current group is finished, every partition is checkpointed, offsets are
 committed, the consumer leaves the group and the process exits 0.
@@ -65,6 +69,10 @@ STORE_PROBE_EVERY_S = 5.0
 KAFKA_SILENT_S = 10.0
 
 
+class PartitionHeldIdle(RuntimeError):
+    """A partition assigned by Kafka could be neither processed nor given up (fenced, yet still assigned)."""
+
+
 class Service:
     """The streaming service; `run()` blocks until stopped."""
 
@@ -91,6 +99,10 @@ class Service:
         self.unclaimed: dict[TopicPartition, float] = {}
         # Partitions blocked because a session could not be read (store down): retry time and delay.
         self.blocked: dict[TopicPartition, tuple[float, float]] = {}
+        # Partitions dropped because a newer owner fenced us, still assigned by Kafka: since when.
+        self.fenced_since: dict[TopicPartition, float] = {}
+        # Partitions whose state the store lost and whose fresh claim failed: when to try again.
+        self._reclaim_at: dict[TopicPartition, float] = {}
         self._rewind_to: dict[TopicPartition, int] = {}
         self._waiting_since: float | None = None  # first poll after the last fetch response seen
         self._last_poll = 0.0
@@ -113,6 +125,7 @@ class Service:
         self.joined = True
         for tp in tps:
             tp = (tp[0], tp[1])  # a plain tuple (Kafka hands over named tuples)
+            self.fenced_since.pop(tp, None)
             if not self._claim(tp):
                 self.unclaimed[tp] = time.monotonic() + self.settings.checkpoint.retry_initial_s
                 self.source.pause([tp])
@@ -140,6 +153,8 @@ class Service:
             metrics.ERRORS.labels("redis").inc()
             metrics.REDIS_UP.set(0)
             return False
+        if doc is None and problem is None:
+            problem = self._history_lost(tp)
         try:
             part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, doc,
                                   manifest_problem=problem)
@@ -157,6 +172,23 @@ class Service:
                  streams=len(part.stored))
         return True
 
+    def _history_lost(self, tp: TopicPartition) -> str | None:
+        """No checkpoint in the store: if the consumer group committed an offset, records were processed before
+        and their context is gone (the store lost it); the partition's streams are told so."""
+        try:
+            committed = self.source.committed_offset(*tp)
+        except Exception as exc:  # noqa: BLE001 - unknown: assume a first start
+            log.warning("partition.committed_unknown", partition=f"{tp[0]}:{tp[1]}", error=str(exc))
+            return None
+        if committed is None:
+            return None
+        log.error("state.lost", partition=f"{tp[0]}:{tp[1]}", committed_offset=committed,
+                  error="no checkpoint in the state store, but the consumer group committed an offset")
+        metrics.STATE_LOSSES.inc()
+        metrics.ERRORS.labels("state_lost").inc()
+        return (f"state_lost: the partition's checkpoint is missing from the state store while its consumer group "
+                f"had committed offset {committed}; the context of its streams was reset")
+
     def _revoke(self, tps: list[TopicPartition]) -> None:
         self._release(tps, lost=False)
 
@@ -168,6 +200,7 @@ class Service:
         gone, another owner may already write) is dropped without writing."""
         for tp in tps:
             tp = (tp[0], tp[1])
+            self.fenced_since.pop(tp, None)
             self.unclaimed.pop(tp, None)
             self.blocked.pop(tp, None)
             part = self.parts.pop(tp, None)
@@ -228,7 +261,8 @@ class Service:
         """Work is still owed: an unclaimed or blocked partition, a checkpoint in flight, or a store outage
         (idle time does not count then: `--exit-when-idle` waits until the state is safe again)."""
         return bool(self.unclaimed or self.blocked or self.checkpointer.store_down_since is not None) or any(
-            p.in_flight is not None for p in self.parts.values()
+            (p.in_flight is not None and not p.in_flight.idle) or p.lost or p.force_checkpoint
+            for p in self.parts.values()
         )
 
     def _poll(self) -> list[Record]:
@@ -407,9 +441,18 @@ class Service:
         """Finish and start checkpoints, retry claims and blocked partitions, flow control, gauges."""
         cp = self.settings.checkpoint
         self.checkpointer.probe_store(STORE_PROBE_EVERY_S)
-        for part in self.checkpointer.collect():
-            self._drop(part, "fenced")
+        self.checkpointer.collect()
+        for part in [p for p in self.parts.values() if p.fenced and p.in_flight is None]:
+            self._drop(part, "fenced")  # fenced by a checkpoint or a spill
+            tp = (part.topic, part.partition)
+            self.fenced_since[tp] = time.monotonic()
+            self.blocked.pop(tp, None)
+            self.source.pause([tp])
         now = time.monotonic()
+        self._check_fenced(now)
+        for part in list(self.parts.values()):
+            if part.lost and part.in_flight is None and now >= self._reclaim_at.get((part.topic, part.partition), 0.0):
+                self._reclaim(part)
         for tp, at in list(self.unclaimed.items()):
             if now >= at:
                 if self._claim(tp):
@@ -425,7 +468,7 @@ class Service:
         for part in list(self.parts.values()):
             if part.due(cp.every_records, cp.every_seconds) and self.checkpointer.ready_to_retry(part):
                 try:
-                    self.checkpointer.start(part, "cadence")
+                    self.checkpointer.start(part, "cadence" if part.records_since_checkpoint else "idle")
                 except ConnectorError as exc:  # the flush failed: annotations after the checkpoint may be lost
                     self._replay(part, str(exc))
                     continue
@@ -440,6 +483,36 @@ class Service:
                 "lag": lag, "checkpoint_age_s": age, "next_offset": part.next_offset, "resident": len(part.sessions),
             }
         self._update_readiness()
+
+    def _reclaim(self, part: PartitionState) -> None:
+        """The store lost `part`'s state while Kafka still assigns it to us: claim a fresh epoch (above the old
+        one) and re-checkpoint the sessions in memory at once; streams that were only in the store are reset."""
+        tp = (part.topic, part.partition)
+        try:
+            epoch = self.store.claim(part.id, after=part.epoch)
+        except StateStoreError as exc:
+            log.warning("state.reclaim_failed", partition=part.id, error=str(exc))
+            metrics.ERRORS.labels("redis").inc()
+            self._reclaim_at[tp] = time.monotonic() + self.settings.checkpoint.retry_max_s
+            return
+        self._reclaim_at.pop(tp, None)
+        old = part.epoch
+        kept, reset = part.recover(epoch)
+        log.warning("state.reclaimed", partition=part.id, old_epoch=old, epoch=epoch, streams_kept=kept,
+                    streams_reset=reset, next_offset=part.next_offset)
+
+    def _check_fenced(self, now: float) -> None:
+        """Invariant: a partition Kafka assigns to this member is processed, or the process exits non-zero. A
+        fenced partition is normally revoked or lost soon (its new owner joined the group); one still assigned
+        after `kafka.max_poll_interval_ms` means the group and the store disagree: exit, so a restart rejoins."""
+        grace = self.settings.kafka.max_poll_interval_ms / 1000.0
+        for tp, since in self.fenced_since.items():
+            if now - since > grace:
+                log.error("partition.fenced_but_assigned", partition=f"{tp[0]}:{tp[1]}", waited_s=round(now - since, 1))
+                raise PartitionHeldIdle(
+                    f"partition {tp[0]}:{tp[1]} was fenced by a newer owner in the state store, but Kafka still "
+                    f"assigns it to this member after {grace:.0f} s; exiting rather than holding it idle"
+                )
 
     def _flow_control(self, part: PartitionState) -> None:
         """Pause a partition that holds too many un-checkpointed records (store down); resume it after."""
@@ -510,7 +583,12 @@ class Service:
                 resume_offset=part.restored_offset,
             )
             return
-        if not self.checkpointer.checkpoint_now(part, reason, self.settings.service.shutdown_checkpoint_s):
+        done = self.checkpointer.checkpoint_now(part, reason, self.settings.service.shutdown_checkpoint_s)
+        if not done and part.lost:  # the store forgot the partition: claim it afresh and write what we hold
+            self._reclaim(part)
+            done = not part.lost and self.checkpointer.checkpoint_now(
+                part, reason, self.settings.service.shutdown_checkpoint_s)
+        if not done:
             log.error("checkpoint.not_written", partition=part.id, reason=reason,
                       why="the store or the producer did not answer; the partition resumes from its last checkpoint")
 

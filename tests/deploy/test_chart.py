@@ -60,10 +60,11 @@ METRICS = {
     "sinkstream_annotations_total": "counter",
     "sinkstream_assigned_partitions": "gauge",
     "sinkstream_ready": "gauge",
+    "sinkstream_state_losses_total": "counter",
 }
 # Series that are not sinkstream's own: Prometheus' scrape health and kube-state-metrics (crash loops).
 FOREIGN_SERIES = {"up", "kube_pod_container_status_restarts_total", "kube_pod_container_status_waiting_reason"}
-ERROR_TYPES = {"bad_input", "redis", "kafka", "snapshot_refused", "fenced", "model_step"}
+ERROR_TYPES = {"bad_input", "redis", "kafka", "snapshot_refused", "fenced", "model_step", "state_lost"}
 
 
 def series_allowed(name: str) -> bool:
@@ -292,7 +293,7 @@ def _rules() -> list[dict[str, Any]]:
 def test_alerts_cover_the_failure_modes() -> None:
     names = {r["alert"] for r in _rules()}
     assert {"SinkstreamLagGrowing", "SinkstreamCheckpointStale", "SinkstreamCheckpointFailures",
-            "SinkstreamRedisDown", "SinkstreamCrashLooping"} <= names
+            "SinkstreamRedisDown", "SinkstreamCrashLooping", "SinkstreamStateLost"} <= names
     for rule in _rules():
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"]
