@@ -329,6 +329,10 @@ class MemoryStore:
             "format": 1, "partition": partition_id, "epoch": epoch, "seq": self._seq, "written_at_ms": 0,
             "snapshots": dict(sorted(refs.items())), "manifest": json.loads(json.dumps(dict(manifest))),
         }
+        for stream in [s for s in spilled if s not in refs]:  # a stream the caller dropped (closed): its spill goes
+            key = spilled.pop(stream)
+            if key not in set(refs.values()):
+                self.blobs.pop(key, None)
         live = set(refs.values()) | set(spilled.values())
         for key in set((old or {}).get("snapshots", {}).values()) - live:
             self.blobs.pop(key, None)

@@ -21,8 +21,10 @@ raise `StateLostError` (the caller re-claims with `claim(after=epoch)`), a highe
 A checkpoint writes its blobs under fresh keys with a TTL (`pending_ttl_s`), so a writer that dies half-way
 leaves only expiring garbage. One Lua script then, atomically: checks that the caller's epoch is still the
 current one (else `FencedError`, nothing changes), checks every referenced blob exists, removes the TTLs,
-switches the manifest, and unlinks the blobs only the previous manifest referenced. Readers therefore see
-either the old checkpoint or the new one, never a mix.
+switches the manifest, and unlinks the blobs only the previous manifest referenced, and the spill index
+entries (and blobs) of streams the new manifest does not name (a checkpoint covers every stream the caller
+still knows, a spilled one by reuse; one it left out was dropped, e.g. a closed session). Readers therefore
+see either the old checkpoint or the new one, never a mix.
 
 Manifests are JSON (never pickle). The stored document is::
 
@@ -101,9 +103,17 @@ for i = 6 + n, #ARGV do
     if not new[sk] then redis.call('UNLINK', sk) end
   end
 end
+local gc = 0
+local streams = cjson.decode(ARGV[4])['snapshots']
+local index = redis.call('HGETALL', KEYS[4])
+for i = 1, #index, 2 do
+  if streams[index[i]] == nil then
+    redis.call('HDEL', KEYS[4], index[i])
+    if not new[index[i + 1]] then redis.call('UNLINK', index[i + 1]); gc = gc + 1 end
+  end
+end
 local spilled = {}
 for _, v in ipairs(redis.call('HVALS', KEYS[4])) do spilled[v] = true end
-local gc = 0
 for _, k in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   if not new[k] and not spilled[k] then redis.call('UNLINK', k); gc = gc + 1 end
 end

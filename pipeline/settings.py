@@ -252,6 +252,18 @@ class ServiceSettings(_Section):
     # per miss) before giving up with exit code 2, in seconds; 0 gives up at the first miss. Lets a pod start
     # before, or during a restart of, its Redis or Kafka.
     startup_wait_s: float = Field(60.0, ge=0)
+    # Close a stream idle this long in the input's own time (0 = never: endless streams): its `closed` verdict is
+    # published, its state deleted from Redis and memory, and a later record of its key starts afresh with a
+    # `context_reset` notice. Measured in `session_gap_unit` of the partition, never the wall clock, so a
+    # replay closes the same sessions at the same records.
+    session_gap: int = Field(0, ge=0)
+    # `records`: offsets of the partition (a stream is closed once its partition moved this many records past
+    # the stream's last one); `ms`: record timestamps (the partition's latest timestamp this many milliseconds
+    # past the stream's last record; records without a timestamp do not move the clock).
+    session_gap_unit: Literal["records", "ms"] = "records"
+    # Closed keys remembered per partition (so that their next record gets a `context_reset` notice); the
+    # oldest are forgotten first, and a key forgotten so starts afresh without a notice.
+    closed_keys_remembered: int = Field(10_000, ge=0)
 
 
 class Settings(BaseSettings):

@@ -4,11 +4,13 @@ Every annotation is one JSON object keyed by the stream key. Its `id` is `topic/
 replay after a crash re-publishes the same ids with the same values, so subscribers drop duplicates by id.
 Nothing time-dependent is inside an annotation; the Kafka record timestamp says when it was produced.
 
-Kinds: `score` (per record: its complete lines, scored), `note` (generated text about the recent context,
-rolled back), `error` (what could not be scored, and why: limits, a failed model step, a quarantined
-stream, unreadable input, a context reset after broken state), `reply` (`service.mode: dialogue`: the
-assistant's answer to the user turn in the record; it stays in the conversation's cache). A record can carry a
-`score` (or a `reply`) and an `error` (part of it scored, the rest skipped; or a conversation reset notice).
+Kinds: `closed` (`service.session_gap`: a stream idle that long in input time was closed, with its final
+verdict; its id is `topic/partition/offset/closed/stream`, the record at which it closed), `score` (per
+record: its complete lines, scored), `note` (generated text about the recent context, rolled back), `error`
+(what could not be scored, and why: limits, a failed model step, a quarantined stream, unreadable input, a
+context reset after broken state), `reply` (`service.mode: dialogue`: the assistant's answer to the user turn
+in the record; it stays in the conversation's cache). A record can carry a `score` (or a `reply`) and an
+`error` (part of it scored, the rest skipped; or a conversation reset notice).
 
 The published JSON Schema (`schemas/annotation.v1.json`) is generated from these models:
 `python -m pipeline.service.annotations > pipeline/service/schemas/annotation.v1.json`; a test fails when
@@ -154,8 +156,40 @@ class ReplyAnnotation(_Base):
     reply: Reply
 
 
+class Verdict(_Doc):
+    """A stream's running verdict over its session: what it sent and how surprising it was (extensible)."""
+
+    records: int = Field(0, ge=0, description="Records of the stream in this session")
+    lines: int = Field(0, ge=0, description="Lines scored")
+    tokens: int = Field(0, ge=0, description="Tokens scored")
+    anomalous_lines: int = Field(0, ge=0, description="Lines flagged as anomalous")
+    max_z: float | None = Field(None, description="Highest line z-score of the session")
+    max_line_nll: float | None = Field(None, description="Highest mean NLL (nats) of one line of the session")
+    first_offset: int = Field(0, ge=0, description="Offset of the session's first record in its partition")
+    last_offset: int = Field(0, ge=0, description="Offset of the session's last record in its partition")
+
+
+class Closed(_Doc):
+    """Why and when a stream's session was closed (`service.session_gap`)."""
+
+    verdict: Verdict
+    idle: int = Field(ge=0, description="How long the stream had been idle, in `unit`, when it was closed")
+    unit: Literal["records", "ms"] = Field(description="`records`: partition offsets; `ms`: record timestamps")
+
+
+class ClosedAnnotation(_Base):
+    """A stream idle for `service.session_gap` (input time) was closed at the record in `source`: its final
+    verdict; its state is deleted, and a later record of the key starts afresh with a `context_reset` error."""
+
+    id: str = Field(pattern=r"^.+/[0-9]+/[0-9]+/closed/.+$",
+                    description="topic/partition/offset/closed/stream: the record at which the stream was closed")
+    kind: Literal["closed"] = "closed"
+    closed: Closed
+
+
 Annotation = Annotated[
-    ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation, Field(discriminator="kind")
+    ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation | ClosedAnnotation,
+    Field(discriminator="kind"),
 ]
 
 
@@ -187,7 +221,9 @@ def schema() -> dict[str, Any]:
     return json.loads(resources.files("pipeline.service").joinpath(SCHEMA_FILE).read_text())
 
 
-def validate(document: dict[str, Any]) -> ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation:
+def validate(
+    document: dict[str, Any],
+) -> ScoreAnnotation | NoteAnnotation | ErrorAnnotation | ReplyAnnotation | ClosedAnnotation:
     """Parse a published annotation back into its model (raises pydantic's ValidationError)."""
     return _Envelope.model_validate({"annotation": document}).annotation
 
@@ -255,6 +291,14 @@ def error_annotation(
     """The `error` annotation: what of the record was not scored, and why (never skipped silently)."""
     full = [Problem(**p).model_dump() for p in problems]
     return {**_head(record_id, "error", stream, tokens_seen, meta), "error": {"problems": full}}
+
+
+def closed_annotation(record_id: dict[str, Any], stream: str, verdict: Verdict, idle: int, unit: str,
+                      tokens_seen: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """The `closed` annotation of `stream`, closed at the record `record_id` (of another stream, or its own)."""
+    head = _head(record_id, "closed", stream, tokens_seen, meta)
+    head["id"] = f"{_id(record_id, 'closed')}/{stream}"
+    return {**head, "closed": Closed(verdict=verdict, idle=idle, unit=unit).model_dump()}
 
 
 def encode(annotation: dict[str, Any]) -> bytes:

@@ -62,6 +62,10 @@ ERRORS = Counter("sinkstream_errors_total", "Errors by type", ["type"])
 KAFKA_UP = Gauge("sinkstream_kafka_up", "1 while the broker answers polls, else 0")
 REDIS_UP = Gauge("sinkstream_redis_up", "1 while the state store answers, else 0")
 READY = Gauge("sinkstream_ready", "1 while /readyz answers 200")
+STREAMS_CLOSED = Counter(
+    "sinkstream_streams_closed_total",
+    "Stream sessions closed after service.session_gap of input time without a record (state deleted)",
+)
 STATE_LOSSES = Counter(
     "sinkstream_state_losses_total",
     "Times the state store lost an owned partition's state (epoch key or a blob gone: FLUSHALL, an empty "

@@ -95,6 +95,11 @@ class Residency:
         if len(self._lru) >= self.limit and self.pinned >= set(self._lru):
             raise GroupFull(f"all {self.limit} resident sessions have records in the group being prepared")
 
+    def drop(self, part_id: str, key: str) -> None:
+        """One session left memory for good (its stream was closed)."""
+        self._lru.pop((part_id, key), None)
+        self.pinned.discard((part_id, key))
+
     def forget(self, part_id: str) -> None:
         for entry in [e for e in self._lru if e[0] == part_id]:
             del self._lru[entry]
@@ -132,6 +137,16 @@ class PartitionState:
         self.context_resets: dict[str, str] = dict(user.get("context_resets", {}))
         if manifest_problem:
             self.context_resets["*"] = manifest_problem
+        # Session lifecycle (`service.session_gap`), in the partition's input time (offsets or record timestamps):
+        # the clock, each open stream's last input time (oldest first) and running verdict, recently closed keys.
+        svc = engine.settings.service
+        self.gap, self.gap_unit, self.closed_limit = svc.session_gap, svc.session_gap_unit, svc.closed_keys_remembered
+        self.clock: int | None = user.get("clock")
+        self.open: OrderedDict[str, int] = OrderedDict((k, int(t)) for k, t in user.get("open", []))
+        self.verdicts: dict[str, dict[str, Any]] = dict(user.get("verdicts", {}))
+        self.closed_keys: OrderedDict[str, int] = OrderedDict((k, int(t)) for k, t in user.get("closed", []))
+        # `closed` annotations decided at a record (offset) and published with it; no checkpoint meanwhile.
+        self.closing: dict[int, list[dict[str, Any]]] = {}
         # The store lost this partition's state (why): the service claims a fresh epoch and calls `recover`.
         self.lost: str | None = None
         # Checkpoint as soon as possible, even without new records (after `recover`).
@@ -166,6 +181,11 @@ class PartitionState:
             return self._fresh(key, "snapshot_missing", str(exc))
         except StateStoreError as exc:
             raise StoreUnavailable(f"reading the state of stream {key!r} of {self.id}: {exc}") from exc
+        if blob is None and key in self.closed_keys:
+            closed_at = self.closed_keys.pop(key)
+            self.context_resets.setdefault(
+                key, f"session_closed: the stream was closed after {self.gap} {self.gap_unit} without a record "
+                f"(at input time {closed_at}); it starts afresh")
         if blob is None:
             partition_notice = self.context_resets.get("*")
             if partition_notice is not None:
@@ -258,6 +278,77 @@ class PartitionState:
         log.debug("session.spilled", partition=self.id, stream=key)
         return True
 
+    # ---- session lifecycle (service.session_gap) -----------------------------------------------------------
+    def advance(self, record: Any) -> list[tuple[str, int]]:
+        """Move the partition's input clock to `record` and return the open streams idle for the gap by then,
+        oldest first, with how long they were idle. Deterministic: only the input and the checkpointed state
+        decide (a replay closes the same streams at the same records)."""
+        if not self.gap:
+            return []
+        t = record.offset if self.gap_unit == "records" else record.timestamp_ms
+        if t is not None and t >= 0:
+            self.clock = t if self.clock is None else max(self.clock, t)
+        if self.clock is None:
+            return []
+        due = []
+        for key, last in self.open.items():
+            if self.clock - last < self.gap:
+                break
+            due.append((key, self.clock - last))
+        return due
+
+    def opened(self, key: str, offset: int) -> None:
+        """A record of `key` is about to be processed: it is the stream's latest input."""
+        if not self.gap:
+            return
+        self.open[key] = self.clock if self.clock is not None else 0
+        self.open.move_to_end(key)
+        self.verdicts.setdefault(key, {"first_offset": offset})
+
+    def scored(self, key: str, offset: int, annotations: list[dict[str, Any]]) -> None:
+        """Fold a published record's annotations into the stream's running verdict."""
+        if not self.gap:
+            return
+        v = self.verdicts.setdefault(key, {"first_offset": offset})
+        v["records"] = v.get("records", 0) + 1
+        v["last_offset"] = offset
+        for a in annotations:
+            v["tokens_seen"] = a["tokens_seen"]
+            if a["kind"] != "score":
+                continue
+            lines = a["score"]["lines"]
+            v["lines"] = v.get("lines", 0) + len(lines) + a["score"].get("lines_omitted", 0)
+            v["tokens"] = v.get("tokens", 0) + a["score"]["tokens"]
+            v["anomalous_lines"] = v.get("anomalous_lines", 0) + sum(1 for line in lines if line["anomaly"])
+            for field, values in (("max_z", [line["z"] for line in lines]),
+                                  ("max_line_nll", [line["mean_nll"] for line in lines])):
+                present = [x for x in values if x is not None] + ([v[field]] if v.get(field) is not None else [])
+                if present:
+                    v[field] = max(present)
+
+    def close_stream(self, key: str) -> tuple[dict[str, Any], int]:
+        """Close `key`'s session: drop it from memory and from the next checkpoint (whose commit deletes its
+        blobs), remember the key as closed. Returns (its running verdict, its tokens seen)."""
+        session = self.sessions.pop(key, None)
+        tokens = 0
+        if session is not None:
+            tokens = session.tokens_seen
+            session.release()
+        self.residency.drop(self.id, key)
+        self.stored.pop(key, None)
+        self.spilled.discard(key)
+        self.dirty.pop(key, None)
+        self.context_resets.pop(key, None)
+        self.open.pop(key, None)
+        verdict = self.verdicts.pop(key, {})
+        if self.closed_limit:
+            self.closed_keys[key] = self.clock if self.clock is not None else 0
+            self.closed_keys.move_to_end(key)
+            while len(self.closed_keys) > self.closed_limit:
+                self.closed_keys.popitem(last=False)
+        self._changes += 1  # the next checkpoint must drop it even when nothing else changed
+        return verdict, tokens
+
     # ---- offsets and checkpoints --------------------------------------------------------------------------
     def changed(self, key: str) -> None:
         self._changes += 1
@@ -271,7 +362,7 @@ class PartitionState:
         self.records_since_checkpoint += 1
 
     def due(self, every_records: int, every_seconds: float) -> bool:
-        if self.fenced or self.tainted or self.lost or self.in_flight is not None:
+        if self.fenced or self.tainted or self.lost or self.in_flight is not None or self.closing:
             return False
         if self.force_checkpoint and self.next_offset is not None:
             return True
@@ -293,6 +384,10 @@ class PartitionState:
         manifest: dict[str, Any] = {"next_offset": self.next_offset, "topic": self.topic, "partition": self.partition}
         if self.context_resets:
             manifest["context_resets"] = dict(sorted(self.context_resets.items()))
+        if self.gap:
+            manifest.update({"clock": self.clock, "open": [[k, t] for k, t in self.open.items()],
+                             "verdicts": {k: dict(v) for k, v in self.verdicts.items()},
+                             "closed": [[k, t] for k, t in self.closed_keys.items()]})
         ticket = CheckpointTicket(
             self.next_offset, self.records_since_checkpoint, {k: self.dirty[k] for k in captured}, time.monotonic()
         )
@@ -300,7 +395,9 @@ class PartitionState:
 
     def checkpointed(self, ticket: CheckpointTicket, doc: dict[str, Any]) -> None:
         """Bookkeeping after the manifest switched to `doc` (covering what `ticket` captured)."""
-        self.stored = dict(doc["snapshots"])
+        # Streams closed while the checkpoint was in flight stay out (its next checkpoint drops their blobs).
+        known = set(self.stored) | set(self.sessions) | self.spilled
+        self.stored = {k: v for k, v in doc["snapshots"].items() if k in known}
         for key, change in ticket.changes.items():
             if self.dirty.get(key) == change:  # not changed again while the checkpoint was written
                 del self.dirty[key]

@@ -342,6 +342,13 @@ class Service:
             if part.next_offset is not None and record.offset < part.next_offset:
                 continue  # delivered again before the offset the partition resumed from
             key = stream_key(record)
+            due = part.advance(record)  # session_gap: streams idle that long in input time close at this record
+            if due and works and any((part.id, k) in self.residency.pinned for k, _ in due):
+                pending.appendleft(record)  # a stream to close has records in this group: close it after them
+                break
+            if any(k == key for k, _ in due):  # the record's own stream was idle too long: closed, then afresh
+                self._close_streams(part, record, [d for d in due if d[0] == key])
+                due = [d for d in due if d[0] != key]
             try:
                 session = part.session(key)
             except GroupFull:
@@ -352,6 +359,9 @@ class Service:
             except StoreUnavailable as exc:
                 self._block(part, record, str(exc))
                 continue
+            if due:
+                self._close_streams(part, record, due)
+            part.opened(key, record.offset)
             self.residency.pinned.add((part.id, key))
             work = self._prepare(part, session, record)
             works.append(work)
@@ -384,11 +394,15 @@ class Service:
             self.batcher.run(works)
             for work in works:
                 part = self.parts[work.record.tp]
+                for closed in part.closing.pop(work.record.offset, []):  # streams closed at this record, first
+                    self._send(closed)
                 if work.replay:
                     part.published(None, work.record.offset)
                     continue
-                for annotation in work.session.finish(work):
+                annotations = work.session.finish(work)
+                for annotation in annotations:
                     self._publish(work, annotation)
+                part.scored(work.session.key, work.record.offset, annotations)
                 part.published(work.session.key, work.record.offset)
         except BaseException:
             for tp in {w.record.tp for w in works}:
@@ -408,6 +422,28 @@ class Service:
         self.progress["records"] += len(works)
         self.progress["tokens"] += tokens
         metrics.RESIDENT.set(len(self.residency))
+
+    def _close_streams(self, part: PartitionState, record: Record, due: list[tuple[str, int]]) -> None:
+        """Close the streams in `due` (idle for `service.session_gap`) at `record`: their state leaves memory and
+        the next checkpoint, their `closed` annotations go out right before the record's own (and no checkpoint
+        starts before they did: `PartitionState.closing`)."""
+        rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        for key, idle in due:
+            verdict, tokens = part.close_stream(key)
+            tokens = int(verdict.pop("tokens_seen", tokens))
+            doc = ann.closed_annotation(rid, key, ann.Verdict(**verdict), idle, part.gap_unit, tokens,
+                                        self.engine.meta)
+            part.closing.setdefault(record.offset, []).append(doc)
+            metrics.STREAMS_CLOSED.inc()
+            log.debug("session.closed", partition=part.id, stream=key, offset=record.offset, idle=idle)
+
+    def _send(self, annotation: dict[str, Any]) -> None:
+        """Publish an annotation that belongs to no record of its own stream (`closed`)."""
+        self.sink.send(
+            self.settings.kafka.output_topic, annotation["stream"].encode(), ann.encode(annotation),
+            headers={"sinkstream-id": annotation["id"].encode(), "sinkstream-schema": ann.SCHEMA_VERSION.encode()},
+        )
+        metrics.ANNOTATIONS.labels(annotation["kind"]).inc()
 
     def _publish(self, work: RecordWork, annotation: dict[str, Any]) -> None:
         value = ann.encode_bounded(annotation, self.settings.service.max_annotation_bytes)

@@ -120,3 +120,14 @@ def test_store_consumes_snapshots_lazily_and_can_count_instead_of_keeping_them()
     kept = MemoryStore()
     with pytest.raises(ValueError, match="both in snapshots and in reuse"):
         kept.write_checkpoint("p", kept.claim("p"), iter([("x", b"1"), ("x", b"2")]), {})
+
+
+def test_a_checkpoint_drops_the_spill_of_a_stream_it_leaves_out():
+    store = MemoryStore()
+    epoch = store.claim("p")
+    kept = store.spill("p", epoch, "kept", b"k")
+    gone = store.spill("p", epoch, "gone", b"g")
+    doc = store.write_checkpoint("p", epoch, {}, {}, reuse=["kept"])
+    assert doc["snapshots"] == {"kept": kept}
+    assert gone not in store.blobs and store.load_spilled("p", "gone") is None
+    assert store.load_spilled("p", "kept") == b"k"

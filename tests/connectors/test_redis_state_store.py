@@ -224,3 +224,15 @@ def test_blobs_are_stored_as_lists_of_bounded_parts(store, r, monkeypatch):
     assert all(len(part) <= 1000 for part in r.lrange(keys["big"], 0, -1))
     assert {s: store.read_snapshot(k) for s, k in keys.items()} == blobs
 
+
+
+def test_a_checkpoint_drops_the_spill_of_a_stream_it_leaves_out(store, r):
+    """A stream the caller no longer knows (a closed session) is simply left out of the next checkpoint: its
+    spilled blob and spill index entry go with the commit; spills of streams it reuses stay loadable."""
+    epoch = store.claim(P)
+    kept = store.spill(P, epoch, "kept", b"k")
+    gone = store.spill(P, epoch, "gone", b"g")
+    doc = store.write_checkpoint(P, epoch, {"hot": b"h"}, {}, reuse=["kept"])
+    assert doc["snapshots"] == {"hot": doc["snapshots"]["hot"], "kept": kept}
+    assert not r.exists(gone) and store.load_spilled(P, "gone") is None
+    assert store.load_spilled(P, "kept") == b"k"

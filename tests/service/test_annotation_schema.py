@@ -33,7 +33,7 @@ def test_schema_is_a_valid_draft_2020_12_schema_with_one_branch_per_kind():
     schema = annotations.schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     kinds = {branch["$ref"].rsplit("/", 1)[-1] for branch in schema["oneOf"]}
-    assert kinds == {"ScoreAnnotation", "NoteAnnotation", "ErrorAnnotation", "ReplyAnnotation"}
+    assert kinds == {"ScoreAnnotation", "NoteAnnotation", "ErrorAnnotation", "ReplyAnnotation", "ClosedAnnotation"}
     assert schema["discriminator"]["propertyName"] == "kind"
 
 
