@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -93,7 +92,8 @@ class _Page(HTMLParser):
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (headless browser): apt-get install -y chromium")
 def test_status_page_in_headless_chromium_shows_the_injected_anomaly(tmp_path, monkeypatch):
     # A board of its own: streams and partitions of earlier tests in this process would push the row off the shot.
-    monkeypatch.setattr(metrics, "STATUS", metrics.StatusBoard())
+    board = metrics.StatusBoard()
+    monkeypatch.setattr(metrics, "STATUS", board)
     settings = load_settings(None, **{
         "model": {"threads": 1},
         "cache": {"sinks": 4, "window": 252, "chunk": 64},
@@ -108,21 +108,33 @@ def test_status_page_in_headless_chromium_shows_the_injected_anomaly(tmp_path, m
         topic.append(0, STREAM.encode(), line.encode())
     anomaly_offset = topic.append(0, STREAM.encode(), (ANOMALY + "\n").encode()).offset
     service = Service(settings, Engine(lm, settings), MemorySource.factory(topic), sink, MemoryStore())
+    scored, housekept = threading.Event(), threading.Event()
+    observe, housekeeping = board.observe, service._housekeeping
+
+    def observed(stream, annotation):
+        observe(stream, annotation)
+        if annotation["source"]["offset"] == anomaly_offset:
+            scored.set()
+
+    def housekept_after_scoring():
+        was_scored = scored.is_set()
+        housekeeping()
+        if was_scored:  # a whole pass after the line was scored: lag and checkpoint age are on the board
+            housekept.set()
+
+    board.observe = observed
+    service._housekeeping = housekept_after_scoring
     port = free_port()
     server = metrics.serve("127.0.0.1", port, service.health)
     runner = threading.Thread(target=service.run, kwargs={"install_signals": False}, daemon=True)
     runner.start()
     try:
-        deadline = time.monotonic() + 300
-        flagged = None
-        while flagged is None and time.monotonic() < deadline and runner.is_alive():
-            board = metrics.STATUS.snapshot()["streams"].get(STREAM, [])
-            flagged = next((line for line in board if line["offset"] == anomaly_offset), None)
-            time.sleep(0.2)
-        assert flagged is not None, "the service did not score the injected line"
-        assert flagged["text"] == ANOMALY and flagged["anomaly"], (
+        assert scored.wait(300), "the service did not score the injected line"
+        lines = board.snapshot()["streams"].get(STREAM, [])
+        flagged = next((line for line in lines if line["offset"] == anomaly_offset), None)
+        assert flagged is not None and flagged["text"] == ANOMALY and flagged["anomaly"], (
             f"expected the injected line to be flagged as an anomaly (z > {settings.score.anomaly_z}), got {flagged}")
-        time.sleep(1.0)  # one more housekeeping pass: the partition's lag and checkpoint age are on the board
+        assert housekept.wait(60), "no housekeeping pass after the line was scored"
 
         url = f"http://127.0.0.1:{port}/"
         dump = _chromium("--dump-dom", url)

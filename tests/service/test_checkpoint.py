@@ -156,20 +156,28 @@ def test_a_checkpoint_holds_a_bounded_number_of_captures(text_lm, monkeypatch):
     store = MemoryStore()
     part = PartitionState("in", 0, store.claim("in:0"), engine, store, Residency(8), None)
     _feed(part, 0, ["a", "b", "c", "d", "e", "f"])
-    alive, peak = [0], [0]
+    import threading
+
+    alive, peak, done = [0], [0], [0]
+    changed = threading.Condition()
     real_capture, real_serialize = session_module.StreamSession.capture, session_module.SessionCapture.serialize
 
     def capture(self):
-        alive[0] += 1
-        peak[0] = max(peak[0], alive[0])
+        with changed:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+            changed.notify_all()
         return real_capture(self)
 
     def serialize(self):
-        import time
-
-        time.sleep(0.05)  # a slow writer: the model thread must wait instead of capturing everything
+        # A slow writer: it starts only once the model thread got as far as the bound lets it (1 being
+        # serialized, 1 queued, 1 captured and waiting to be queued), or as far as the streams left allow.
+        with changed:
+            assert changed.wait_for(lambda: alive[0] >= min(3, 6 - done[0]), timeout=30), (alive, done)
         blob = real_serialize(self)
-        alive[0] -= 1
+        with changed:
+            alive[0] -= 1
+            done[0] += 1
         return blob
 
     monkeypatch.setattr(session_module.StreamSession, "capture", capture)

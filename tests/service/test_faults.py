@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import structlog
@@ -135,21 +134,38 @@ def test_store_outage_pauses_at_the_bound_and_recovers_exactly(text_lm):
     _normal(topic, 40)
     service = _service(text_lm, settings, topic, sink, store)
     seen = []
+    checkpointed, paused, idle_polls = threading.Event(), threading.Event(), threading.Event()
+    real_write, real_pause, real_poll = store.write_checkpoint, service.source.pause, service.source.poll
+    polls_since_pause = [0]
+
+    def write_checkpoint(*args, **kwargs):
+        doc = real_write(*args, **kwargs)
+        checkpointed.set()
+        return doc
+
+    def pause(partitions):
+        real_pause(partitions)
+        if ("in", 0) in partitions:
+            paused.set()
+
+    def poll(max_records, timeout_s):
+        records = real_poll(max_records, timeout_s)
+        if paused.is_set():
+            polls_since_pause[0] += 1
+            if polls_since_pause[0] >= 5:
+                idle_polls.set()
+        return records
+
+    store.write_checkpoint, service.source.pause, service.source.poll = write_checkpoint, pause, poll
 
     def watch():
         # Let the service take the partition and a first checkpoint, then take the store down until the
-        # partition has paused at the bound.
-        deadline = time.monotonic() + 60
-        while not store.manifests and time.monotonic() < deadline:
-            time.sleep(0.001)
+        # partition has paused at the bound and the service has polled five times since.
+        assert checkpointed.wait(60)
         store.down = True
-        part = None
-        while time.monotonic() < deadline:
-            part = service.parts.get(("in", 0))
-            if part is not None and part.paused:
-                break
-            time.sleep(0.01)
-        time.sleep(0.3)  # paused: nothing more may be published while the store is down
+        assert paused.wait(60)
+        assert idle_polls.wait(60)  # paused: nothing more may be published while the store is down
+        part = service.parts.get(("in", 0))
         seen.extend([service.health.ready, part is not None and part.paused, len(sink.values("out"))])
         store.down = False
 
