@@ -66,7 +66,8 @@ def _same_slot(pool: KVPool, slot: int, saved) -> bool:
 
 @pytest.mark.parametrize("arch", EXACT)
 def test_pool_matches_sink_cache_and_reference(tiny_lm, arch):
-    """One slot fed ragged chunks == SinkModel one token at a time (1e-4) == the independent reference (1e-4)."""
+    """One slot fed ragged chunks == SinkModel one token at a time == the independent reference, within 1e-5
+    (measured on every architecture here, 4 seeds each: at most 9.5e-7, a few float32 ulps of the NLL)."""
     lm = tiny_lm(arch)
     ids = _ids(90 if arch != "gpt2" else 60)
     pool = KVPool(lm, 2, S, W, max_chunk=C)
@@ -75,9 +76,9 @@ def test_pool_matches_sink_cache_and_reference(tiny_lm, arch):
     ours, _ = _feed_chunks(stepper, slot, _ragged(ids))
     runner = SinkModel(lm)
     single, _ = runner.nll(runner.new_cache(S, W, max_chunk=1), ids)
-    assert (ours[1:] - single[1:]).abs().max() < 1e-4
+    assert (ours[1:] - single[1:]).abs().max() <= 1e-5
     ref = _nll_from_logits(reference_logits(lm, torch.tensor(ids), S, W), ids)
-    assert (ours[1:] - ref).abs().max() < 1e-4
+    assert (ours[1:] - ref).abs().max() <= 1e-5
     assert pool.seen[slot] == len(ids)
     if lm.arch.positions == "rope":
         assert pool.base[slot] > 0  # frames moved along the way
@@ -353,6 +354,6 @@ def test_window_policy_pool_equals_sink_model(tiny_lm):
     ours, _ = _feed_chunks(PoolStepper(pool), pool.allocate(), _ragged(ids, seed=5))
     runner = SinkModel(lm)
     theirs, _ = runner.nll(runner.new_cache(0, W, max_chunk=1), ids)
-    assert (ours[1:] - theirs[1:]).abs().max() < 1e-4
+    assert (ours[1:] - theirs[1:]).abs().max() <= 1e-5  # measured: at most 9.5e-7 (4 seeds)
     with pytest.raises(ValueError, match="model's dtype"):
         KVPool(lm, 1, S, W, dtype=torch.bfloat16)
