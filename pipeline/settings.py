@@ -181,6 +181,41 @@ class ScoreSettings(_Section):
     warmup_lines: int = Field(20, ge=0)
     # Replace variable fields (timestamps, numbers, IPs, hex ids) with placeholders before scoring.
     normalize: bool = False
+    # Target share of lines with `alert: true`: a line alerts when its combined `score` exceeds the stream's
+    # running (1 - alert_rate) quantile of earlier scores (a t-digest, checkpointed with the stream).
+    alert_rate: float = Field(0.001, gt=0.0, lt=1.0)
+    # Lines of a stream scored before it may alert (the quantile needs about 1 / alert_rate lines to mean much).
+    alert_warmup_lines: int = Field(200, ge=0)
+    # Weights of the combined `score` (docs/anomaly.md): surprise given the window (positive part of z) ...
+    weight_surprise: float = Field(1.0, ge=0.0)
+    # ... a template never seen before in this stream ...
+    weight_new_stream: float = Field(1.0, ge=0.0)
+    # ... a template never seen before in this partition ...
+    weight_new_partition: float = Field(2.0, ge=0.0)
+    # ... a template not in the reference of normal (`templates.reference`; 0 without one) ...
+    weight_new_reference: float = Field(4.0, ge=0.0)
+    # ... and rarity in the partition, -log2((seen + 1) / (lines + 1)), in bits.
+    weight_rarity: float = Field(0.25, ge=0.0)
+
+
+class TemplateSettings(_Section):
+    """Long-term memory of log templates (Drain), per partition and per stream (`pipeline.service.templates`)."""
+
+    # Mine templates and give every scored line its template, novelty and combined score.
+    enabled: bool = True
+    # A text file of normal lines: its templates seed every partition's memory, so a line can be "not in the
+    # reference" as well as new to its stream or partition. Null: no reference.
+    reference: Path | None = None
+    # Most templates a partition remembers (the reference's not counted); the least recently seen goes first.
+    partition_max_clusters: int = Field(2000, ge=1)
+    # Most templates a stream keeps counts for; the least recently seen goes first.
+    stream_max_clusters: int = Field(500, ge=1)
+    # Drain: similarity (share of equal tokens) for a line to join a template.
+    sim_th: float = Field(0.4, gt=0.0, le=1.0)
+    # Drain: depth of the prefix tree (>= 3: root, token count, then depth - 2 leading tokens).
+    depth: int = Field(4, ge=3)
+    # Drain: most children of a tree node; past it, new tokens share the `<*>` child.
+    max_children: int = Field(100, ge=2)
 
 
 class NoteSettings(_Section):
@@ -281,6 +316,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     score: ScoreSettings = ScoreSettings()
+    templates: TemplateSettings = TemplateSettings()
     note: NoteSettings = NoteSettings()
     dialogue: DialogueSettings = DialogueSettings()
     service: ServiceSettings = ServiceSettings()

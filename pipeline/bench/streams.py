@@ -18,6 +18,12 @@ For N streams (default 1, 16, 64, 256), in one run, on the same Loghub lines:
   no sink handling), timed per round of one line per stream; `padded_tokens` counts the batch's positions
   including the padding to each round's longest line (the work the packed ragged step does not do).
 
+`templates` (`--templates on|off|both`): the service runs with the template memory, combined score and
+verdict of issue 18 on (the default settings) or off (`templates.enabled: false`); `both` runs `service_pool`
+both ways in the same run, alternating, `repeats` times each (the best of each is kept, so a busy moment of a
+shared machine hurts neither side more), as `service_pool` and `service_pool_templates_off`, with
+`templates_on_vs_off` = on / off tokens per second (issue 18 asks >= 0.9).
+
 Plus `model.pool_bench.decode` (B streams, one token each: pooled batched step vs one by one vs transformers'
 batched DynamicCache decode) and the memory one resident stream needs (`model.pool.bytes_per_slot`).
 """
@@ -166,8 +172,11 @@ def bench_streams(
     decode_sizes: list[int] | None = None,
     repeats: int = 2,
     progress: Any = None,
+    templates: str = "on",
 ) -> dict[str, Any]:
     """The figures of the module docstring, one row per stream count."""
+    if templates not in ("on", "off", "both"):
+        raise ValueError(f"templates: expected on, off or both, got {templates!r}")
     rows = []
     for count in counts:
         streams, history = _lines(lm, count, lines_per_stream, window)
@@ -179,11 +188,24 @@ def bench_streams(
             "kafka": {"max_poll_records": count},  # a poll: the warm-ups, then one line per stream
             "checkpoint": {"every_records": 100_000, "every_seconds": 3600},
             "service": {"max_resident_streams": count, "batch_tokens": batch_tokens},
+            "templates": {"enabled": templates != "off"},
         }
-        if progress:
-            progress(f"streams N={count}: service (pooled)")
-        pooled = _service_run(lm, streams, history, values)
-        gc.collect()  # the pool of this run goes before the next one allocates
+        pooled_off = None
+        if templates == "both":
+            runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+            for _ in range(repeats):
+                for enabled in (True, False):
+                    if progress:
+                        progress(f"streams N={count}: service (pooled), templates {'on' if enabled else 'off'}")
+                    runs[enabled].append(_service_run(lm, streams, history,
+                                                      {**values, "templates": {"enabled": enabled}}))
+                    gc.collect()
+            pooled, pooled_off = (max(runs[e], key=lambda r: r["tokens_per_s"]) for e in (True, False))
+        else:
+            if progress:
+                progress(f"streams N={count}: service (pooled)")
+            pooled = _service_run(lm, streams, history, values)
+            gc.collect()  # the pool of this run goes before the next one allocates
         per_stream = None
         if count <= per_stream_max:
             if progress:
@@ -202,11 +224,13 @@ def bench_streams(
             gc.collect()
         rows.append({
             "streams": count, "service_pool": pooled, "service_per_stream": per_stream, "raw_padded": raw,
+            "service_pool_templates_off": pooled_off,
+            "templates_on_vs_off": pooled["tokens_per_s"] / pooled_off["tokens_per_s"] if pooled_off else None,
             "pool_vs_raw": pooled["tokens_per_s"] / raw["tokens_per_s"] if raw else None,
             "pool_vs_per_stream": pooled["tokens_per_s"] / per_stream["tokens_per_s"] if per_stream else None,
         })
     result: dict[str, Any] = {
-        "benchmark": "streams", "sinks": sinks, "window": window, "chunk": chunk, "lines_per_stream": lines_per_stream,
+        "benchmark": "streams", "templates": templates, "sinks": sinks, "window": window, "chunk": chunk, "lines_per_stream": lines_per_stream,
         "threads": torch.get_num_threads(), "rows": rows,
         "bytes_per_resident_stream": bytes_per_slot(lm, sinks, window, chunk),
     }

@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=positive_int, default=1020, help="ingest, memory, batch: window W (default 1020)")
     p.add_argument("--streams", type=int_list, default=None,
                    help="batch: stream counts (default 1,4,16); streams: stream counts (default 1,16,64,256)")
+    p.add_argument("--templates", choices=("on", "off", "both"), default="on",
+                   help="streams: run the service with the template memory, combined score and verdicts (issue 18) "
+                        "on, off, or both side by side in the same run (reports on/off throughput; default on)")
     p.add_argument(
         "--memory-tokens", type=int_list, default=None, help="memory: checkpoints for --model (default 10000,100000)"
     )
@@ -258,6 +261,7 @@ def _streams(lm, args, note):
         decode_sizes=[1, 4] if args.quick else [1, 4, 16, 64],
         repeats=_pick(args.repeats, 2, 1, args.quick),
         progress=note,
+        templates=args.templates,
     )
     lines = [
         f"N={x['streams']}: service {x['service_pool']['tokens_per_s']:.0f} tok/s "
@@ -277,6 +281,11 @@ def _streams(lm, args, note):
         )
         for x in r["rows"]
     ]
+    for x in r["rows"]:
+        if x["templates_on_vs_off"] is not None:
+            lines.append(f"N={x['streams']}: templates on {x['service_pool']['tokens_per_s']:.0f} tok/s, off "
+                         f"{x['service_pool_templates_off']['tokens_per_s']:.0f} tok/s: "
+                         f"{x['templates_on_vs_off']:.3f}x (goal >= 0.9)")
     for d in r.get("decode", {}).get("rows", []):
         lines.append(
             f"decode B={d['streams']}: pooled {d['tokens_per_s']['pool_batched']:.0f} tok/s, "

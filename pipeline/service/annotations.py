@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.service.scoring import MAX_TEXT, LineScore
+from pipeline.service.verdict import Verdict
 
 SCHEMA_ID: Literal["sinkstream.annotation/v1"] = "sinkstream.annotation/v1"
 SCHEMA_VERSION = "v1"
@@ -61,6 +62,18 @@ class TopToken(_Doc):
     nll: float
 
 
+class LineTemplate(_Doc):
+    """The line's template in the long-term memory (`pipeline.service.templates`, Drain)."""
+
+    id: int = Field(ge=1, description="Template id in the partition's memory (deterministic: the order in which "
+                                      "templates were first seen, the reference's first)")
+    text: str = Field(max_length=240, description="The template, variable parts as `<*>` (as of this line)")
+    seen_stream: int = Field(ge=0, description="Lines of this stream with this template before this one")
+    seen_partition: int = Field(ge=0, description="Lines of this partition with this template before this one")
+    seen_reference: int | None = Field(description="Lines of the reference of normal with this template (0: not "
+                                                   "in it); null without `templates.reference`")
+
+
 class Line(_Doc):
     """One line completed inside the record (a line split across records belongs to the one completing it)."""
 
@@ -72,6 +85,11 @@ class Line(_Doc):
     z: float | None = Field(description="(mean_nll - stream mean) / stream std over earlier lines")
     anomaly: bool = Field(description="z above the configured threshold after the warm-up lines")
     top: list[TopToken]
+    template: LineTemplate | None = Field(None, description="Null when `templates.enabled` is false")
+    score: float | None = Field(None, description="Combined anomaly score: surprise given the window plus "
+                                                  "template novelty (formula in docs/anomaly.md)")
+    alert: bool = Field(False, description="`score` above the stream's running (1 - score.alert_rate) quantile, "
+                                           "after score.alert_warmup_lines lines")
 
 
 class Score(_Doc):
@@ -81,6 +99,9 @@ class Score(_Doc):
     max_z: float | None
     anomaly: bool
     lines: list[Line]
+    alert: bool = Field(False, description="Some line of the record alerts")
+    max_score: float | None = Field(None, description="Highest line `score` of the record")
+    verdict: Verdict | None = Field(None, description="The stream's running verdict after this record")
     lines_omitted: int = Field(
         0, ge=0, description="Lines scored but left out of `lines` so the annotation fits the topic's size limit"
     )
@@ -239,7 +260,8 @@ def _head(record_id: dict[str, Any], kind: str, stream: str, tokens_seen: int, m
 
 
 def score_annotation(
-    record_id: dict[str, Any], stream: str, lines: list[LineScore], tokens_seen: int, meta: dict[str, Any]
+    record_id: dict[str, Any], stream: str, lines: list[LineScore], tokens_seen: int, meta: dict[str, Any],
+    verdict: Verdict | None = None,
 ) -> dict[str, Any]:
     """The `score` annotation of one input record (lines completed inside it; possibly none)."""
     import torch
@@ -248,6 +270,7 @@ def score_annotation(
     all_nll = torch.cat(scored) if scored else torch.empty(0)
     mean = float(all_nll.double().mean()) if all_nll.numel() else None
     zs = [line.z for line in lines if line.z is not None]
+    scores = [line.score for line in lines if line.score is not None]
     return {
         **_head(record_id, "score", stream, tokens_seen, meta),
         "score": {
@@ -256,6 +279,9 @@ def score_annotation(
             "perplexity": math.exp(mean) if mean is not None else None,
             "max_z": max(zs) if zs else None,
             "anomaly": any(line.anomaly for line in lines),
+            "alert": any(line.alert for line in lines),
+            "max_score": max(scores) if scores else None,
+            "verdict": verdict.model_dump(mode="json") if verdict is not None else None,
             "lines": [line.to_json() for line in lines],
         },
     }

@@ -16,7 +16,9 @@ The commit order (each step only starts once the one before it succeeded):
    write pipeline) are in host memory at once, whatever the number of streams; the model thread waits for
    the writer only when the queue is full.
 3. Write the manifest: a compare-and-set on the owner epoch switches the pointer to the new snapshots and
-   offset N. A zombie that lost the partition is refused here (`FencedError`). (Writer thread.)
+   offset N. The manifest also holds the partition's template memory (`pipeline.service.templates`) as of
+   N, copied on the model thread when step 2 captured the sessions, so it switches with them atomically.
+   A zombie that lost the partition is refused here (`FencedError`). (Writer thread.)
 4. Commit N to Kafka. For monitoring only: the manifest in Redis is the source of truth (as in Flink and
    Bytewax), which also sidesteps tansu's dropped commit metadata. (Model thread: the consumer is not
    thread-safe, so the writer hands the result back and `collect()` commits.)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.service.templates import TemplateMemoryState
+
 
 class PartitionManifest(BaseModel):
     """The service's part of a partition checkpoint."""
@@ -23,3 +25,6 @@ class PartitionManifest(BaseModel):
     # the reason, published as a `context_reset` error with that stream's next record. "*": every stream that
     # starts without stored state in this partition (the partition's history was lost).
     context_resets: dict[str, str] = Field(default_factory=dict)
+    # The partition's template memory (issue 18, `pipeline.service.templates`) as of `next_offset`; absent in
+    # checkpoints from before it, or with `templates.enabled: false`.
+    templates: TemplateMemoryState | None = None

@@ -38,6 +38,7 @@ from model.device_errors import raise_if_fatal
 from pipeline.service import metrics
 from pipeline.service.backend import CacheFull
 from pipeline.service.session import Engine, StreamSession
+from pipeline.service.templates import TemplateMemory
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +152,20 @@ class PartitionState:
         self.lost: str | None = None
         # Checkpoint as soon as possible, even without new records (after `recover`).
         self.force_checkpoint = False
+        # The partition's template memory (issue 18), saved in its manifest at every checkpoint.
+        self.templates = self._templates(user.get("templates"))
+
+    def _templates(self, saved: dict[str, Any] | None) -> TemplateMemory | None:
+        """The template memory the manifest saved, else a new one (a copy of the reference, or empty)."""
+        fresh = self.engine.new_template_memory()
+        if fresh is None or saved is None:
+            return fresh
+        try:
+            return TemplateMemory.from_state(self.engine.settings.templates, saved)
+        except Exception as exc:  # noqa: BLE001 - a damaged memory must not stop the partition
+            log.error("partition.templates_refused", partition=self.id, error=f"{type(exc).__name__}: {exc}")
+            metrics.ERRORS.labels("snapshot_refused").inc()
+            return fresh
 
     # ---- sessions ---------------------------------------------------------------------------------------
     def session(self, key: str) -> StreamSession:
@@ -190,9 +205,9 @@ class PartitionState:
             partition_notice = self.context_resets.get("*")
             if partition_notice is not None:
                 self.context_resets.setdefault(key, partition_notice)
-            return StreamSession(self.engine, key)
+            return StreamSession(self.engine, key, templates=self.templates)
         try:
-            session = StreamSession.restore(self.engine, blob)
+            session = StreamSession.restore(self.engine, blob, templates=self.templates)
         except CacheFull:
             raise
         except Exception as exc:  # noqa: BLE001 - SnapshotError, or anything a damaged blob provokes: never a crash loop
@@ -208,7 +223,7 @@ class PartitionState:
         self.stored.pop(key, None)
         self.spilled.discard(key)
         self.changed(key)  # the fresh session must replace the refused blob at the next checkpoint
-        return StreamSession(self.engine, key)
+        return StreamSession(self.engine, key, templates=self.templates)
 
     def close(self) -> None:
         """The partition leaves this process: give every resident session's KV slot back."""
@@ -388,6 +403,8 @@ class PartitionState:
             manifest.update({"clock": self.clock, "open": [[k, t] for k, t in self.open.items()],
                              "verdicts": {k: dict(v) for k, v in self.verdicts.items()},
                              "closed": [[k, t] for k, t in self.closed_keys.items()]})
+        if self.templates is not None:  # a copy as of now: the model thread moves on while the writer writes
+            manifest["templates"] = self.templates.to_json()
         ticket = CheckpointTicket(
             self.next_offset, self.records_since_checkpoint, {k: self.dirty[k] for k in captured}, time.monotonic()
         )

@@ -48,6 +48,11 @@ class LineScore:
     z: float | None = None
     anomaly: bool = False
     top: list[dict[str, Any]] = field(default_factory=list)
+    # Set by `pipeline.service.verdict.StreamJudge` (issue 18): the line's template in the long-term memory,
+    # its combined score and whether it alerts.
+    template: dict[str, Any] | None = None
+    score: float | None = None
+    alert: bool = False
 
     @property
     def scored(self) -> torch.Tensor:
@@ -69,6 +74,9 @@ class LineScore:
             "z": self.z,
             "anomaly": self.anomaly,
             "top": self.top,
+            "template": self.template,
+            "score": self.score,
+            "alert": self.alert,
         }
 
 

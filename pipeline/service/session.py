@@ -37,6 +37,8 @@ from pipeline.service.chunker import LineChunker
 from pipeline.service.normalizer import normalize_line
 from pipeline.service.scoring import LineScore, LineScorer, RunningStats
 from pipeline.service.sink_token import resolve_sink_token
+from pipeline.service.templates import TemplateMemory, load_reference
+from pipeline.service.verdict import StreamJudge
 from pipeline.settings import Settings
 
 RESET_HEADER = "sinkstream-reset"
@@ -69,6 +71,17 @@ class Engine:
             from pipeline.service.dialogue_mode import DialogueMode  # it imports this module
 
             self.dialogue = DialogueMode(lm, settings)
+        # Issue 18: the reference of normal (`templates.reference`), mined once; every partition's template
+        # memory starts as a copy of it (`new_template_memory`).
+        self.reference: TemplateMemory | None = None
+        if settings.templates.enabled and settings.templates.reference is not None and self.dialogue is None:
+            self.reference = load_reference(settings.templates.reference, settings.templates)
+
+    def new_template_memory(self) -> TemplateMemory | None:
+        """A partition's template memory: a copy of the reference, else empty; None when templates are off."""
+        if not self.settings.templates.enabled or self.dialogue is not None:
+            return None
+        return self.reference.copy() if self.reference is not None else TemplateMemory(self.settings.templates)
 
     def new_cache(self) -> Any:
         """A new stream's KV handle (a pool slot or a SinkCache, see `backend`); primed with the sink token
@@ -160,9 +173,15 @@ class SessionMark:
 class StreamSession:
     """State and processing of one stream."""
 
-    def __init__(self, engine: Engine, key: str, cache: Any = None):
+    def __init__(self, engine: Engine, key: str, cache: Any = None, templates: TemplateMemory | None = None):
         self.engine = engine
         self.key = key
+        # The partition's template memory (shared by its streams, checkpointed beside its manifest); a session
+        # made without one (tools, tests) owns a private one and keeps it in its own snapshot.
+        self.owns_templates = templates is None
+        self.partition_templates = engine.new_template_memory() if templates is None else templates
+        # The stream's template counts, alert threshold and verdict (`pipeline.service.verdict`; snapshotted).
+        self.judge = StreamJudge(engine.settings.score, engine.settings.templates)
         # A KV handle of `engine.backend` (a pool slot or a SinkCache); a new, primed one unless given.
         self.cache = engine.new_cache() if cache is None else cache
         self.primed = engine.backend.seen(self.cache)  # the sink token, if any: in the cache, not counted
@@ -191,8 +210,9 @@ class StreamSession:
         (`reset_cache`), the statistics in `finish`, so records of the stream before it in the same group are
         not affected."""
         offset = self.counters.next_offset
+        templates = None if self.owns_templates else self.partition_templates
         self.release()
-        self.__init__(self.engine, self.key)  # type: ignore[misc]
+        self.__init__(self.engine, self.key, templates=templates)  # type: ignore[misc]
         self.counters.next_offset = offset
 
     def reset_cache(self) -> None:
@@ -293,6 +313,7 @@ class StreamSession:
         if work.reset:  # the statistics part of a `sinkstream-reset` (see `reset`)
             self.stats = RunningStats()
             self.counters.lines_seen = 0
+            self.judge = StreamJudge(self.engine.settings.score, self.engine.settings.templates)
         if work.skip_score:
             pass
         elif work.error is not None:
@@ -311,10 +332,11 @@ class StreamSession:
                 nll = work.nll[pos : pos + len(ids)] if work.nll is not None else torch.empty(0)
                 score = LineScore(self.counters.lines_seen, line.rstrip("\n"), ids, nll)
                 scores.append(self.engine.scorer.score(score, self.stats))
+                self.judge.judge(score, self.partition_templates)
                 self.counters.lines_seen += 1
                 pos += len(ids)
             seen = work.tokens_seen if work.tokens_seen is not None else self.tokens_seen
-            out.append(ann.score_annotation(rid, self.key, scores, seen, self.engine.meta))
+            out.append(ann.score_annotation(rid, self.key, scores, seen, self.engine.meta, self.judge.verdict))
             if work.note is not None:
                 out.append(ann.note_annotation(rid, self.key, **work.note))
         if problems:
@@ -369,7 +391,10 @@ class StreamSession:
             "stats": asdict(self.stats),
             "pending": base64.b64encode(self.chunker.pending).decode(),
             "primed": self.primed,
+            "judge": self.judge.to_json(),
         }
+        if self.owns_templates and self.partition_templates is not None:
+            extra["templates"] = self.partition_templates.to_json()
         if self.engine.dialogue is not None:
             self.engine.dialogue.save(self, extra)
         tensors = {"last_logits": self.last_logits} if self.last_logits is not None else {}
@@ -379,13 +404,14 @@ class StreamSession:
         return self.capture().serialize()
 
     @classmethod
-    def restore(cls, engine: Engine, blob: bytes) -> StreamSession:
+    def restore(cls, engine: Engine, blob: bytes, templates: TemplateMemory | None = None) -> StreamSession:
         """Rebuild a session from `snapshot()` bytes; raises `SnapshotError` for a foreign or damaged blob
-        (its KV state, or the session fields beside it), never another error, and never keeps a KV slot then."""
+        (its KV state, or the session fields beside it), never another error, and never keeps a KV slot then.
+        `templates`: the partition's template memory (else the session's own, from the snapshot)."""
         cache: Any  # a SinkCache or a slot number, depending on the backend
         cache, extra, tensors = engine.backend.restore(blob)
         try:
-            session = cls(engine, extra["stream"], cache=cache)
+            session = cls(engine, extra["stream"], cache=cache, templates=templates)
         except BaseException as exc:
             engine.backend.release(cache)
             if isinstance(exc, Exception):
@@ -408,6 +434,12 @@ class StreamSession:
                     raise ValueError(f"stats.{name}: expected a finite number, got {value!r}")
             session.chunker.pending = base64.b64decode(extra["pending"], validate=True)
             session.last_logits = tensors.get("last_logits")
+            if "judge" in extra:  # snapshots from before issue 18 hold none: the stream's memory starts empty
+                session.judge = StreamJudge.from_json(engine.settings.score, engine.settings.templates,
+                                                      extra["judge"])
+            if session.owns_templates and session.partition_templates is not None and "templates" in extra:
+                session.partition_templates = TemplateMemory.from_state(engine.settings.templates,
+                                                                        extra["templates"])
             if engine.dialogue is not None:
                 engine.dialogue.load(session, extra)
         except Exception as exc:

@@ -182,3 +182,18 @@ def test_streams_benchmark_feeds_the_service_and_the_raw_forward_the_same_tokens
     assert [d["streams"] for d in r["decode"]["rows"]] == [1, 2]
     plot_streams(r, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_streams_benchmark_runs_templates_on_and_off_side_by_side(text_lm):
+    """`--templates both`: the service runs with the issue-18 template memory on and off over the same records;
+    both count the same tokens, and the ratio is on / off tokens per second."""
+    from pipeline.bench.streams import bench_streams
+
+    r = bench_streams(text_lm, [2], sinks=4, window=28, chunk=16, lines_per_stream=2, per_stream_max=0, raw_max=0,
+                      repeats=1, templates="both")
+    (row,) = r["rows"]
+    on, off = row["service_pool"], row["service_pool_templates_off"]
+    assert r["templates"] == "both" and on["tokens"] == off["tokens"] > 0 and on["records"] == off["records"] == 4
+    assert row["templates_on_vs_off"] == on["tokens_per_s"] / off["tokens_per_s"]
+    with pytest.raises(ValueError, match="on, off or both"):
+        bench_streams(text_lm, [2], templates="maybe")

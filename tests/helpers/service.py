@@ -63,11 +63,12 @@ def _baseline(settings: Settings, lm, topic: str, records: dict[int, list]) -> d
     result: dict[str, bytes] = {}
     for partition, items in records.items():
         sessions: dict[str, StreamSession] = {}
+        templates = engine.new_template_memory()  # the partition's template memory, shared by its streams
         for offset, (key, value, headers) in enumerate(items):
             record = Record(topic, partition, offset, key, value, headers, 0)
             name = stream_key(record)
             if name not in sessions:
-                sessions[name] = StreamSession(engine, name)
+                sessions[name] = StreamSession(engine, name, templates=templates)
             session = sessions[name]
             for annotation in session.process(record):
                 result[annotation["id"]] = encode(annotation)

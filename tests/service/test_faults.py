@@ -335,9 +335,10 @@ def test_how_records_are_grouped_never_changes_a_byte(text_lm, one_thread):
         topic.append(0, b"a" if i % 3 else b"b", f"GET /item/{i} 200 {i * 7} bytes\npart".encode(), headers)
     _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False)
     engine, sessions, expected = Engine(text_lm, settings), {}, []
+    shared = engine.new_template_memory()  # the partition's template memory, as the service keeps it
     for r in topic.partitions[0]:
         if r.key not in sessions:
-            sessions[r.key] = StreamSession(engine, r.key.decode())
+            sessions[r.key] = StreamSession(engine, r.key.decode(), templates=shared)
         session = sessions[r.key]
         expected += [
             ann.encode(a) for a in session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))
@@ -393,9 +394,10 @@ def test_more_streams_in_a_group_than_may_stay_resident(text_lm, one_thread, kv_
     assert [a["kind"] for a in got] == ["score"] * 15
     roomy = _settings(service={"kv_pool": kv_pool})
     engine, sessions, expected = Engine(text_lm, roomy), {}, []
+    shared = engine.new_template_memory()  # the partition's template memory, as the service keeps it
     for r in topic.partitions[0]:
         if r.key not in sessions:
-            sessions[r.key] = StreamSession(engine, r.key.decode())
+            sessions[r.key] = StreamSession(engine, r.key.decode(), templates=shared)
         record = Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0)
         expected += [ann.encode(a) for a in sessions[r.key].process(record)]
     assert [ann.encode(a) for a in got] == expected
@@ -419,8 +421,9 @@ def test_on_two_threads_grouping_changes_numbers_only_within_the_stated_toleranc
             topic.append(0, f"k{i % 5}".encode(), f"GET /item/{i} 200 {i * 7} bytes\nPOST /x/{i} 500\n".encode())
         _service(text_lm, settings, topic, sink).run(idle_exit_s=0.2, install_signals=False)
         engine, sessions, expected = Engine(text_lm, settings), {}, []
+        shared = engine.new_template_memory()  # the partition's template memory, as the service keeps it
         for r in topic.partitions[0]:
-            session = sessions.setdefault(r.key, StreamSession(engine, r.key.decode()))
+            session = sessions.setdefault(r.key, StreamSession(engine, r.key.decode(), templates=shared))
             expected += session.process(Record(r.topic, r.partition, r.offset, r.key, r.value, r.headers, 0))
     finally:
         torch.set_num_threads(before)

@@ -1,0 +1,196 @@
+"""The combined per-line anomaly `score`, the alert threshold at a target rate, and a stream's running verdict.
+
+**The score** of a line (issue 18; the experiments behind the weights are in docs/anomaly.md)::
+
+    score = w_surprise       * max(z, 0)                   surprise given the window (the LM, against the
+                                                            stream's running mean NLL statistics)
+          + w_new_stream     * [template unseen in this stream]
+          + w_new_partition  * [template unseen in this partition]
+          + w_new_reference  * [template not in the reference of normal]       (only with `templates.reference`)
+          + w_rarity         * -log2((seen_partition + 1) / (partition_lines + 1))   rarity, in bits
+
+with the weights `score.weight_*`. z is None on a stream's first two lines (counted 0). Without templates
+(`templates.enabled: false`) only the surprise term is left. The novelty terms fix what the LM alone gets wrong
+on real alerts: a burst of one alert becomes unsurprising to the LM once it is in the window, but its template
+stays "not in the reference" and rare in the long-term memory; and generic surprise (a rare word in a routine
+line) is one term among several.
+
+**The alert.** `alert: true` when the line's score exceeds the stream's running (1 - `score.alert_rate`)
+quantile of its earlier scores, after `score.alert_warmup_lines` lines. The quantile learns from the lines
+after `score.warmup_lines` (z's own warm-up): before it, z rests on a handful of lines and every template is
+new, and those first scores would hold the threshold above the stream's settled ones (on a long normal
+stream, learning from line 0 gave half the target rate; from line 20, 0.87-1.02 of it). The quantile is estimated by a
+t-digest from Apache DataSketches (`datasketches.tdigest_double`). Its KLL, REQ and classic quantiles sketches
+were ruled out: they compact with random coin flips, so two services fed the same lines disagree, and exact
+resume could not hold. The t-digest is deterministic, but merging its buffer (which serializing and querying
+do) changes what it holds, so it is fed in batches of `THRESHOLD_BATCH` scores, compressed, queried and
+serialized only at batch ends; the scores of the current batch are kept beside it. A snapshot taken anywhere
+thus restores a threshold that behaves exactly as one that never stopped.
+
+**The verdict** (`Verdict`): the stream's running aggregate, carried by every `score` annotation so that a
+subscriber can rank keys without re-reading history.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+from datasketches import tdigest_double
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.service.scoring import LineScore
+from pipeline.service.templates import StreamTemplates, TemplateMemory
+from pipeline.settings import ScoreSettings, TemplateSettings
+
+THRESHOLD_BATCH = 32  # scores folded into the t-digest at a time (its threshold moves at batch ends only)
+DIGEST_K = 200  # t-digest compression: more centroids, better tails
+
+
+def combined_score(
+    settings: ScoreSettings, z: float | None, *, new_stream: bool | None = None, new_partition: bool | None = None,
+    new_reference: bool | None = None, seen_partition: int = 0, partition_lines: int = 0,
+) -> float:
+    """The documented formula (module docstring); None novelty flags (no templates, no reference) count 0."""
+    score = settings.weight_surprise * max(z or 0.0, 0.0)
+    if new_stream:
+        score += settings.weight_new_stream
+    if new_partition:
+        score += settings.weight_new_partition
+    if new_reference:
+        score += settings.weight_new_reference
+    if new_partition is not None:
+        score += settings.weight_rarity * -math.log2((seen_partition + 1) / (partition_lines + 1))
+    return score
+
+
+class ThresholdState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(ge=0, description="Scores seen")
+    pending: list[float] = Field(description="Scores of the current batch, not yet in the digest")
+    digest: str | None = Field(description="The t-digest at the last batch end (DataSketches bytes, base64)")
+    threshold: float | None = Field(description="Its (1 - alert_rate) quantile then")
+
+
+class AlertThreshold:
+    """The running (1 - rate) quantile of a stream's scores (module docstring); deterministic."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.pending: list[float] = []
+        self.digest: tdigest_double | None = None
+        self.blob: bytes | None = None  # serialized at the last batch end
+        self.threshold: float | None = None
+
+    def exceeds(self, score: float) -> bool:
+        return self.threshold is not None and score > self.threshold
+
+    def add(self, score: float, rate: float) -> None:
+        self.n += 1
+        self.pending.append(score)
+        if len(self.pending) < THRESHOLD_BATCH:
+            return
+        if self.digest is None:
+            self.digest = tdigest_double(DIGEST_K)
+        for value in self.pending:
+            self.digest.update(value)
+        self.pending = []
+        self.digest.compress()
+        self.threshold = float(self.digest.get_quantile(1.0 - rate))
+        self.blob = self.digest.serialize()
+
+    def to_json(self) -> dict[str, Any]:
+        return ThresholdState(n=self.n, pending=list(self.pending), threshold=self.threshold,
+                              digest=None if self.blob is None else base64.b64encode(self.blob).decode()
+                              ).model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AlertThreshold:
+        st = ThresholdState.model_validate(data)
+        if len(st.pending) >= THRESHOLD_BATCH or not all(math.isfinite(v) for v in st.pending):
+            raise ValueError(f"threshold: expected fewer than {THRESHOLD_BATCH} finite pending scores")
+        out = cls()
+        out.n, out.pending, out.threshold = st.n, list(st.pending), st.threshold
+        if st.digest is not None:
+            out.blob = base64.b64decode(st.digest, validate=True)
+            out.digest = tdigest_double.deserialize(out.blob)
+        return out
+
+
+class Verdict(BaseModel):
+    """A stream's running aggregate after this record: enough for a subscriber to rank keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lines: int = Field(0, ge=0, description="Lines of the stream scored so far")
+    alerts: int = Field(0, ge=0, description="Lines with `alert: true` so far")
+    max_score: float | None = Field(None, description="Highest line `score` so far")
+    max_score_line: int | None = Field(None, ge=0, description="`line_no` of that line (the first if tied)")
+    last_alert_line: int | None = Field(None, ge=0, description="`line_no` of the last line that alerted")
+    new_in_stream: int = Field(0, ge=0, description="Lines whose template was new to the stream")
+    new_in_partition: int = Field(0, ge=0, description="Lines whose template was new to the partition")
+    not_in_reference: int = Field(0, ge=0, description="Lines whose template is not in the reference of normal "
+                                                       "(0 without `templates.reference`)")
+
+    def add(self, line_no: int, score: float, alert: bool, new_stream: bool, new_partition: bool,
+            new_reference: bool) -> None:
+        self.lines += 1
+        if alert:
+            self.alerts += 1
+            self.last_alert_line = line_no
+        if self.max_score is None or score > self.max_score:
+            self.max_score, self.max_score_line = score, line_no
+        self.new_in_stream += new_stream
+        self.new_in_partition += new_partition
+        self.not_in_reference += new_reference
+
+
+class StreamJudge:
+    """What a stream owns for its combined scores: its template counts, alert threshold and verdict."""
+
+    def __init__(self, score: ScoreSettings, templates: TemplateSettings):
+        self.score_settings = score
+        self.templates: StreamTemplates | None = (
+            StreamTemplates(templates.stream_max_clusters) if templates.enabled else None
+        )
+        self.threshold = AlertThreshold()
+        self.verdict = Verdict()
+
+    def judge(self, line: LineScore, partition: TemplateMemory | None) -> None:
+        """Fill `line`'s template, score and alert from the memories, then fold the line into them."""
+        sc = self.score_settings
+        new_stream = new_partition = new_reference = False
+        if partition is not None and self.templates is not None:
+            match = partition.observe(line.text)
+            seen_stream = self.templates.observe(match.id)
+            new_stream, new_partition = seen_stream == 0, match.seen_partition == 0
+            new_reference = partition.ref_lines > 0 and match.seen_reference == 0
+            line.template = {
+                "id": match.id, "text": match.text, "seen_stream": seen_stream,
+                "seen_partition": match.seen_partition,
+                "seen_reference": match.seen_reference if partition.ref_lines else None,
+            }
+            line.score = combined_score(sc, line.z, new_stream=new_stream, new_partition=new_partition,
+                                        new_reference=new_reference, seen_partition=match.seen_partition,
+                                        partition_lines=match.partition_lines)
+        else:
+            line.score = combined_score(sc, line.z)
+        line.alert = line.line_no >= sc.alert_warmup_lines and self.threshold.exceeds(line.score)
+        if line.line_no >= sc.warmup_lines:  # before, z rests on too few lines and every template is new
+            self.threshold.add(line.score, sc.alert_rate)
+        self.verdict.add(line.line_no, line.score, line.alert, new_stream, new_partition, new_reference)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"templates": None if self.templates is None else self.templates.to_json(),
+                "threshold": self.threshold.to_json(), "verdict": self.verdict.model_dump(mode="json")}
+
+    @classmethod
+    def from_json(cls, score: ScoreSettings, templates: TemplateSettings, data: dict[str, Any]) -> StreamJudge:
+        judge = cls(score, templates)
+        if judge.templates is not None and data.get("templates") is not None:
+            judge.templates = StreamTemplates.from_json(templates.stream_max_clusters, data["templates"])
+        judge.threshold = AlertThreshold.from_json(data["threshold"])
+        judge.verdict = Verdict.model_validate(data["verdict"])
+        return judge

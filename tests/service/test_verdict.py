@@ -1,0 +1,131 @@
+"""The combined score, the alert threshold at a target rate, and the stream's verdict (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from connectors.protocols import Record
+from pipeline.service.session import Engine, StreamSession
+from pipeline.service.verdict import THRESHOLD_BATCH, AlertThreshold, Verdict, combined_score
+from pipeline.settings import ScoreSettings, load_settings
+
+
+def test_combined_score_is_the_documented_formula():
+    sc = ScoreSettings(weight_surprise=1.0, weight_new_stream=1.0, weight_new_partition=2.0,
+                       weight_new_reference=4.0, weight_rarity=0.25)
+    assert combined_score(sc, None) == 0.0
+    assert combined_score(sc, -2.0) == 0.0
+    assert combined_score(sc, 1.5) == 1.5
+    got = combined_score(sc, 2.0, new_stream=True, new_partition=True, new_reference=True, seen_partition=0,
+                         partition_lines=7)
+    assert got == pytest.approx(2.0 + 1 + 2 + 4 + 0.25 * 3.0)  # -log2(1/8) = 3 bits
+    got = combined_score(sc, 0.5, new_stream=False, new_partition=False, new_reference=False, seen_partition=3,
+                         partition_lines=15)
+    assert got == pytest.approx(0.5 + 0.25 * 2.0)  # -log2(4/16) = 2 bits
+
+
+def test_threshold_restored_anywhere_behaves_as_one_that_never_stopped():
+    rng = random.Random(3)
+    scores = [rng.lognormvariate(0.0, 1.0) for _ in range(40 * THRESHOLD_BATCH + 5)]
+    straight = AlertThreshold()
+    expected = []
+    for s in scores:
+        expected.append((straight.exceeds(s), straight.threshold))
+        straight.add(s, 0.01)
+    for cut in (0, 1, THRESHOLD_BATCH - 1, THRESHOLD_BATCH, 5 * THRESHOLD_BATCH + 3, len(scores) - 1):
+        first = AlertThreshold()
+        got = []
+        for s in scores[:cut]:
+            got.append((first.exceeds(s), first.threshold))
+            first.add(s, 0.01)
+        resumed = AlertThreshold.from_json(json.loads(json.dumps(first.to_json())))
+        for s in scores[cut:]:
+            got.append((resumed.exceeds(s), resumed.threshold))
+            resumed.add(s, 0.01)
+        assert got == expected, cut
+        assert resumed.to_json() == straight.to_json()
+    # The threshold is the running 99th percentile of a log-normal: exp(2.326) = 10.2.
+    assert straight.threshold == pytest.approx(math.exp(2.326), rel=0.25)
+
+
+def test_threshold_refuses_a_bad_state():
+    with pytest.raises(ValueError):
+        AlertThreshold.from_json({"n": 1, "pending": [float("nan")], "digest": None, "threshold": None})
+    with pytest.raises(ValueError):
+        AlertThreshold.from_json({"n": 1, "pending": [], "digest": "%%%", "threshold": 1.0})
+
+
+def test_verdict_aggregates_the_stream():
+    v = Verdict()
+    v.add(0, 3.0, False, True, True, False)
+    v.add(1, 7.5, True, True, False, True)
+    v.add(2, 7.5, False, False, False, True)
+    assert v.model_dump() == {"lines": 3, "alerts": 1, "max_score": 7.5, "max_score_line": 1, "last_alert_line": 1,
+                              "new_in_stream": 2, "new_in_partition": 1, "not_in_reference": 2}
+
+
+def _settings(**score):
+    return load_settings(None, cache={"sinks": 4, "window": 48, "chunk": 16}, score=score)
+
+
+NORMAL = [
+    "INFO request {i} served in {ms} ms by worker {w}",
+    "INFO cache hit for key user:{i} on shard {w}",
+    "DEBUG heartbeat {i} from node-{w} ok",
+    "INFO block blk_{i} replicated to 10.0.0.{w}:50010",
+    "WARN slow disk on node-{w}: {ms} ms for read {i}",
+]
+
+
+def _normal_stream(n: int, seed: int = 11) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(0, n, 10):  # records of 10 lines
+        lines = [rng.choice(NORMAL).format(i=i + j, ms=rng.randrange(1, 900), w=rng.randrange(1, 9)) + "\n"
+                 for j in range(10)]
+        out.append("".join(lines).encode())
+    return out
+
+
+def test_alert_rate_holds_on_a_long_normal_stream(text_lm, one_thread):
+    """After warm-up, alerts per 1,000 lines stay within 2x of score.alert_rate (tiny model, 2,000 lines)."""
+    rate, warmup = 0.02, 300
+    engine = Engine(text_lm, _settings(alert_rate=rate, alert_warmup_lines=warmup))
+    session = StreamSession(engine, "normal")
+    lines = []
+    for offset, value in enumerate(_normal_stream(2000)):
+        for a in session.process(Record("in", 0, offset, b"normal", value, {}, 0)):
+            lines += a["score"]["lines"]
+    after = [line for line in lines if line["line_no"] >= warmup]
+    per_1000 = 1000 * sum(line["alert"] for line in after) / len(after)
+    print(f'alerts per 1,000 lines after warm-up: {per_1000:.2f}')
+    assert rate * 1000 / 2 <= per_1000 <= rate * 1000 * 2, per_1000
+    assert not any(line["alert"] for line in lines[:warmup])
+    verdict = session.judge.verdict
+    assert verdict.lines == len(lines) and verdict.alerts == sum(line["alert"] for line in lines)
+    assert verdict.max_score == max(line["score"] for line in lines)
+    assert verdict.new_in_stream == len({line["template"]["id"] for line in lines}) == verdict.new_in_partition
+
+
+def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
+    reference = tmp_path / "normal.txt"
+    reference.write_text("INFO request 1 served in 3 ms by worker 2\nDEBUG heartbeat 4 from node-5 ok\n")
+    settings = load_settings(None, cache={"sinks": 4, "window": 48, "chunk": 16},
+                             templates={"reference": str(reference)})
+    session = StreamSession(Engine(text_lm, settings), "s")
+    value = b"INFO request 9 served in 7 ms by worker 1\nERROR disk on fire\nERROR disk on fire\n"
+    [a] = session.process(Record("in", 0, 0, b"s", value, {}, 0))
+    lines = a["score"]["lines"]
+    assert [x["template"]["seen_reference"] for x in lines] == [1, 0, 0]
+    assert [x["template"]["seen_stream"] for x in lines] == [0, 0, 1]
+    assert lines[1]["template"]["id"] == lines[2]["template"]["id"] == 3  # after the reference's two
+    sc = settings.score
+    assert lines[1]["score"] == pytest.approx(  # line 1: z is still None (needs 2 lines)
+        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 1.0)
+    assert a["score"]["verdict"] == {"lines": 3, "alerts": 0, "max_score": a["score"]["max_score"],
+                                     "max_score_line": 1, "last_alert_line": None, "new_in_stream": 2,
+                                     "new_in_partition": 2, "not_in_reference": 2}
