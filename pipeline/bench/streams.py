@@ -230,7 +230,8 @@ def bench_streams(
             "pool_vs_per_stream": pooled["tokens_per_s"] / per_stream["tokens_per_s"] if per_stream else None,
         })
     result: dict[str, Any] = {
-        "benchmark": "streams", "templates": templates, "sinks": sinks, "window": window, "chunk": chunk, "lines_per_stream": lines_per_stream,
+        "benchmark": "streams", "templates": templates, "sinks": sinks, "window": window, "chunk": chunk,
+        "lines_per_stream": lines_per_stream,
         "threads": torch.get_num_threads(), "rows": rows,
         "bytes_per_resident_stream": bytes_per_slot(lm, sinks, window, chunk),
     }
