@@ -183,7 +183,7 @@ def bench_streams(
         # One group per poll: the warm-up poll packs every stream's history chunk by chunk (count x chunk tokens
         # a forward), then each poll of one line per stream is one forward.
         batch_tokens = count * (window + 4 * chunk)
-        values = {
+        values: dict[str, Any] = {
             "cache": {"sinks": sinks, "window": window, "chunk": chunk},
             "kafka": {"max_poll_records": count},  # a poll: the warm-ups, then one line per stream
             "checkpoint": {"every_records": 100_000, "every_seconds": 3600},
