@@ -194,7 +194,7 @@ class ScoreSettings(_Section):
     weight_new_partition: float = Field(2.0, ge=0.0)
     # ... a template not in the reference of normal (`templates.reference`; 0 without one) ...
     weight_new_reference: float = Field(4.0, ge=0.0)
-    # ... and rarity in the partition, -log2((seen + 1) / (lines + 1)), in bits.
+    # ... and rarity in the long-term memory (partition and reference), -log2((seen + 1) / (lines + 1)), in bits.
     weight_rarity: float = Field(0.25, ge=0.0)
 
 

@@ -7,7 +7,9 @@
           + w_new_stream     * [template unseen in this stream]
           + w_new_partition  * [template unseen in this partition]
           + w_new_reference  * [template not in the reference of normal]       (only with `templates.reference`)
-          + w_rarity         * -log2((seen_partition + 1) / (partition_lines + 1))   rarity, in bits
+          + w_rarity         * -log2((seen + 1) / (lines + 1))   rarity in the long-term memory, in bits:
+                                   seen = lines of the partition and of the reference with this template
+                                   before this line, lines = all lines of the partition and the reference
 
 with the weights `score.weight_*`. z is None on a stream's first two lines (counted 0). Without templates
 (`templates.enabled: false`) only the surprise term is left. The novelty terms fix what the LM alone gets wrong
@@ -50,7 +52,7 @@ DIGEST_K = 200  # t-digest compression: more centroids, better tails
 
 def combined_score(
     settings: ScoreSettings, z: float | None, *, new_stream: bool | None = None, new_partition: bool | None = None,
-    new_reference: bool | None = None, seen_partition: int = 0, partition_lines: int = 0,
+    new_reference: bool | None = None, seen: int = 0, lines: int = 0,
 ) -> float:
     """The documented formula (module docstring); None novelty flags (no templates, no reference) count 0."""
     score = settings.weight_surprise * max(z or 0.0, 0.0)
@@ -61,7 +63,7 @@ def combined_score(
     if new_reference:
         score += settings.weight_new_reference
     if new_partition is not None:
-        score += settings.weight_rarity * -math.log2((seen_partition + 1) / (partition_lines + 1))
+        score += settings.weight_rarity * -math.log2((seen + 1) / (lines + 1))
     return score
 
 
@@ -173,8 +175,8 @@ class StreamJudge:
                 "seen_reference": match.seen_reference if partition.ref_lines else None,
             }
             line.score = combined_score(sc, line.z, new_stream=new_stream, new_partition=new_partition,
-                                        new_reference=new_reference, seen_partition=match.seen_partition,
-                                        partition_lines=match.partition_lines)
+                                        new_reference=new_reference, seen=match.seen_partition + match.seen_reference,
+                                        lines=match.partition_lines + partition.ref_lines)
         else:
             line.score = combined_score(sc, line.z)
         line.alert = line.line_no >= sc.alert_warmup_lines and self.threshold.exceeds(line.score)

@@ -20,11 +20,9 @@ def test_combined_score_is_the_documented_formula():
     assert combined_score(sc, None) == 0.0
     assert combined_score(sc, -2.0) == 0.0
     assert combined_score(sc, 1.5) == 1.5
-    got = combined_score(sc, 2.0, new_stream=True, new_partition=True, new_reference=True, seen_partition=0,
-                         partition_lines=7)
+    got = combined_score(sc, 2.0, new_stream=True, new_partition=True, new_reference=True, seen=0, lines=7)
     assert got == pytest.approx(2.0 + 1 + 2 + 4 + 0.25 * 3.0)  # -log2(1/8) = 3 bits
-    got = combined_score(sc, 0.5, new_stream=False, new_partition=False, new_reference=False, seen_partition=3,
-                         partition_lines=15)
+    got = combined_score(sc, 0.5, new_stream=False, new_partition=False, new_reference=False, seen=3, lines=15)
     assert got == pytest.approx(0.5 + 0.25 * 2.0)  # -log2(4/16) = 2 bits
 
 
@@ -125,7 +123,7 @@ def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
     assert lines[1]["template"]["id"] == lines[2]["template"]["id"] == 3  # after the reference's two
     sc = settings.score
     assert lines[1]["score"] == pytest.approx(  # line 1: z is still None (needs 2 lines)
-        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 1.0)
+        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 2.0)  # -log2(1 / (1 + 2 + 1))
     assert a["score"]["verdict"] == {"lines": 3, "alerts": 0, "max_score": a["score"]["max_score"],
                                      "max_score_line": 1, "last_alert_line": None, "new_in_stream": 2,
                                      "new_in_partition": 2, "not_in_reference": 2}
