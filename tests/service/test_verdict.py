@@ -122,8 +122,8 @@ def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
     assert [x["template"]["seen_stream"] for x in lines] == [0, 0, 1]
     assert lines[1]["template"]["id"] == lines[2]["template"]["id"] == 3  # after the reference's two
     sc = settings.score
-    assert lines[1]["score"] == pytest.approx(  # line 1: z is still None (needs 2 lines)
-        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 2.0)  # -log2(1 / 4)
+    assert lines[1]["score"] == pytest.approx(  # z is still None (needs 2 lines); rarity -log2(1 / 4)
+        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 2.0)
     assert a["score"]["verdict"] == {"lines": 3, "alerts": 0, "max_score": a["score"]["max_score"],
                                      "max_score_line": 1, "last_alert_line": None, "new_in_stream": 2,
                                      "new_in_partition": 2, "not_in_reference": 2}
