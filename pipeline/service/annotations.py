@@ -177,19 +177,6 @@ class ReplyAnnotation(_Base):
     reply: Reply
 
 
-class Verdict(_Doc):
-    """A stream's running verdict over its session: what it sent and how surprising it was (extensible)."""
-
-    records: int = Field(0, ge=0, description="Records of the stream in this session")
-    lines: int = Field(0, ge=0, description="Lines scored")
-    tokens: int = Field(0, ge=0, description="Tokens scored")
-    anomalous_lines: int = Field(0, ge=0, description="Lines flagged as anomalous")
-    max_z: float | None = Field(None, description="Highest line z-score of the session")
-    max_line_nll: float | None = Field(None, description="Highest mean NLL (nats) of one line of the session")
-    first_offset: int = Field(0, ge=0, description="Offset of the session's first record in its partition")
-    last_offset: int = Field(0, ge=0, description="Offset of the session's last record in its partition")
-
-
 class Closed(_Doc):
     """Why and when a stream's session was closed (`service.session_gap`)."""
 

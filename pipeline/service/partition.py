@@ -39,6 +39,7 @@ from pipeline.service import metrics
 from pipeline.service.backend import CacheFull
 from pipeline.service.session import Engine, StreamSession
 from pipeline.service.templates import TemplateMemory
+from pipeline.service.verdict import Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -320,26 +321,15 @@ class PartitionState:
         self.open.move_to_end(key)
         self.verdicts.setdefault(key, {"first_offset": offset})
 
-    def scored(self, key: str, offset: int, annotations: list[dict[str, Any]]) -> None:
-        """Fold a published record's annotations into the stream's running verdict."""
+    def scored(self, key: str, annotations: list[dict[str, Any]], verdict: Verdict) -> None:
+        """After a record of `key` was published: keep a copy of the stream's running verdict (the session's,
+        `pipeline.service.verdict.Verdict`) and its tokens seen, for its `closed` annotation."""
         if not self.gap:
             return
-        v = self.verdicts.setdefault(key, {"first_offset": offset})
-        v["records"] = v.get("records", 0) + 1
-        v["last_offset"] = offset
+        v = {**verdict.model_dump(mode="json"), "tokens_seen": self.verdicts.get(key, {}).get("tokens_seen", 0)}
         for a in annotations:
             v["tokens_seen"] = a["tokens_seen"]
-            if a["kind"] != "score":
-                continue
-            lines = a["score"]["lines"]
-            v["lines"] = v.get("lines", 0) + len(lines) + a["score"].get("lines_omitted", 0)
-            v["tokens"] = v.get("tokens", 0) + a["score"]["tokens"]
-            v["anomalous_lines"] = v.get("anomalous_lines", 0) + sum(1 for line in lines if line["anomaly"])
-            for field, values in (("max_z", [line["z"] for line in lines]),
-                                  ("max_line_nll", [line["mean_nll"] for line in lines])):
-                present = [x for x in values if x is not None] + ([v[field]] if v.get(field) is not None else [])
-                if present:
-                    v[field] = max(present)
+        self.verdicts[key] = v
 
     def close_stream(self, key: str) -> tuple[dict[str, Any], int]:
         """Close `key`'s session: drop it from memory and from the next checkpoint (whose commit deletes its

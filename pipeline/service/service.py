@@ -402,7 +402,7 @@ class Service:
                 annotations = work.session.finish(work)
                 for annotation in annotations:
                     self._publish(work, annotation)
-                part.scored(work.session.key, work.record.offset, annotations)
+                part.scored(work.session.key, annotations, work.session.judge.verdict)
                 part.published(work.session.key, work.record.offset)
         except BaseException:
             for tp in {w.record.tp for w in works}:

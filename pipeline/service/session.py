@@ -305,6 +305,7 @@ class StreamSession:
         scored (the cache was rolled back by the batcher), and the stream counts one more failure.
         """
         if self.engine.dialogue is not None:  # dialogue mode: the `reply` annotation
+            self.judge.verdict.record(work.record.offset)
             return self.engine.dialogue.finish(self, work)
         record = work.record
         rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
@@ -314,6 +315,7 @@ class StreamSession:
             self.stats = RunningStats()
             self.counters.lines_seen = 0
             self.judge = StreamJudge(self.engine.settings.score, self.engine.settings.templates)
+        self.judge.verdict.record(record.offset)
         if work.skip_score:
             pass
         elif work.error is not None:

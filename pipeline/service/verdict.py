@@ -122,11 +122,23 @@ class AlertThreshold:
 
 
 class Verdict(BaseModel):
-    """A stream's running aggregate after this record: enough for a subscriber to rank keys."""
+    """A stream's running verdict: what it sent and how anomalous it was, after its latest record.
+
+    One model for both places it is published: every `score` annotation carries it (so a subscriber can rank
+    keys without re-reading history), and a `closed` annotation (`service.session_gap`) carries the final one.
+    The session keeps it (in its snapshot); see `StreamJudge`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    lines: int = Field(0, ge=0, description="Lines of the stream scored so far")
+    records: int = Field(0, ge=0, description="Records of the stream in this session")
+    lines: int = Field(0, ge=0, description="Lines scored")
+    tokens: int = Field(0, ge=0, description="Tokens scored")
+    anomalous_lines: int = Field(0, ge=0, description="Lines flagged as anomalous (`anomaly`: z above score.anomaly_z)")
+    max_z: float | None = Field(None, description="Highest line z-score of the session")
+    max_line_nll: float | None = Field(None, description="Highest mean NLL (nats) of one line of the session")
+    first_offset: int = Field(0, ge=0, description="Offset of the session's first record in its partition")
+    last_offset: int = Field(0, ge=0, description="Offset of the session's last record in its partition")
     alerts: int = Field(0, ge=0, description="Lines with `alert: true` so far")
     max_score: float | None = Field(None, description="Highest line `score` so far")
     max_score_line: int | None = Field(None, ge=0, description="`line_no` of that line (the first if tied)")
@@ -136,14 +148,28 @@ class Verdict(BaseModel):
     not_in_reference: int = Field(0, ge=0, description="Lines whose template is not in the reference of normal "
                                                        "(0 without `templates.reference`)")
 
-    def add(self, line_no: int, score: float, alert: bool, new_stream: bool, new_partition: bool,
-            new_reference: bool) -> None:
+    def record(self, offset: int) -> None:
+        """One more record of the stream (scored or not)."""
+        if not self.records:
+            self.first_offset = offset
+        self.records += 1
+        self.last_offset = offset
+
+    def line(self, line: LineScore, new_stream: bool, new_partition: bool, new_reference: bool) -> None:
+        """One more scored line (after `StreamJudge.judge` filled its score and alert)."""
         self.lines += 1
-        if alert:
+        self.tokens += len(line.token_ids)
+        self.anomalous_lines += line.anomaly
+        mean = line.mean_nll
+        if line.z is not None and (self.max_z is None or line.z > self.max_z):
+            self.max_z = line.z
+        if mean is not None and (self.max_line_nll is None or mean > self.max_line_nll):
+            self.max_line_nll = mean
+        if line.alert:
             self.alerts += 1
-            self.last_alert_line = line_no
-        if self.max_score is None or score > self.max_score:
-            self.max_score, self.max_score_line = score, line_no
+            self.last_alert_line = line.line_no
+        if line.score is not None and (self.max_score is None or line.score > self.max_score):
+            self.max_score, self.max_score_line = line.score, line.line_no
         self.new_in_stream += new_stream
         self.new_in_partition += new_partition
         self.not_in_reference += new_reference
@@ -182,7 +208,7 @@ class StreamJudge:
         line.alert = line.line_no >= sc.alert_warmup_lines and self.threshold.exceeds(line.score)
         if line.line_no >= sc.warmup_lines:  # before, z rests on too few lines and every template is new
             self.threshold.add(line.score, sc.alert_rate)
-        self.verdict.add(line.line_no, line.score, line.alert, new_stream, new_partition, new_reference)
+        self.verdict.line(line, new_stream, new_partition, new_reference)
 
     def to_json(self) -> dict[str, Any]:
         return {"templates": None if self.templates is None else self.templates.to_json(),

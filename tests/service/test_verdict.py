@@ -58,12 +58,25 @@ def test_threshold_refuses_a_bad_state():
 
 
 def test_verdict_aggregates_the_stream():
+    import torch
+
+    from pipeline.service.scoring import LineScore
+
+    def line(no, z, nll, score, alert, anomaly=False):
+        out = LineScore(no, "x", [1, 2], torch.tensor([nll, nll]), z=z, anomaly=anomaly)
+        out.score, out.alert = score, alert
+        return out
+
     v = Verdict()
-    v.add(0, 3.0, False, True, True, False)
-    v.add(1, 7.5, True, True, False, True)
-    v.add(2, 7.5, False, False, False, True)
-    assert v.model_dump() == {"lines": 3, "alerts": 1, "max_score": 7.5, "max_score_line": 1, "last_alert_line": 1,
-                              "new_in_stream": 2, "new_in_partition": 1, "not_in_reference": 2}
+    v.record(7)
+    v.line(line(0, None, 1.0, 3.0, False), True, True, False)
+    v.record(9)
+    v.line(line(1, 2.5, 2.0, 7.5, True, anomaly=True), True, False, True)
+    v.line(line(2, -1.0, 0.5, 7.5, False), False, False, True)
+    assert v.model_dump() == {
+        "records": 2, "lines": 3, "tokens": 6, "anomalous_lines": 1, "max_z": 2.5, "max_line_nll": 2.0,
+        "first_offset": 7, "last_offset": 9, "alerts": 1, "max_score": 7.5, "max_score_line": 1,
+        "last_alert_line": 1, "new_in_stream": 2, "new_in_partition": 1, "not_in_reference": 2}
 
 
 def _settings(**score):
@@ -124,6 +137,10 @@ def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
     sc = settings.score
     assert lines[1]["score"] == pytest.approx(  # z is still None (needs 2 lines); rarity -log2(1 / 4)
         sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 2.0)
-    assert a["score"]["verdict"] == {"lines": 3, "alerts": 0, "max_score": a["score"]["max_score"],
-                                     "max_score_line": 1, "last_alert_line": None, "new_in_stream": 2,
-                                     "new_in_partition": 2, "not_in_reference": 2}
+    verdict = a["score"]["verdict"]
+    assert {k: verdict[k] for k in ("records", "lines", "tokens", "first_offset", "last_offset")} == {
+        "records": 1, "lines": 3, "tokens": a["score"]["tokens"], "first_offset": 0, "last_offset": 0}
+    assert {k: verdict[k] for k in ("alerts", "max_score", "max_score_line", "last_alert_line", "new_in_stream",
+                                    "new_in_partition", "not_in_reference")} == {
+        "alerts": 0, "max_score": a["score"]["max_score"], "max_score_line": 1, "last_alert_line": None,
+        "new_in_stream": 2, "new_in_partition": 2, "not_in_reference": 2}
