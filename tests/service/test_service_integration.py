@@ -38,11 +38,14 @@ def real_model():
 def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
     """Factory: a fresh input topic filled with keyed log streams, its output topic and the expected output."""
 
-    def make(partitions: int, per_partition: int):
+    def make(partitions: int, per_partition: int, templates: bool = False):
         topic = kafka_stack.make_topic("in", partitions)
         out_topic = kafka_stack.make_topic("out", 1)
         config = service_settings(kafka_stack.bootstrap, redis_server.url, topic, out_topic,
                                   kafka_stack.group("svc"), redis_server.unique_prefix("svc"))
+        if templates:  # issue 18 with everything on: a reference of normal, both memories bounded (evicting)
+            config["templates"] = {"reference": str(_reference(tmp_path)), "partition_max_clusters": 6,
+                                   "stream_max_clusters": 4}
         records = input_records(partitions, per_partition)
         for p, items in records.items():
             produce(kafka_stack.bootstrap, topic, items, partition=p)
@@ -52,6 +55,29 @@ def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
     return make
 
 
+def _reference(tmp_path):
+    """A reference of normal: the first 40 lines of each Loghub sample the streams draw from (they start at 50)."""
+    from pipeline.evaluation.datasets import loghub_dir
+
+    path = tmp_path / "normal.txt"
+    names = ("HDFS_2k.log", "OpenSSH_2k.log", "Zookeeper_2k.log", "Apache_2k.log")
+    path.write_text("".join(line + "\n" for f in names
+                            for line in (loghub_dir() / f).read_text(errors="replace").splitlines()[:40]))
+    return path
+
+
+def _check_templates(messages, manifests):
+    """Issue 18 was on: lines carry templates (some in the reference, some not) and verdicts; manifests hold
+    the partition's template memory."""
+    lines = [x for m in messages if m["value"]["kind"] == "score" for x in m["value"]["score"]["lines"]]
+    assert lines and all(x["template"] is not None and x["score"] is not None for x in lines)
+    assert {x["template"]["seen_reference"] > 0 for x in lines} == {True, False}
+    assert all(m["value"]["score"]["verdict"]["lines"] > 0 for m in messages
+               if m["value"]["kind"] == "score" and m["value"]["score"]["lines"])
+    for doc in manifests:
+        assert doc["manifest"]["templates"]["ref_lines"] == 160 and doc["manifest"]["templates"]["lines"] > 0
+
+
 def _have_all(expected):
     return lambda got: {m["value"]["id"] for m in got} >= set(expected)
 
@@ -59,7 +85,7 @@ def _have_all(expected):
 def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
     scenario, read_topic, kafka_stack, redis_server, tmp_path
 ):
-    config, out_topic, expected = scenario(partitions=2, per_partition=24)
+    config, out_topic, expected = scenario(partitions=2, per_partition=24, templates=True)
     rng = random.Random(20231105)
     bootstrap = kafka_stack.bootstrap
     for attempt in range(3):
@@ -77,12 +103,13 @@ def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
     assert duplicates > 0, "the kills should have caused replays; the test did not exercise the resume path"
     for p in range(2):  # the last run left a checkpoint at the end of every partition
         assert _manifest(redis_server, config, p)["manifest"]["next_offset"] == 24
+    _check_templates(messages, [_manifest(redis_server, config, p) for p in range(2)])
 
 
 def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(
     scenario, read_topic, kafka_stack, redis_server, tmp_path
 ):
-    config, out_topic, expected = scenario(partitions=4, per_partition=24)
+    config, out_topic, expected = scenario(partitions=4, per_partition=24, templates=True)
     bootstrap = kafka_stack.bootstrap
     first = ServiceProcess.start(config, tmp_path, "p1")
     first.wait_for_log('"partition.assigned"')
@@ -117,6 +144,7 @@ def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(
         assert doc["epoch"] <= int(
             store.get(f"{config['redis']['key_prefix']}:epoch:{{{config['kafka']['input_topic']}:{p}}}")
         )
+    _check_templates(messages, [_manifest(redis_server, config, p) for p in range(4)])
     zombie = first.log()
     assert '"checkpoint.fenced"' in zombie or '"partition.lost"' in zombie, zombie[-3000:]
 

@@ -80,7 +80,7 @@ def _memory_settings(reference):
                          kafka={"output_topic": "out", "max_poll_records": 4},
                          checkpoint={"every_records": 3, "every_seconds": 3600},
                          service={"max_resident_streams": 2, "batch_tokens": 64},
-                         score={"alert_rate": 0.1, "alert_warmup_lines": 8},
+                         score={"alert_rate": 0.1, "alert_warmup_lines": 8, "warmup_lines": 4},
                          templates={"reference": str(reference), "partition_max_clusters": 4,
                                     "stream_max_clusters": 3})
 
