@@ -9,7 +9,13 @@ What runs (all on loopback, in a fresh temporary folder):
 - `sinkstream run` as a subprocess with the small settings of the integration tests (window 252, chunk 64,
   one torch thread, checkpoints every 5 records or 5 s);
 - a chaos schedule, bounded in count and time, that one event at a time: SIGKILLs the service and restarts it
-  after 1-4 s, pauses Redis (SIGSTOP, 3-30 s, SIGCONT), or pauses the broker (SIGSTOP, 3-15 s, SIGCONT);
+  after 1-4 s, pauses Redis (SIGSTOP, 3-30 s, SIGCONT), pauses the broker (SIGSTOP, 3-15 s, SIGCONT), empties
+  Redis (FLUSHALL: the service must tell state loss from fencing and carry on), or fills it (`maxmemory` just
+  above what it holds, `noeviction`, for 5-20 s: checkpoints fail until the memory is back);
+- input that is hostile as text: about one record in ten carries a line with chat-template special-token text
+  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`), scored as the characters they are;
+- key churn (`churn` > 0): that share of records goes to a fresh key of one short session (1-2 records), with
+  `service.session_gap` on, so thousands of keys open and close; Redis `used_memory` is sampled every 2 s;
 - a reader (confluent-kafka, by assignment, no group) that keeps every annotation with the time it arrived.
 
 After the schedule, the service gets until the output covers every produced input (or a drain timeout), then
@@ -21,7 +27,11 @@ SIGTERM; its exit code is reported. The audit, by input offset and annotation id
   the same bytes);
 - `worst_record_latency_s`: the longest time from a record's acknowledgement by the broker to its first
   annotation arriving at the reader (it includes restarts and pauses, by design);
-- `peak_rss_mb`: the largest VmHWM of any service incarnation, sampled from /proc every 0.5 s.
+- `peak_rss_mb`: the largest VmHWM of any service incarnation, sampled from /proc every 0.5 s;
+- `stalls`: gaps of more than `STALL_S` between two annotations while inputs were waiting and no fault was in
+  progress (a kill's restart counts as in progress until the new incarnation has its partitions);
+- `redis_used_mb`: Redis memory at the middle and at the end of production and its peak, `churn_keys` and
+  `churn_keys_closed` (each churn key's `closed` verdict at most once: `closed_more_than_once`).
 
 `soak()` returns the report (a dict) and writes `bench_soak.json` and a timeline `bench_soak.png` under `out`.
 """
@@ -56,6 +66,11 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["HDFS_2k.log", "OpenSSH_2k.log", "Zookeeper_2k.log", "Apache_2k.log", "Linux_2k.log", "BGL_2k.log",
            "Hadoop_2k.log", "Spark_2k.log"]
 PRODUCE_SHARE = 0.7  # records are produced during this share of the run; the rest lets the service catch up
+STALL_S = 120.0  # no annotation for this long while inputs wait and no fault is in progress: a stall
+SPECIAL_LINES = ["gateway: completion ended with <|endoftext|> after 212 tokens",
+                 "gateway: prompt <|im_start|>system\nYou are helpful<|im_end|> accepted",
+                 "gateway: user turn <|im_start|>user hello <|im_end|><|im_start|>assistant"]
+SESSION_GAP = 40  # records of a partition: churn keys close this long after their session
 
 
 @dataclass
@@ -92,7 +107,7 @@ class _Run:
 
 
 def _service_config(
-    bootstrap: str, redis_url: str, topic: str, out_topic: str, model: str, threads: int
+    bootstrap: str, redis_url: str, topic: str, out_topic: str, model: str, threads: int, session_gap: int = 0
 ) -> dict[str, Any]:
     """The integration tests' small settings (tests/helpers/service.py) with a short Redis timeout."""
     return {
@@ -104,7 +119,7 @@ def _service_config(
                   "max_poll_records": 4, "session_timeout_ms": 6000, "max_poll_interval_ms": 120000},
         "redis": {"url": redis_url, "key_prefix": "soak", "socket_timeout_s": 3.0},
         "checkpoint": {"every_records": 5, "every_seconds": 5.0},
-        "service": {"max_resident_streams": 3},
+        "service": {"max_resident_streams": 3, "session_gap": session_gap},
     }
 
 
@@ -143,8 +158,10 @@ def _stream_lines(streams: int, seed: int) -> dict[str, list[str]]:
     return out
 
 
-def _produce(bootstrap: str, topic: str, streams: int, rate: float, until_s: float, seed: int, run: _Run) -> None:
-    """Keyed records at `rate` per second (all streams together) until `until_s` into the run."""
+def _produce(bootstrap: str, topic: str, streams: int, rate: float, until_s: float, seed: int, run: _Run,
+             churn: float = 0.0) -> None:
+    """Keyed records at `rate` per second (all streams together) until `until_s` into the run; a `churn` share
+    of them opens a fresh key of one short session, about one in ten carries a special-token line."""
     from confluent_kafka import Producer
 
     rng = random.Random(seed)
@@ -163,11 +180,23 @@ def _produce(bootstrap: str, topic: str, streams: int, rate: float, until_s: flo
                 run.acked[(msg.partition(), msg.offset())] = run.now()
 
     sent = 0
+    churn_keys: list[str] = []
     while run.now() < until_s and not run.stop.is_set():
-        key = rng.choice(keys)
+        if churn and rng.random() < churn:  # a short session: a fresh key, or the newest one's second record
+            if churn_keys and rng.random() < 0.5 and cursor.get(churn_keys[-1], 0) < 2:
+                key = churn_keys[-1]
+            else:
+                key = f"churn-{len(churn_keys)}"
+                churn_keys.append(key)
+                texts[key] = texts[keys[len(churn_keys) % len(keys)]][len(churn_keys) % 400:]
+                cursor[key], pending[key] = 0, b""
+        else:
+            key = rng.choice(keys)
         lines = texts[key]
         n = rng.randint(1, 3)
         data = pending[key] + "".join(lines[(cursor[key] + j) % len(lines)] + "\n" for j in range(n)).encode()
+        if rng.random() < 0.1:
+            data += (rng.choice(SPECIAL_LINES) + "\n").encode()
         cursor[key] += n
         cut = len(data) if rng.random() < 0.7 else rng.randint(1, len(data))  # some records end mid-line
         pending[key] = data[cut:]
@@ -179,7 +208,7 @@ def _produce(bootstrap: str, topic: str, streams: int, rate: float, until_s: flo
     if remaining:
         with run.lock:
             run.produce_errors += remaining
-    run.events.append({"t": run.now(), "event": "production_done", "sent": sent})
+    run.events.append({"t": run.now(), "event": "production_done", "sent": sent, "churn_keys": len(churn_keys)})
 
 
 def _read(bootstrap: str, out_topic: str, run: _Run) -> None:
@@ -214,12 +243,17 @@ def _covered(run: _Run, topic: str) -> tuple[int, int]:
 
 
 def _schedule(rng: random.Random, kills: int, redis_pauses: int, broker_pauses: int, start_s: float, end_s: float,
-              max_redis_pause_s: float, max_broker_pause_s: float) -> list[tuple[float, str, float]]:
-    """(time, kind, duration) of each fault, one at a time, spread over [start_s, end_s] with jitter."""
-    kinds = ["kill"] * kills + ["redis"] * redis_pauses + ["broker"] * broker_pauses
+              max_redis_pause_s: float, max_broker_pause_s: float, flushes: int = 0,
+              ooms: int = 0) -> list[tuple[float, str, float]]:
+    """(time, kind, duration) of each fault, one at a time, spread over [start_s, end_s] with jitter. A FLUSHALL's
+    duration is the quiet time after it (two checkpoint intervals: the service re-checkpoints before the next
+    fault, so a kill right after it cannot turn lost context into a replay that differs)."""
+    kinds = ["kill"] * kills + ["redis"] * redis_pauses + ["broker"] * broker_pauses + ["flushall"] * flushes
+    kinds += ["oom"] * ooms
     rng.shuffle(kinds)
     durations = {"kill": lambda: rng.uniform(1.0, 4.0), "redis": lambda: rng.uniform(3.0, max_redis_pause_s),
-                 "broker": lambda: rng.uniform(3.0, max_broker_pause_s)}
+                 "broker": lambda: rng.uniform(3.0, max_broker_pause_s), "flushall": lambda: 12.0,
+                 "oom": lambda: rng.uniform(5.0, 20.0)}
     plan = [(kind, durations[kind]()) for kind in kinds]
     busy = sum(d for _, d in plan)
     slack = max(0.0, (end_s - start_s) - busy)
@@ -243,6 +277,32 @@ def _pause(proc: ManagedProcess, seconds: float, run: _Run, name: str) -> None:
     run.events.append({"t": run.now(), "event": f"{name}_resume"})
 
 
+def _redis_fault(client: Any, kind: str, seconds: float, run: _Run) -> None:
+    """FLUSHALL (then a quiet `seconds`), or Redis full (`maxmemory` just above what it holds) for `seconds`."""
+    if kind == "flushall":
+        client.flushall()
+        run.events.append({"t": run.now(), "event": "redis_flushall"})
+        run.stop.wait(seconds)
+        return
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used + 256 * 1024)
+    run.events.append({"t": run.now(), "event": "redis_full", "seconds": round(seconds, 1)})
+    try:
+        run.stop.wait(seconds)
+    finally:
+        client.config_set("maxmemory", 0)
+    run.events.append({"t": run.now(), "event": "redis_full_end"})
+
+
+def _sample_redis(client: Any, run: _Run, samples: list[tuple[float, int]]) -> None:
+    while not run.stop.is_set():
+        try:
+            samples.append((run.now(), int(client.info("memory")["used_memory"])))
+        except Exception:  # noqa: BLE001 - paused or full: sample later
+            pass
+        run.stop.wait(2.0)
+
+
 def soak(
     minutes: float,
     streams: int,
@@ -251,6 +311,9 @@ def soak(
     kills: int | None = None,
     redis_pauses: int | None = None,
     broker_pauses: int | None = None,
+    flushes: int | None = None,
+    ooms: int | None = None,
+    churn: float = 0.3,
     rate: float = 0.5,
     model: str = "smollm2-135m",
     threads: int = 1,
@@ -269,6 +332,8 @@ def soak(
     kills = max(1, round(minutes)) if kills is None else kills
     redis_pauses = max(1, round(minutes / 2)) if redis_pauses is None else redis_pauses
     broker_pauses = max(1, round(minutes / 3)) if broker_pauses is None else broker_pauses
+    flushes = max(1, round(minutes / 4)) if flushes is None else flushes
+    ooms = max(1, round(minutes / 4)) if ooms is None else ooms
     duration_s = minutes * 60.0
     drain_timeout_s = max(180.0, duration_s) if drain_timeout_s is None else drain_timeout_s
     out.mkdir(parents=True, exist_ok=True)
@@ -282,17 +347,24 @@ def soak(
     threads_: list[threading.Thread] = []
     kill_log: list[dict[str, Any]] = []
     final_exit: int | None = None
+    import redis as redis_lib
+
+    redis_client = redis_lib.Redis(host="127.0.0.1", port=redis_proc.port, socket_timeout=5)
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_samples: list[tuple[float, int]] = []
     try:
         bootstrap, redis_url = f"127.0.0.1:{broker.port}", f"redis://127.0.0.1:{redis_proc.port}/0"
         partitions = min(streams, 4)
         topic, out_topic = "soak.in", "soak.out"
         create_topics(bootstrap, {topic: partitions, out_topic: 1})
         config_path = workdir / "service.yaml"
-        config_path.write_text(yaml.safe_dump(_service_config(bootstrap, redis_url, topic, out_topic, model, threads)))
+        config_path.write_text(yaml.safe_dump(_service_config(bootstrap, redis_url, topic, out_topic, model, threads,
+                                                              SESSION_GAP if churn else 0)))
         services.append(_start_service(config_path, workdir, 0, run))
         produce_until = duration_s * PRODUCE_SHARE
         for target, args in ((_sample_rss, (services, run)), (_read, (bootstrap, out_topic, run)),
-                             (_produce, (bootstrap, topic, streams, rate, produce_until, seed, run))):
+                             (_produce, (bootstrap, topic, streams, rate, produce_until, seed, run, churn)),
+                             (_sample_redis, (redis_client, run, redis_samples))):
             th = threading.Thread(target=target, args=args, daemon=True)
             th.start()
             threads_.append(th)
@@ -306,7 +378,7 @@ def soak(
         run.events.append({"t": run.now(), "event": "first_checkpoint"})
         start_s = run.now() + 5.0
         plan = _schedule(rng, kills, redis_pauses, broker_pauses, start_s, max(start_s + 1.0, duration_s),
-                         max_redis_pause_s, max_broker_pause_s)
+                         max_redis_pause_s, max_broker_pause_s, flushes, ooms)
         planned = [(round(t, 1), k, round(d, 1)) for t, k, d in plan]
         run.events.append({"t": run.now(), "event": "chaos_plan", "plan": planned})
         for at, kind, seconds in plan:
@@ -345,6 +417,8 @@ def soak(
                 kill_log.append({"t": round(at, 1), "killed_pid": svc.proc.pid, "restarted_pid": services[-1].proc.pid})
             elif kind == "redis":
                 _pause(redis_proc, seconds, run, "redis")
+            elif kind in ("flushall", "oom"):
+                _redis_fault(redis_client, kind, seconds, run)
             else:
                 _pause(broker, seconds, run, "broker")
         # Drain: production is over; wait until every acknowledged input is annotated (or the timeout).
@@ -378,6 +452,7 @@ def soak(
         time.sleep(2.0)  # the reader catches the shutdown's last annotations
     finally:
         run.stop.set()
+        redis_client.close()
         for svc in services:
             if svc.alive():
                 svc.proc.kill()
@@ -391,11 +466,13 @@ def soak(
                 pass
             proc.stop()
     report = _audit(run, topic, services, kill_log, final_exit)
+    report.update(_churn_report(run, redis_samples, produce_until))
     report.update({
         "benchmark": "soak", "minutes": minutes, "streams": streams, "partitions": min(streams, 4),
         "rate_records_per_s": rate, "model": model, "torch_threads": threads, "seed": seed,
         "settings": {"window": 252, "sinks": 4, "chunk": 64, "checkpoint_every_records": 5,
-                     "checkpoint_every_seconds": 5.0, "redis_socket_timeout_s": 3.0},
+                     "checkpoint_every_seconds": 5.0, "redis_socket_timeout_s": 3.0,
+                     "session_gap_records": SESSION_GAP if churn else 0, "churn_share": churn},
         "load_average_at_start": load_at_start, "load_average_at_end": common.machine()["load_average"],
         "machine": common.machine(), "workdir": str(workdir), "events": run.events,
     })
@@ -403,6 +480,58 @@ def soak(
     path.write_text(json.dumps(report, indent=1))
     plot_timeline(run, report, out / "bench_soak.png")
     return report
+
+
+def _churn_report(run: _Run, samples: list[tuple[float, int]], produce_until: float) -> dict[str, Any]:
+    """Key churn and Redis memory: closed verdicts per churn key, and Redis used memory over the run."""
+    closed: dict[str, int] = defaultdict(int)
+    ids: set[str] = set()
+    for _, raw in run.messages:
+        doc = json.loads(raw)
+        if doc["kind"] == "closed" and doc["id"] not in ids:
+            ids.add(doc["id"])
+            closed[doc["stream"]] += 1
+    churn_keys = next((e.get("churn_keys", 0) for e in run.events if e["event"] == "production_done"), 0)
+
+    def at(t: float) -> float | None:
+        before = [b for s, b in samples if s <= t]
+        return round(before[-1] / 1e6, 1) if before else None
+
+    return {
+        "churn_keys": churn_keys,
+        "churn_keys_closed": sum(1 for k in closed if k.startswith("churn-")),
+        "closed_more_than_once": sum(1 for n in closed.values() if n > 1),
+        "redis_used_mb": {"mid_production": at(produce_until / 2), "end_production": at(produce_until),
+                          "end": at(float("inf")),
+                          "peak": round(max((b for _, b in samples), default=0) / 1e6, 1)},
+        "redis_flushalls": sum(1 for e in run.events if e["event"] == "redis_flushall"),
+        "redis_full": sum(1 for e in run.events if e["event"] == "redis_full"),
+        "stalls": _stalls(run),
+    }
+
+
+def _stalls(run: _Run) -> int:
+    """Gaps of more than STALL_S without an annotation while inputs waited, outside faults and restarts."""
+    busy: list[tuple[float, float]] = []
+    open_at: dict[str, float] = {}
+    for e in run.events:
+        name, t = e["event"], e["t"]
+        if name in ("redis_pause", "broker_pause", "redis_full", "kill"):
+            open_at[name] = t
+        elif name in ("redis_resume", "broker_resume", "redis_full_end"):
+            key = {"redis_resume": "redis_pause", "broker_resume": "broker_pause"}.get(name, "redis_full")
+            busy.append((open_at.pop(key, t), t))
+        elif name == "service_start" and "kill" in open_at:
+            busy.append((open_at.pop("kill"), t + 90.0))  # model load and group join on a loaded machine
+    arrivals = sorted(at for at, _ in run.messages)
+    acked = sorted(run.acked.values())
+    stalls = 0
+    for a, b in zip(arrivals, arrivals[1:]):
+        waiting = any(a <= t < b for t in acked) or b - a > STALL_S and acked and acked[-1] > a
+        covered = any(s <= a + STALL_S and e >= b - STALL_S for s, e in busy)
+        if b - a > STALL_S and waiting and not covered:
+            stalls += 1
+    return stalls
 
 
 def _audit(
@@ -510,8 +639,9 @@ def run_cli(args: Any) -> int:
     streams = args.streams[0] if args.streams else 4
     report = soak(args.minutes, streams, args.out, model=args.model, threads=args.threads or 1)
     keys = ["records_produced", "records_processed", "kills", "kills_survived", "redis_pauses", "broker_pauses",
-            "duplicates_before_dedupe", "inputs_lost", "payload_mismatches_after_dedupe", "worst_record_latency_s",
-            "peak_rss_mb", "final_exit_code"]
+            "redis_flushalls", "redis_full", "churn_keys", "churn_keys_closed", "closed_more_than_once",
+            "redis_used_mb", "stalls", "duplicates_before_dedupe", "inputs_lost", "payload_mismatches_after_dedupe",
+            "worst_record_latency_s", "peak_rss_mb", "final_exit_code"]
     sys.stdout.write("\n## bench soak\n" + "\n".join(f"{k}: {report[k]}" for k in keys)
                      + f"\nwrote {args.out / 'bench_soak.json'} and .png\n")
     return 0 if report["inputs_lost"] == 0 and report["payload_mismatches_after_dedupe"] == 0 else 1

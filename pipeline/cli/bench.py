@@ -18,7 +18,7 @@ from pipeline.bench import batch, common, ingest, latency, memory, overhead
 from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation.plots import Panel, save_figure
 
-BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service", "streams")
+BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service", "streams", "churn")
 
 
 
@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "overhead: sink decode step vs DynamicCache over the same keys. ingest: chunked tokens/s vs a raw "
             "forward at the same span. memory: peak RSS after N streamed tokens (subprocess). batch: B streams "
             "in one forward vs one by one. service: end-to-end tokens/s through the embedded broker and Redis vs "
-            "model-only, and the cost of checkpointing one full stream. Writes bench_<name>.json/.png under --out."
+            "model-only, and the cost of checkpointing one full stream. churn: --churn-keys one-session keys with "
+            "service.session_gap on vs the same lines under 15 keys (Redis memory, throughput, closed verdicts). "
+            "Writes bench_<name>.json/.png under --out."
         ),
     )
     p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "soak", "all"], default="all")  # soak: not in "all"
@@ -63,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=10.0,
         help="soak: run length in minutes (default 10; --streams K: keyed streams, default 4)",
     )
+    p.add_argument("--churn-keys", type=positive_int, default=2000,
+                   help="churn: one-session keys (default 2000; 2 lines each, session_gap 64 records)")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -294,6 +298,25 @@ def _streams(lm, args, note):
         )
     lines.append(f"memory per resident stream: {r['bytes_per_resident_stream'] / 1e6:.1f} MB")
     return r, lambda path: plot_streams(r, path), lines
+
+
+def _churn(lm, args, note):
+    from pipeline.bench.churn import bench_churn, plot_churn
+
+    keys = 100 if args.quick else args.churn_keys
+    r = bench_churn(lm, keys, threads=args.threads or 1, progress=note)
+    a, b = r["busy"], r["churn"]
+    lines = [
+        f"{a['keys']} busy keys: {a['tokens_per_s']:.0f} tok/s, Redis {a['redis_used_bytes'] / 1e6:.1f} MB at the end",
+        f"{b['keys']} one-session keys: {b['tokens_per_s']:.0f} tok/s ({r['throughput_ratio']:.2f}x, goal >= 0.9), "
+        f"Redis {b['redis_used_bytes'] / 1e6:.1f} MB ({r['redis_memory_ratio']:.2f}x, goal <= 2), "
+        f"{b['closed_keys']} keys closed ({b['closed_more_than_once']} more than once), "
+        f"{b['open_keys_at_end']} open at the end",
+        f"per open stream: {b['snapshot_bytes_per_open_stream'] / 1e6:.2f} MB of snapshot + "
+        f"{b['manifest_bytes_per_open_key']:.0f} B of manifest; per closed key: "
+        f"{b['manifest_bytes_per_closed_key']:.0f} B of manifest",
+    ]
+    return r, lambda path: plot_churn(r, path), lines
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_short_soak_loses_nothing_and_replays_identical_bytes(tmp_path):
-    report = soak(1.25, 3, tmp_path, kills=1, redis_pauses=1, broker_pauses=0, rate=0.5, max_redis_pause_s=20.0,
-                  drain_timeout_s=240.0)
+    report = soak(1.25, 3, tmp_path, kills=1, redis_pauses=1, broker_pauses=0, flushes=0, ooms=0, churn=0.0,
+                  rate=0.5, max_redis_pause_s=20.0, drain_timeout_s=240.0)
     assert report["records_produced"] >= 15 and report["produce_errors"] == 0
     assert report["drained"] and report["inputs_lost"] == 0, report["lost_examples"]
     assert report["payload_mismatches_after_dedupe"] == 0, report["mismatch_examples"]
