@@ -49,7 +49,8 @@ def machine(lm: LoadedModel | None = None) -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if lm is not None:
-        info.update(device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), model_fingerprint=lm.fingerprint,
+        info.update(device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
+                    dtype_reason=getattr(lm, "dtype_reason", "requested"), model_fingerprint=lm.fingerprint,
                     model_type=lm.arch.model_type, layers=lm.model.config.get_text_config().num_hidden_layers)
     return info
 

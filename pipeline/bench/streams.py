@@ -13,7 +13,8 @@ For N streams (default 1, 16, 64, 256), in one run, on the same Loghub lines:
   of the service's own work around them. The store counts checkpoint bytes without keeping them.
 - `service_per_stream`: the same with `service.kv_pool: false` (one SinkCache per stream, one stream per
   forward: the path before the pooled cache), for N <= `per_stream_max`.
-- `raw_padded` (for N <= `raw_max`): plain transformers over the same token lists, right-padded into one batch with a
+- `raw_padded` (for N <= `raw_max`): plain transformers (plain `nn.Linear`s, also in bf16: `model.row_stable`)
+  over the same token lists, right-padded into one batch with a
   `DynamicCache` holding a (sinks + window)-token history per stream (the limit for this model: no service,
   no sink handling), timed per round of one line per stream; `padded_tokens` counts the batch's positions
   including the padding to each round's longest line (the work the packed ragged step does not do).
@@ -42,6 +43,7 @@ from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from model.loader import LoadedModel
 from model.pool import bytes_per_slot
 from model.pool_bench import _crop, _dynamic_prefix, _plain_sdpa, _prefix_ids, decode, padded_batch
+from model.row_stable import plain_linears
 from model.tokens import encode_text
 from pipeline.evaluation.datasets import loghub_dir
 from pipeline.service.service import Service
@@ -141,7 +143,7 @@ def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, 
     """Plain transformers: each round (one line per stream) as one right-padded batch over a DynamicCache."""
     count = len(token_rounds[0])
     prefix_ids = _prefix_ids(lm, prefix, loghub_dir())
-    with _plain_sdpa(lm):
+    with _plain_sdpa(lm), plain_linears(lm.model):
         dyn = _dynamic_prefix(lm, prefix_ids, count)
     seconds, tokens, padded_tokens = 0.0, 0, 0
     for chunks in token_rounds:
@@ -150,7 +152,7 @@ def _raw_run(lm: LoadedModel, token_rounds: list[list[list[int]]], prefix: int, 
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            with _plain_sdpa(lm):
+            with _plain_sdpa(lm), plain_linears(lm.model):
                 lm.model(input_ids=padded, attention_mask=mask, position_ids=pos, past_key_values=dyn, use_cache=True)
             times.append(time.perf_counter() - start)
             _crop(dyn, prefix)
@@ -241,6 +243,49 @@ def bench_streams(
         result["decode"] = decode(lm, loghub_dir(), sizes=decode_sizes, sinks=sinks, window=window, max_chunk=chunk,
                                   repeats=repeats)
     return result
+
+
+def compare_dtypes(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`bench streams --dtype float32,bfloat16`: the runs side by side and, per stream count, each dtype's
+    tokens/s over the first dtype's (service pooled end to end, and the raw padded forward)."""
+    names = list(runs)
+    base = runs[names[0]]
+    ratios: dict[str, list[dict[str, Any]]] = {}
+    for name in names[1:]:
+        rows = []
+        for b, r in zip(base["rows"], runs[name]["rows"]):
+            raw = (r["raw_padded"]["tokens_per_s"] / b["raw_padded"]["tokens_per_s"]
+                   if r["raw_padded"] and b["raw_padded"] else None)
+            rows.append({"streams": r["streams"],
+                         "service_pool": r["service_pool"]["tokens_per_s"] / b["service_pool"]["tokens_per_s"],
+                         "raw_padded": raw})
+        ratios[f"{name}_over_{names[0]}"] = rows
+    return {"benchmark": "streams", "dtypes": names, "runs": runs, "ratios": ratios}
+
+
+def plot_streams_dtypes(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    counts = [r["streams"] for r in next(iter(runs.values()))["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = [(f"service pooled, {d}", [r["service_pool"]["tokens_per_s"] for r in runs[d]["rows"]]) for d in runs]
+    bars += [(f"raw transformers, {d}", [(r["raw_padded"] or {}).get("tokens_per_s", 0) for r in runs[d]["rows"]])
+             for d in runs]
+    width = 0.8 / len(bars)
+    for k, (label, values) in enumerate(bars):
+        ax.bar([x + (k - (len(bars) - 1) / 2) * width for x in range(len(counts))], values, width, label=label)
+    ax.set_xticks(list(range(len(counts))), [str(c) for c in counts])
+    ax.set_xlabel("streams (one log line per record)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("ingest with a full window per stream, by dtype")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_streams(result: dict[str, Any], path: Path) -> None:

@@ -15,7 +15,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.bench import batch, common, ingest, latency, memory, overhead
-from pipeline.cli.common import add_model_options, int_list, load_model_for_cli, non_negative_int, positive_int
+from pipeline.cli.common import (
+    DEVICES,
+    DTYPES,
+    add_model_options,
+    int_list,
+    load_model_for_cli,
+    non_negative_int,
+    positive_int,
+)
+from pipeline.errors import UserError
 from pipeline.evaluation.plots import Panel, save_figure
 
 BENCHES = ("latency", "overhead", "ingest", "memory", "batch", "service", "streams")
@@ -33,11 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "in one forward vs one by one. service: end-to-end tokens/s through the embedded broker and Redis vs "
             "model-only, and the cost of checkpointing one full stream. churn: --churn-keys one-session keys with "
             "service.session_gap on vs the same lines under 15 keys (Redis memory, throughput, closed verdicts). "
-            "Writes bench_<name>.json/.png under --out."
+            "llamacpp: llama.cpp (llama-cpp-python, built once into $SINKSTREAM_HOME/bench/llamacpp) on the same GGUF "
+            "beside the pooled path per --dtype, for --streams (default 1,64). Writes bench_<name>.json/.png under "
+            "--out."
         ),
     )
-    # churn and soak start their own Redis (and broker) and run for minutes: not in "all"
-    p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "churn", "soak", "all"], default="all")
+    # churn and soak start their own Redis (and broker) and run for minutes, llamacpp needs its own build: not in "all"
+    p.add_argument("benchmark", nargs="?", choices=[*BENCHES, "churn", "soak", "llamacpp", "all"], default="all")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
     p.add_argument("--quick", action="store_true", help="fewer sizes, steps and repeats; shorter memory run")
     p.add_argument("--repeats", type=positive_int, default=None, help="repeats per measurement (median is reported)")
@@ -68,8 +79,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--churn-keys", type=positive_int, default=2000,
                    help="churn: one-session keys (default 2000; 2 lines each, session_gap 64 records)")
-    add_model_options(p)
+    add_model_options(p, device_and_dtype=False)
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where the model runs (default auto: cuda when available, else cpu)")
+    p.add_argument("--dtype", type=dtype_list, default=["auto"],
+                   help="weights and activations (default auto: bfloat16 or float16 on CUDA; on a CPU bfloat16 where "
+                        "it has amx_bf16/avx512_bf16, else float32); streams: a comma-separated list "
+                        "(float32,bfloat16) runs the same benchmark in each, side by side")
     p.set_defaults(func=run)
+
+
+def dtype_list(text: str) -> list[str]:
+    """argparse type for "float32,bfloat16": dtypes of `DTYPES`, no repeats."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in DTYPES]
+    if not values or bad or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated dtypes from {', '.join(DTYPES)} without "
+                                         f"repeats, got {text!r}")
+    return values
 
 
 def _pick(value, full, quick, is_quick):
@@ -320,12 +347,77 @@ def _churn(lm, args, note):
     return r, lambda path: plot_churn(r, path), lines
 
 
+def _llamacpp(args: argparse.Namespace) -> int:
+    """`bench llamacpp`: llama.cpp and the pooled path per dtype, one process, one thread count."""
+    from pipeline.bench.llamacpp import bench_llamacpp, table
+    from pipeline.evaluation.datasets import loghub_dir
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or 1
+    started, load_at_start = time.perf_counter(), common.machine()["load_average"]
+    models = [load_model_for_cli(args.model, device=args.device, dtype=d, threads=threads) for d in args.dtype]
+    with tqdm(desc="bench llamacpp", file=sys.stderr, bar_format="{desc} [{elapsed}]") as bar:
+        result = bench_llamacpp(models, loghub_dir(), threads, args.streams or [1, 64],
+                                repeats=_pick(args.repeats, 2, 1, args.quick),
+                                progress=lambda text: bar.set_description_str(f"bench {text}"))
+    result = {**result, "model": args.model, "machine": common.machine(models[0]),
+              "load_average_at_start": load_at_start, "seconds": time.perf_counter() - started}
+    path = args.out / "bench_llamacpp.json"
+    path.write_text(json.dumps(result, indent=1))
+    lines = table(result)
+    if "error" in result["llamacpp"]:
+        lines.append(f"llama.cpp not measured: {result['llamacpp']['error']}")
+    (args.out / "bench_llamacpp.md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write(f"\n## bench llamacpp ({result['seconds']:.0f} s)\n" + "\n".join(lines)
+                     + f"\nwrote {path} and .md\n")
+    return 0
+
+
+def _streams_by_dtype(args: argparse.Namespace) -> int:
+    """`bench streams --dtype a,b`: the same streams run (and raw forward) in each dtype, in one process."""
+    import gc
+
+    from pipeline.bench.streams import compare_dtypes, plot_streams_dtypes
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs, lines, started = {}, [], time.perf_counter()
+    load_at_start = common.machine()["load_average"]
+    for dtype in args.dtype:
+        lm = load_model_for_cli(args.model, device=args.device, dtype=dtype, threads=args.threads)
+        name = str(lm.dtype).removeprefix("torch.")
+        with tqdm(desc=f"bench streams {name}", file=sys.stderr, bar_format="{desc} [{elapsed}]") as bar:
+            result, _, found = _streams(lm, args, lambda text, bar=bar: bar.set_description_str(f"bench {text}"))
+        runs[name] = {**result, "machine": common.machine(lm)}
+        lines += [f"[{name}] {line}" for line in found]
+        del lm
+        gc.collect()
+    result = {**compare_dtypes(runs), "model": args.model, "quick": args.quick, "load_average_at_start": load_at_start,
+              "load_average_at_end": common.machine()["load_average"], "seconds": time.perf_counter() - started}
+    for key, rows in result["ratios"].items():
+        for r in rows:
+            raw = f"{r['raw_padded']:.2f}x" if r["raw_padded"] else "not run"
+            lines.append(f"{key} N={r['streams']}: service end to end {r['service_pool']:.2f}x, raw forward {raw}")
+    path = args.out / "bench_streams_dtypes.json"
+    path.write_text(json.dumps(result, indent=1))
+    plot_streams_dtypes(result, path.with_suffix(".png"))
+    sys.stdout.write(f"\n## bench streams by dtype ({result['seconds']:.0f} s)\n" + "\n".join(lines)
+                     + f"\nwrote {path} and .png\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "soak":  # the real service under faults (pipeline/bench/soak.py); loads no model here
         from pipeline.bench.soak import run_cli
         return run_cli(args)
-    lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     names = BENCHES if args.benchmark == "all" else (args.benchmark,)
+    if args.benchmark == "llamacpp":
+        return _llamacpp(args)
+    if len(args.dtype) > 1 and names != ("streams",):
+        raise UserError(f"--dtype: expected one dtype for bench {args.benchmark}; a list ({','.join(args.dtype)}) "
+                        "is for bench streams and bench llamacpp")
+    if len(args.dtype) > 1:
+        return _streams_by_dtype(args)
+    lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype[0], threads=args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     info = common.machine(lm)
     sys.stdout.write(

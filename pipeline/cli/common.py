@@ -77,7 +77,8 @@ def add_model_options(
         p.add_argument("--device", default="auto", choices=DEVICES,
                        help="where the model runs (default auto: cuda when available, else cpu)")
         p.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="weights and activations (default auto: float32 on CPU, bfloat16 or float16 on CUDA)")
+                       help="weights and activations (default auto: bfloat16 or float16 on CUDA; on a CPU bfloat16 "
+                            "where it has amx_bf16/avx512_bf16, else float32)")
 
 
 def load_model_for_cli(

@@ -80,16 +80,19 @@ for _reason in ("store", "sink", "fenced", "state_lost"):
 
 
 def describe_build(lm: Any, settings: Any) -> None:
-    """Fill `sinkstream_build_info` (version, model, fingerprint, device, dtype, sinks, window)."""
+    """Fill `sinkstream_build_info` (version, model, fingerprint, device, dtype and why, sinks, window) and the
+    model part of /status.json."""
     try:
         version = metadata.version("sinkstream")
     except metadata.PackageNotFoundError:
         version = "unknown"
     BUILD.info({
         "version": version, "model": settings.model.name, "fingerprint": lm.fingerprint, "device": str(lm.device),
-        "dtype": str(lm.dtype).replace("torch.", ""), "sinks": str(settings.cache.sinks),
-        "window": str(settings.cache.window),
+        "dtype": str(lm.dtype).replace("torch.", ""), "dtype_reason": getattr(lm, "dtype_reason", "requested"),
+        "sinks": str(settings.cache.sinks), "window": str(settings.cache.window),
     })
+    STATUS.model = {"name": settings.model.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+                    "dtype_reason": getattr(lm, "dtype_reason", "requested")}
 
 
 class Health:
@@ -118,6 +121,7 @@ class StatusBoard:
         self._alerts: deque[dict[str, Any]] = deque(maxlen=alerts)
         self._lock = threading.Lock()
         self.partitions: dict[str, dict[str, Any]] = {}
+        self.model: dict[str, str] = {}  # name, device, dtype and why (`describe_build`)
 
     def observe(self, stream: str, annotation: dict[str, Any]) -> None:
         score = annotation["score"]
@@ -153,7 +157,7 @@ class StatusBoard:
             }
             recent_alerts = list(reversed(self._alerts))  # newest first
         resident = int(next(iter(RESIDENT.collect())).samples[0].value)
-        return {"partitions": self.partitions, "resident_streams": resident, "streams": streams,
+        return {"model": self.model, "partitions": self.partitions, "resident_streams": resident, "streams": streams,
                 "recent_alerts": recent_alerts}
 
 

@@ -118,7 +118,8 @@ class Service:
         self._update_readiness()
         log.info("service.started", model=settings.model.name, fingerprint=self.engine.lm.fingerprint,
                  device=str(engine.lm.device), dtype=str(engine.lm.dtype).replace("torch.", ""),
-                 batch_tokens=engine.batch_tokens, kv_pool=engine.backend.pooled)
+                 dtype_reason=getattr(engine.lm, "dtype_reason", "requested"), batch_tokens=engine.batch_tokens,
+                 kv_pool=engine.backend.pooled)
 
     # ---- rebalance callbacks (run inside poll) ---------------------------------------------------------------
     def _assign(self, tps: list[TopicPartition]) -> None:

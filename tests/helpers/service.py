@@ -75,13 +75,15 @@ def _baseline(settings: Settings, lm, topic: str, records: dict[int, list]) -> d
     return result
 
 
-def service_settings(bootstrap: str, redis_url: str, topic: str, out_topic: str, group: str, prefix: str) -> dict:
-    """Settings for test services: small cache, frequent checkpoints, fast group membership."""
+def service_settings(bootstrap: str, redis_url: str, topic: str, out_topic: str, group: str, prefix: str,
+                     dtype: str = "float32") -> dict:
+    """Settings for test services: small cache, frequent checkpoints, fast group membership. `dtype` is explicit
+    (the baseline model must have the same one): "auto" is bfloat16 on a CPU with bf16 units, else float32."""
     return {
         "log_format": "json",
         "log_level": "INFO",
         # One torch thread per service: two services share this machine's 2 cores in the rebalance test.
-        "model": {"threads": 1},
+        "model": {"threads": 1, "dtype": dtype},
         "cache": {"sinks": 4, "window": 252, "chunk": 64},
         "kafka": {"bootstrap_servers": bootstrap, "input_topic": topic, "output_topic": out_topic, "group_id": group,
                   "max_poll_records": 4, "session_timeout_ms": 6000, "max_poll_interval_ms": 120000},

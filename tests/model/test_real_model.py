@@ -11,7 +11,10 @@ import torch
 from model.policies import score_ids, summarize
 from pipeline.cli.main import main
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
+# ../shared/oracle beside the checkout (/work/main -> /work/shared; a worktree /work/wt/x -> /work/shared too)
+_HERE = Path(__file__).resolve()
+ORACLE = next((p / "shared" / "oracle" for p in _HERE.parents[3:5] if (p / "shared" / "oracle").exists()),
+              _HERE.parents[3] / "shared" / "oracle")
 pytestmark = pytest.mark.slow
 
 

@@ -130,6 +130,7 @@ def test_metrics_readiness_and_redis_pause_seen_from_outside(kafka_stack, redis_
         info = build[started["fingerprint"]]
         assert (info["model"], info["device"], info["dtype"], info["sinks"], info["window"]) == (
             "smollm2-135m", "cpu", "float32", "4", "252"), info
+        assert info["dtype_reason"] == "requested" and started["dtype_reason"] == "requested", info  # dtype: float32
         assert info["version"]
         phases["drained"] = time.monotonic() - t0
 

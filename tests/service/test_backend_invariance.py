@@ -11,6 +11,8 @@ import random
 import pytest
 import torch
 
+from model.loader import cpu_bf16_flags
+from model.row_stable import BLOCK_ROWS, RowStableLinear
 from pipeline.service.backend import MIN_ROWS, PoolBackend
 
 # (in_features, out_features) of SmolLM2-135M's linear layers: q/o, k/v, gate/up, down, lm_head
@@ -34,6 +36,30 @@ def test_rows_of_a_matrix_product_do_not_depend_on_the_call_from_min_rows_on(sha
         f"on this CPU, calls of {differ} rows give rows that differ from the same rows in a 700-row call: "
         f"MIN_ROWS={MIN_ROWS} does not make the pooled step batch-invariant here (raise it)"
     )
+
+
+@pytest.mark.skipif(not cpu_bf16_flags(), reason="this CPU has none of amx_bf16, avx512_bf16 (auto stays float32)")
+@pytest.mark.parametrize("shape", SMOLLM2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bf16_rows_do_not_depend_on_the_call_in_row_blocks(shape, one_thread):
+    """bf16 (model.row_stable): a plain oneDNN call of 33+ rows rounds some rows differently on an AMX CPU, so
+    every bf16 linear runs in blocks of at most BLOCK_ROWS rows; then any row count, any position, any other
+    rows give the same bits."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    rng = random.Random(sum(shape))
+    linear = torch.nn.Linear(shape[0], shape[1], bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(shape[1], shape[0], generator=gen))
+    stable = RowStableLinear(linear)
+    x = torch.randn(1400, shape[0], generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = stable(x[:1344])
+        counts = [*range(1, 70), 100, 128, 255, 256, 300, 512, 700, 1024]
+        differ = []
+        for m in counts:
+            start = rng.randrange(0, 1344 - m)
+            if not torch.equal(stable(x[start : start + m]), reference[start : start + m]):
+                differ.append(m)
+        assert not differ, f"bf16 calls of {differ} rows in blocks of {BLOCK_ROWS} differ from the same rows elsewhere"
 
 
 class _RowCounter(torch.nn.Module):

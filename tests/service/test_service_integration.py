@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import pytest
 
-from model.loader import load_model
+from model.loader import cpu_bf16_flags, load_model
 from tests.helpers.service import (
     ServiceProcess,
     baseline,
@@ -31,25 +31,38 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def real_model():
-    return load_model("smollm2-135m", device="cpu", dtype="float32")
+    """The default model per dtype, loaded once per module."""
+    models: dict[str, object] = {}
+
+    def get(dtype: str):
+        if dtype not in models:
+            models[dtype] = load_model("smollm2-135m", device="cpu", dtype=dtype)
+        return models[dtype]
+
+    return get
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_bf16_flags(),
+                                reason="this CPU has none of amx_bf16, avx512_bf16 (auto stays float32)")
 
 
 @pytest.fixture
 def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
-    """Factory: a fresh input topic filled with keyed log streams, its output topic and the expected output."""
+    """Factory: a fresh input topic filled with keyed log streams, its output topic and the expected output.
+    Service and baseline model get the same explicit `dtype`."""
 
-    def make(partitions: int, per_partition: int, templates: bool = False):
+    def make(partitions: int, per_partition: int, templates: bool = False, dtype: str = "float32"):
         topic = kafka_stack.make_topic("in", partitions)
         out_topic = kafka_stack.make_topic("out", 1)
         config = service_settings(kafka_stack.bootstrap, redis_server.url, topic, out_topic,
-                                  kafka_stack.group("svc"), redis_server.unique_prefix("svc"))
+                                  kafka_stack.group("svc"), redis_server.unique_prefix("svc"), dtype=dtype)
         if templates:  # issue 18 with everything on: a reference of normal, both memories bounded (evicting)
             config["templates"] = {"reference": str(_reference(tmp_path)), "partition_max_clusters": 6,
                                    "stream_max_clusters": 4}
         records = input_records(partitions, per_partition)
         for p, items in records.items():
             produce(kafka_stack.bootstrap, topic, items, partition=p)
-        expected = baseline(load(config), real_model, topic, records)
+        expected = baseline(load(config), real_model(dtype), topic, records)
         return config, out_topic, expected
 
     return make
@@ -82,10 +95,11 @@ def _have_all(expected):
     return lambda got: {m["value"]["id"] for m in got} >= set(expected)
 
 
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_bf16)])
 def test_sigkill_at_random_points_then_restart_gives_identical_annotations(
-    scenario, read_topic, kafka_stack, redis_server, tmp_path
+    scenario, read_topic, kafka_stack, redis_server, tmp_path, dtype
 ):
-    config, out_topic, expected = scenario(partitions=2, per_partition=24, templates=True)
+    config, out_topic, expected = scenario(partitions=2, per_partition=24, templates=True, dtype=dtype)
     rng = random.Random(20231105)
     bootstrap = kafka_stack.bootstrap
     for attempt in range(3):
