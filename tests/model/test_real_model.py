@@ -29,8 +29,8 @@ def test_score_cli_reproduces_attention_sinks_peer(real_lm, tmp_path):
     ids, ref = _oracle()
     assert ref["sinks"] == 4 and ref["window"] == 128
     out = tmp_path / "nll.jsonl"
-    code = main(["score", "--ids", str(ORACLE / "gpl3_smollm2_ids.json"), "--policy", "sink", "--sinks", "4",
-                 "--window", "128", "--chunk", "1", "--out", str(out)])
+    code = main(["score", "--dtype", "float32", "--ids", str(ORACLE / "gpl3_smollm2_ids.json"), "--policy", "sink",
+                 "--sinks", "4", "--window", "128", "--chunk", "1", "--out", str(out)])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["i"] for r in rows] == list(range(len(ids) - 1))
