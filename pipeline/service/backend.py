@@ -19,6 +19,9 @@ the extra tokens and is reset after), no logits slice is shorter than that, and 
 "loop" mode on CPU: on one thread the service's output is then bit-identical to feeding each stream alone, and
 the crash/restart tests compare bytes (with `cache.chunk` below 16 the single pad chunk cannot fill a forward up
 to 16 rows, so that guarantee needs `cache.chunk` >= 16 on such CPUs; the default is 64).
+In bfloat16 on a CPU no padding is enough (AMX kernels round some rows of 33+-row calls differently): there the
+model's linear layers compute in calls of at most 32 rows (`model.row_stable`, installed at load), and the
+padding is kept only because it is harmless.
 `tests/service/test_backend_invariance.py` checks the row property on the machine that runs the suite, so a CPU
 that needs more rows fails there first, by name. With more threads the BLAS splits rows across threads by row
 count and results differ by float rounding (about 1e-5 in NLL; equivalence for that case: ids, keys, lines,
