@@ -5,6 +5,8 @@ without amx_bf16 / avx512_bf16 (there bf16 is emulated, slower than fp32, and `a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -34,8 +36,9 @@ def test_auto_picks_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, flags, w
     assert pick_dtype_with_reason("bfloat16", torch.device("cpu")) == (torch.bfloat16, "requested")
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo to compare with")
 def test_auto_on_this_cpu_follows_its_flags():
-    text = open("/proc/cpuinfo").read() if NATIVE or __import__("os").path.exists("/proc/cpuinfo") else ""
+    text = open("/proc/cpuinfo").read()
     flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":")[1].split()}
     dtype, _ = pick_dtype_with_reason("auto", torch.device("cpu"))
     assert dtype == (torch.bfloat16 if flags & {"amx_bf16", "avx512_bf16"} else torch.float32)
@@ -62,8 +65,10 @@ def test_bf16_against_the_fp32_attention_sinks_oracle(bf16_lm):
 
 @needs_bf16
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["sink", "window"])
-def test_bf16_chunked_feed_matches_one_token_at_a_time(bf16_lm, policy):
+def test_bf16_chunked_feed_matches_one_token_at_a_time(bf16_lm):
+    """The sink policy only (the fp32 test covers every policy's chunked code; measured here for window too:
+    mean 0.053, max 0.73), to keep the suite's time."""
+    policy = "sink"
     ids, _ = _oracle()
     ids = ids[:300]
 
