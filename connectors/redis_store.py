@@ -365,7 +365,7 @@ class RedisStateStore:
         if status != "ok":
             self._discard(list(written.values()))
             self._raise_for(status, result, partition_id, epoch, "checkpoint")
-        log.info(
+        (log.info if written else log.debug)(  # an idle re-check rewrites the manifest only: not worth a line
             "state.checkpoint", partition=partition_id, epoch=epoch, seq=seq, written=len(written),
             reused=len(reuse), bytes=total, gc=int(result[1]),
         )
