@@ -94,6 +94,33 @@ def llamacpp_side(tokens: list[int], threads: int, decode_steps: int, repeats: i
             "pp0_tokens_per_s": max(pp0), "pp1024_tokens_per_s": max(pp1024), "decode1024_ms": min(decode)}
 
 
+def _child(queue: Any, tokens: list[int], threads: int, decode_steps: int, repeats: int) -> None:
+    try:
+        queue.put(llamacpp_side(tokens, threads, decode_steps, repeats))
+    except (LookupError, ImportError, OSError, ValueError, RuntimeError) as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def llamacpp_in_child(tokens: list[int], threads: int, decode_steps: int, repeats: int) -> dict[str, Any]:
+    """`llamacpp_side` in a child process, so that a crash of the native code (e.g. an illegal instruction of a
+    -march=native build) is reported as this side's `error` instead of ending the benchmark."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(queue, tokens, threads, decode_steps, repeats))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        code = child.exitcode or 0
+        why = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+        return {"error": f"the llama.cpp process died ({why}) in llama-cpp-python {LLAMACPP_VERSION} from "
+                         f"{llamacpp_dir()}"}
+    result: dict[str, Any] = queue.get(timeout=10)
+    return result
+
+
 @torch.inference_mode()
 def sinkstream_side(lm: LoadedModel, tokens: list[int], streams: int, chunk: int, decode_steps: int,
                     repeats: int) -> dict[str, Any]:
@@ -140,10 +167,7 @@ def bench_llamacpp(models: list[LoadedModel], loghub: Path, threads: int, stream
                               "context": CONTEXT, "chunk": chunk, "decode_steps": decode_steps, "sinkstream": []}
     if progress:
         progress("llamacpp: llama.cpp")
-    try:
-        result["llamacpp"] = llamacpp_side(tokens, threads, decode_steps, repeats)
-    except (LookupError, ImportError, OSError, ValueError, RuntimeError) as exc:
-        result["llamacpp"] = {"error": f"{type(exc).__name__}: {exc}"}
+    result["llamacpp"] = llamacpp_in_child(tokens, threads, decode_steps, repeats)
     for lm in models:
         for n in streams:
             if progress:
