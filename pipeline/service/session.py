@@ -78,7 +78,11 @@ class Engine:
             self.reference = load_reference(settings.templates.reference, settings.templates)
 
     def new_template_memory(self) -> TemplateMemory | None:
-        """A partition's template memory: a copy of the reference, else empty; None when templates are off."""
+        """A partition's template memory: a copy of the reference, else empty; None when templates are off.
+
+        Code with a reference as lines rather than a file (an evaluation) sets `engine.reference =
+        pipeline.service.templates.build_reference(lines, settings.templates)` before making sessions; sessions
+        of one partition share one memory (`StreamSession(engine, key, templates=memory)`)."""
         if not self.settings.templates.enabled or self.dialogue is not None:
             return None
         return self.reference.copy() if self.reference is not None else TemplateMemory(self.settings.templates)

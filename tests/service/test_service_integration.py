@@ -57,7 +57,7 @@ def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
         config = service_settings(kafka_stack.bootstrap, redis_server.url, topic, out_topic,
                                   kafka_stack.group("svc"), redis_server.unique_prefix("svc"), dtype=dtype)
         if templates:  # issue 18 with everything on: a reference of normal, both memories bounded (evicting)
-            config["templates"] = {"reference": str(_reference(tmp_path)), "partition_max_clusters": 6,
+            config["templates"] = {"reference": str(_reference(tmp_path)), "partition_max_clusters": 2,
                                    "stream_max_clusters": 4}
         records = input_records(partitions, per_partition)
         for p, items in records.items():
