@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model.tokens import encode_text
+from pipeline.cli import eval_anomaly
 from pipeline.cli import recall as recall_command
 from pipeline.cli.common import (
     add_model_options,
@@ -46,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "(paper Table 6). Writes eval_<experiment>.json/.md/.png under --out."
         ),
     )
-    p.add_argument("experiment", nargs="?", choices=[*EXPERIMENTS, "all", "recall"], default="length")
+    p.add_argument("experiment", nargs="?", choices=[*EXPERIMENTS, "all", "recall", "anomaly"], default="length")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="UTF-8 text file (default: Canterbury plrabn12.txt, Paradise Lost)")
     src.add_argument("--ids", type=Path, help="JSON list of token ids instead of a text")
@@ -97,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--out", type=Path, default=Path("out/eval"), help="output folder (default out/eval)")
     recall_command.add_options(p)
+    eval_anomaly.add_options(p)
     p.set_defaults(func=run)
 
 
@@ -229,6 +231,8 @@ def _cache(lm, ids, args, label: str) -> tuple[dict, list[Panel]]:
 def run(args: argparse.Namespace) -> int:
     if args.experiment == "recall":
         return recall_command.run(args)
+    if args.experiment == "anomaly":
+        return eval_anomaly.run(args)
     lm = load_model_for_cli(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     all_ids, source = read_ids(args, lm.tokenizer)
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)

@@ -93,6 +93,14 @@ class Tail:
             problems = annotation.get("error", {}).get("problems", [])
             text = "; ".join(f"{p.get('reason')}: {p.get('message')}" for p in problems)
             rows.append(self._paint(f"{stream} ERROR {text}", YELLOW))
+        elif kind == "closed":  # a session closed after service.session_gap: its final verdict
+            closed = annotation.get("closed", {})
+            v = closed.get("verdict") or {}
+            text = (f"{stream} closed after {closed.get('idle')} {closed.get('unit')} idle: {v.get('alerts')} alerts "
+                    f"in {v.get('lines')} lines, max score {_fmt(v.get('max_score'), '.2f')}, "
+                    f"{v.get('not_in_reference')} lines not in the reference")
+            if not self.alerts_only or v.get("alerts"):
+                rows.append(self._paint(text, RED) if v.get("alerts") else self._paint(text, DIM))
         elif kind == "note" and not self.alerts_only:
             rows.append(self._paint(f"{stream} note: {annotation.get('note', {}).get('text', '')}", DIM))
         for row in rows:

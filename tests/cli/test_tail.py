@@ -72,3 +72,15 @@ def test_tail_of_a_real_service_output_shows_every_line_once(text_lm):
     rows = [r for r in out.getvalue().splitlines() if not r.startswith("(not an annotation")]
     assert len(rows) == 4 and tail.duplicates == len(values)
     assert [r.split("  ")[-1] for r in rows] == ["first 1", "second 1", "first 3", "second 3"]
+
+
+def test_closed_sessions_show_their_final_verdict():
+    out = io.StringIO()
+    tail = Tail(out, alerts_only=True)
+    quiet = {**VERDICT, "alerts": 0}
+    tail.feed({"id": "c1", "kind": "closed", "stream": "blk_1", "closed": {"verdict": quiet, "idle": 5,
+                                                                          "unit": "records"}})
+    tail.feed({"id": "c2", "kind": "closed", "stream": "blk_2", "closed": {"verdict": VERDICT, "idle": 5,
+                                                                          "unit": "records"}})
+    assert out.getvalue().splitlines() == ["blk_2 closed after 5 records idle: 2 alerts in 9 lines, max score 7.50, "
+                                           "3 lines not in the reference"]

@@ -1,0 +1,327 @@
+"""`sinkstream eval anomaly`: the service's annotations against labelled sessions, lines and documents.
+
+Everything the service says comes from the service itself: the labelled data become input records (one key per
+HDFS block, one key for BGL, one for the documents), a real `Service` consumes them from an in-memory topic with
+in-memory checkpoints (`connectors.memory`: the same loop, batcher, pooled KV cache, scoring, template memory,
+alert threshold and verdicts as with Kafka and Redis), and the published annotations are read back. Labels never
+enter the records: they stay on this side and are joined to the annotations by key and line number.
+
+Per-key (session) scores are taken from what a subscriber sees: the key's last `score` annotation (its running
+`verdict`) and its lines' template ids. `ReferenceProfile` adds what a verdict alone does not know: how far the
+key's template-count vector, at session close, is from the nearest count vector of the reference's sessions
+(ECVC in streaming form; the reference's template ids come from the same Drain memory the service seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
+from model.loader import LoadedModel
+from pipeline.evaluation.detectors import rank_metrics, session_detectors
+from pipeline.evaluation.hdfs import HdfsSplit, Renderer, interleave
+from pipeline.settings import Settings, load_settings
+
+log = structlog.get_logger(__name__)
+
+IN, OUT = "eval.in", "eval.out"
+
+
+def eval_settings(base: Settings | None, reference: Path | None) -> Settings:
+    """The user's settings (model, cache, score, templates, service sizes) for an evaluation run, with in-memory
+    topic names, notes off, checkpoints rare, and `reference` as `templates.reference` (None: no reference)."""
+    settings = base if base is not None else load_settings(None)
+    return settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"input_topic": IN, "output_topic": OUT}),
+        "note": settings.note.model_copy(update={"every_tokens": 0}),
+        "checkpoint": settings.checkpoint.model_copy(update={"every_records": 100_000}),
+        "templates": settings.templates.model_copy(update={"reference": reference}),
+    })
+
+
+def run_service(lm: LoadedModel, settings: Settings, records: Sequence[tuple[str, str]],
+                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Feed (key, value) records through a real `Service` on in-memory connectors; its annotations, seconds."""
+    from pipeline.service.service import Service
+    from pipeline.service.session import Engine
+
+    topic = MemoryTopic(IN, partitions=1)
+    for key, value in records:
+        topic.append(0, key.encode(), value.encode())
+    sink = MemorySink()
+    service = Service(settings, Engine(lm, settings), MemorySource.factory(topic), sink, MemoryStore())
+    started = time.perf_counter()
+    service.run(idle_exit_s=0.5, install_signals=False)
+    elapsed = time.perf_counter() - started
+    published = sink.values(OUT)
+    if progress is not None:
+        progress(len(records))
+    return published, elapsed
+
+
+def scored_lines(published: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every scored line by stream, in line order, with the record's verdict attached as `_verdict`."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for a in published:
+        if a["kind"] != "score":
+            continue
+        for line in a["score"]["lines"]:
+            out[a["stream"]].append({**line, "_verdict": a["score"].get("verdict")})
+    for lines in out.values():
+        lines.sort(key=lambda x: x["line_no"])
+    return out
+
+
+def template_id(line: dict[str, Any]) -> int | None:
+    t = line.get("template")
+    return None if t is None else int(t["id"])
+
+
+# ---- the reference's count profile (ECVC at session close) ---------------------------------------------------
+
+
+@dataclass
+class ReferenceProfile:
+    """The template-count vectors of the reference's sessions; `distance` = 1 - weighted Jaccard to the nearest."""
+
+    vectors: np.ndarray
+    ids: list[int]
+    index: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_sessions(cls, sessions: Sequence[Sequence[int]]) -> ReferenceProfile:
+        ids = sorted({t for s in sessions for t in s})
+        index = {t: i for i, t in enumerate(ids)}
+        mat = np.zeros((len(sessions), len(ids)))
+        for r, s in enumerate(sessions):
+            for t, c in Counter(s).items():
+                mat[r, index[t]] = c
+        return cls(np.unique(mat, axis=0), ids, index)
+
+    def distance(self, session: Sequence[int]) -> float:
+        counts = Counter(session)
+        row = np.zeros(len(self.ids))
+        unknown = 0
+        for t, c in counts.items():
+            if t in self.index:
+                row[self.index[t]] = c
+            else:
+                unknown += c
+        diff = np.abs(self.vectors - row).sum(axis=1) + unknown
+        limit = np.maximum(self.vectors, row).sum(axis=1) + unknown
+        return float((diff / np.maximum(limit, 1e-12)).min())
+
+
+def reference_template_ids(settings: Settings, reference_lines: Sequence[str]) -> list[int]:
+    """Template id of every reference line in a memory seeded exactly as the service seeds its partitions."""
+    from pipeline.service.templates import build_reference
+
+    memory = build_reference(reference_lines, settings.templates)
+    return [memory.observe(line).id for line in reference_lines]
+
+
+# ---- HDFS: sessions ------------------------------------------------------------------------------------------
+
+
+def key_score(verdict: dict[str, Any] | None, profile_distance: float | None) -> float:
+    """The per-key ranking of docs/anomaly.md: the profile distance at session close (0 = a count vector seen in
+    the reference), plus 1 when a template is not in the reference at all, plus the verdict's highest line score
+    squashed into [0, 0.1) to order keys the first two leave tied."""
+    v = verdict or {}
+    score = profile_distance or 0.0
+    score += 1.0 if (v.get("not_in_reference") or 0) > 0 else 0.0
+    top = v.get("max_score")
+    return score + (0.1 * top / (1.0 + top) if top is not None and top > 0 else 0.0)
+
+
+def hdfs_eval(lm: LoadedModel | None, base: Settings | None, split: HdfsSplit, renderer: Renderer,
+              concurrent: int = 30, seed: int = 0, workdir: Path | None = None) -> dict[str, Any]:
+    """Detectors of evaluate.py on the event ids, and (with `lm`) the service's per-key scores, on one split."""
+    labels = [s.abnormal for s in split.test]
+    report: dict[str, Any] = {
+        "reference_sessions": len(split.reference), "test_sessions": len(split.test),
+        "test_abnormal": sum(labels), "test_lines": sum(len(s.events) for s in split.test),
+        "detectors": session_detectors([s.events for s in split.reference], [s.events for s in split.test], labels),
+    }
+    ref_pairs = interleave(split.reference, renderer, concurrent, seed)
+    test_pairs = interleave(split.test, renderer, concurrent, seed + 1)
+    tmp = Path(tempfile.mkdtemp(prefix="sinkstream-hdfs-", dir=workdir))
+    reference_file = tmp / "hdfs_reference.log"
+    reference_file.write_text("".join(line + "\n" for _, line in ref_pairs))
+    settings = eval_settings(base, reference_file)
+    ids = reference_template_ids(settings, [line for _, line in ref_pairs])
+    by_block: dict[str, list[int]] = defaultdict(list)
+    for (block, _), t in zip(ref_pairs, ids):
+        by_block[block].append(t)
+    profile = ReferenceProfile.from_sessions([by_block[s.block] for s in split.reference])
+    report["templates_only"] = templates_only(settings, [line for _, line in ref_pairs], test_pairs, split, profile)
+    if lm is None:
+        return report
+    published, elapsed = run_service(lm, settings, [(block, line + "\n") for block, line in test_pairs])
+    lines = scored_lines(published)
+    verdict_scores, profile_scores, combined, alerted, not_ref = [], [], [], [], []
+    for s in split.test:
+        got = lines.get(s.block, [])
+        if len(got) != len(s.events):
+            raise RuntimeError(f"key {s.block}: expected {len(s.events)} scored lines, got {len(got)}")
+        verdict = got[-1]["_verdict"]
+        tids = [template_id(x) for x in got]
+        distance = profile.distance([t for t in tids if t is not None]) if all(t is not None for t in tids) else None
+        verdict_scores.append(None if verdict is None else verdict.get("max_score"))
+        profile_scores.append(distance)
+        combined.append(key_score(verdict, distance))
+        alerted.append(any(x.get("alert") for x in got))
+        not_ref.append(float((verdict or {}).get("not_in_reference") or 0))
+    keys = {
+        "combined (profile + not-in-reference + max score)": rank_metrics(combined, labels, alerted),
+        "verdict max_score": rank_metrics(verdict_scores, labels, alerted),
+        "verdict not_in_reference": rank_metrics(not_ref, labels, [n > 0 for n in not_ref]),
+        "profile distance (ECVC at close)": rank_metrics(profile_scores, labels,
+                                                         [d is not None and d > 0 for d in profile_scores]),
+    }
+    tokens = sum(a["score"]["tokens"] for a in published if a["kind"] == "score")
+    n_alerts = sum(1 for x in lines.values() for line in x if line.get("alert"))
+    report.update(service=keys, service_s=round(elapsed, 1), tokens=tokens,
+                  tokens_per_s=round(tokens / elapsed, 1) if elapsed else None,
+                  line_alerts=n_alerts, alert_rate=settings.score.alert_rate if hasattr(settings.score, "alert_rate")
+                  else None, keys_seen=len(lines))
+    return report
+
+
+def templates_only(settings: Settings, reference_lines: Sequence[str], test_pairs: Sequence[tuple[str, str]],
+                   split: HdfsSplit, profile: ReferenceProfile) -> dict[str, dict[str, Any]]:
+    """The per-key template rankers without the LM: the test lines, in the service's order, through a template
+    memory seeded from the reference exactly as the service's partition memory is (cheap: no model)."""
+    from pipeline.service.templates import build_reference
+
+    memory = build_reference(reference_lines, settings.templates)
+    ids: dict[str, list[int]] = defaultdict(list)
+    not_ref: Counter[str] = Counter()
+    for block, line in test_pairs:
+        match = memory.observe(line)
+        ids[block].append(match.id)
+        not_ref[block] += match.seen_reference == 0
+    labels = [s.abnormal for s in split.test]
+    distance = [profile.distance(ids[s.block]) for s in split.test]
+    outside = [float(not_ref[s.block]) for s in split.test]
+    combined = [d + (1.0 if n > 0 else 0.0) for d, n in zip(distance, outside)]
+    return {
+        "not_in_reference (templates)": rank_metrics(outside, labels, [n > 0 for n in outside]),
+        "profile distance (templates)": rank_metrics(distance, labels, [d > 0 for d in distance]),
+        "profile + not-in-reference (templates)": rank_metrics(combined, labels, [c > 0 for c in combined]),
+    }
+
+
+# ---- BGL: lines ---------------------------------------------------------------------------------------------
+
+
+def line_rankers(texts: Sequence[str], lines: Sequence[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per-line rankers from the annotations (and the two baselines that need no model)."""
+    def seen_ref(x: dict[str, Any]) -> float | None:
+        t = x.get("template")
+        if t is None or t.get("seen_reference") is None:
+            return None
+        return 1.0 if t["seen_reference"] == 0 else 0.0
+
+    return {
+        "keyword FATAL": [1.0 if " FATAL " in f" {t} " else 0.0 for t in texts],
+        "line length (chars)": [float(len(t)) for t in texts],
+        "new template (not in reference)": [seen_ref(x) for x in lines],
+        "LM surprisal (mean NLL)": [x.get("mean_nll") for x in lines],
+        "combined score": [x.get("score") for x in lines],
+    }
+
+
+def bgl_pass(lm: LoadedModel, base: Settings | None, reference_lines: Sequence[str], test: Sequence[str],
+             lines_per_record: int = 20, workdir: Path | None = None) -> tuple[list[dict[str, Any]], float, int]:
+    """Stream the test lines as one key through the service, with `reference_lines` as the reference of normal."""
+    tmp = Path(tempfile.mkdtemp(prefix="sinkstream-bgl-", dir=workdir))
+    ref = tmp / "reference.log"
+    ref.write_text("".join(line + "\n" for line in reference_lines))
+    settings = eval_settings(base, ref)
+    records = [("bgl", "".join(line + "\n" for line in test[i:i + lines_per_record]))
+               for i in range(0, len(test), lines_per_record)]
+    published, elapsed = run_service(lm, settings, records)
+    got = scored_lines(published)["bgl"]
+    if len(got) != len(test):
+        raise RuntimeError(f"expected {len(test)} scored lines, got {len(got)}")
+    tokens = sum(a["score"]["tokens"] for a in published if a["kind"] == "score")
+    return got, elapsed, tokens
+
+
+def onset_indices(labels: Sequence[bool]) -> list[int]:
+    """All normal lines and the first line of each run of anomalous lines."""
+    return [i for i, y in enumerate(labels) if not y or i == 0 or not labels[i - 1]]
+
+
+def bgl_metrics(texts: Sequence[str], labels: Sequence[bool], passes: dict[str, list[dict[str, Any]]]
+                ) -> list[dict[str, Any]]:
+    """Rows (pass, ranker, subset, metrics): the baselines once, the annotation rankers per pass."""
+    rows = []
+    onsets = onset_indices(labels)
+    for name, lines in passes.items():
+        rankers = line_rankers(texts, lines)
+        alerts = [bool(x.get("alert")) for x in lines]
+        for ranker, scores in rankers.items():
+            if ranker in ("keyword FATAL", "line length (chars)") and name != next(iter(passes)):
+                continue
+            if all(s is None for s in scores):
+                continue
+            flags = alerts if ranker == "combined score" else None
+            for subset, idx in (("all", list(range(len(labels)))), ("onsets", onsets)):
+                m = rank_metrics([scores[i] for i in idx], [labels[i] for i in idx],
+                                 None if flags is None else [flags[i] for i in idx])
+                rows.append({"pass": "-" if ranker in ("keyword FATAL", "line length (chars)") else name,
+                             "ranker": ranker, "subset": subset, **m})
+    return rows
+
+
+# ---- documents -----------------------------------------------------------------------------------------------
+
+
+def documents(texts: dict[str, str], docs: int = 24, lines_per_doc: int = 30) -> list[tuple[str, int]]:
+    """(line, document number) for `docs` documents of `lines_per_doc` non-empty lines, cycling through the texts
+    and taking consecutive stretches of each, so that every boundary is a change of text."""
+    names = sorted(texts)
+    pools = {n: [ln.strip() for ln in texts[n].splitlines() if ln.strip()] for n in names}
+    pos = dict.fromkeys(names, 0)
+    out = []
+    for d in range(docs):
+        name = names[d % len(names)]
+        chunk = pools[name][pos[name]: pos[name] + lines_per_doc]
+        pos[name] += lines_per_doc * 3  # skip ahead: stretches of one text do not continue each other
+        out += [(line, d) for line in chunk]
+    return out
+
+
+def boundary_metrics(lines: Sequence[dict[str, Any]], doc: Sequence[int], first: int = 3) -> dict[str, Any]:
+    """ROC-AUC etc. of the score and of mean NLL for the first `first` lines after each boundary (document 0's
+    start is not a boundary: the stream starts there) against all other lines."""
+    labels, keep = [], []
+    for i, d in enumerate(doc):
+        if d == 0:
+            continue
+        start = doc.index(d)
+        labels.append(i - start < first)
+        keep.append(i)
+    out = {}
+    for name, col in (("combined score", "score"), ("LM surprisal (mean NLL)", "mean_nll"), ("z", "z")):
+        scores = [lines[i].get(col) for i in keep]
+        if all(s is None for s in scores):
+            continue
+        out[name] = rank_metrics(scores, labels)
+    return out
+
+
+def finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
