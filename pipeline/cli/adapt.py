@@ -48,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"share of the blocks held out for the before/after loss (default {defaults.holdout})")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of LoRA init and block order (default 0)")
     add_model_options(p, threads_default=1, threads_help="torch CPU threads (default 1: fastest on a busy CPU)")
+    p.set_defaults(dtype="float32")  # train in float32 (bf16 AdamW steps lose the small LoRA updates)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

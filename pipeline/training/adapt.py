@@ -29,6 +29,7 @@ import structlog
 import torch
 
 from model.loader import LoadedModel, adapter_fingerprint
+from model.row_stable import plain_linears
 from model.tokens import encode_text
 
 log = structlog.get_logger(__name__)
@@ -111,6 +112,8 @@ def train_adapter(
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=cfg.targets or None,
                       bias="none", task_type="CAUSAL_LM")
+    plain = plain_linears(model)  # peft adapts nn.Linear: the bf16 row blocks step aside while training
+    plain.__enter__()
     peft_model = get_peft_model(model, lora)
     try:
         before = mean_loss(peft_model, held, cfg.batch, lm.device)  # LoRA's B starts at 0: the base model's loss
@@ -144,6 +147,7 @@ def train_adapter(
         peft_model.save_pretrained(str(out))
     finally:
         peft_model.unload()  # removes the LoRA layers; the base weights were never changed
+        plain.__exit__(None, None, None)
         model.set_attn_implementation(previous_attn)
         model.eval()
     report = {

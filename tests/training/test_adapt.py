@@ -95,7 +95,7 @@ def test_adapt_then_model_adapter_then_a_service_run(adapter, model_dir):
     """The settings' `model.adapter` reaches the loader; the service scores and checkpoints with the merged model;
     a snapshot taken under the adapter is refused by the base model (and vice versa) with a one-line reason."""
     out, report = adapter
-    settings = _settings(name=str(model_dir), adapter=str(out), device="cpu")
+    settings = _settings(name=str(model_dir), adapter=str(out), device="cpu", dtype="float32")
     m = settings.model
     lm = load_model(m.name, m.device, m.dtype, m.threads, adapter=m.adapter)
     topic, store, sink = MemoryTopic("in", partitions=1), MemoryStore(), MemorySink()
@@ -112,12 +112,12 @@ def test_adapt_then_model_adapter_then_a_service_run(adapter, model_dir):
     blob = session.snapshot()
     base = load_model(str(model_dir), device="cpu", dtype="float32")
     with pytest.raises(SnapshotError) as refused:
-        StreamSession.restore(Engine(base, _settings(name=str(model_dir))), blob)
+        StreamSession.restore(Engine(base, _settings(name=str(model_dir), dtype="float32")), blob)
     message = str(refused.value)
     assert "\n" not in message
     assert message == (f"snapshot adapter mismatch: this model runs with no adapter (model.adapter), the snapshot "
                        f"was taken with LoRA adapter {report['adapter_fingerprint']}")
-    old = StreamSession(Engine(base, _settings(name=str(model_dir))), "k")
+    old = StreamSession(Engine(base, _settings(name=str(model_dir), dtype="float32")), "k")
     old.process(_record(b"node-1 heartbeat ok seq=1 load=0.1\n"))
     with pytest.raises(SnapshotError, match="this model runs with LoRA adapter .* the snapshot was taken with no "
                                             "adapter"):
@@ -126,7 +126,7 @@ def test_adapt_then_model_adapter_then_a_service_run(adapter, model_dir):
     # the service itself: a restart without the adapter resets the stream and says why in the annotation
     topic.append(0, b"host-a", b"node-2 heartbeat ok seq=2 load=0.2\n")
     sink2 = MemorySink()
-    plain = _settings(name=str(model_dir), device="cpu")
+    plain = _settings(name=str(model_dir), device="cpu", dtype="float32")
     Service(plain, Engine(base, plain), MemorySource.factory(topic), sink2, store).run(
         idle_exit_s=0.2, install_signals=False)
     published = sink2.values("out")
