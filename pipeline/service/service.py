@@ -17,18 +17,19 @@ membership from the pod name). The loop, once per poll:
    records while the store is down, and stop early on SIGTERM or when the poll is getting old; records not
    processed yet are sought back and come again with the next poll.
 
-Faults: a Redis that lost its state (FLUSHALL, an empty replica, eviction) is not fencing: the partition is
-claimed afresh and the sessions in memory re-checkpointed at once (`pipeline.service.partition`); a partition
-found fenced by a newer owner is dropped and paused, and if Kafka still assigns it to this member after
-`kafka.max_poll_interval_ms` the process exits non-zero rather than hold it idle. A Redis outage never stops
-the process (checkpoints are retried with backoff, partitions pause at a bound, readiness turns false); a
-record that cannot be handled gets an `error` annotation (or also a dead-letter record) and the partition goes
-on; broken state resets the stream with an `error` annotation. An exception that is none of these is a bug:
-the partitions of the group it hit are not checkpointed (their sessions may be ahead of their offsets), the
-others are, and the process exits with the traceback. A failure of the accelerator itself other than out of
-memory (`model.device_errors`: an illegal memory access, a device-side assert) leaves nothing on the device
-trustworthy: no partition is checkpointed, `DeviceFailure` propagates and `sinkstream run` exits 3 so that the
-orchestrator restarts it from the last checkpoints.
+Faults: a Redis that lost its state (FLUSHALL, an empty replica, eviction) is not fencing: the partition is claimed
+afresh and the sessions in memory re-checkpointed at once (`pipeline.service.partition`); a partition found fenced
+by a newer owner is dropped and paused, and if Kafka still assigns it to this member after
+`kafka.max_poll_interval_ms` the process exits non-zero rather than hold it idle; so it does when the source stops
+delivering the records of a partition the service lets run for that long (`_check_starved`). A Redis outage never
+stops the process (checkpoints are retried with backoff, partitions pause at a bound, readiness turns false); a
+record that cannot be handled gets an `error` annotation (or also a dead-letter record) and the partition goes on;
+broken state resets the stream with an `error` annotation. An exception that is none of these is a bug: the
+partitions of the group it hit are not checkpointed (their sessions may be ahead of their offsets), the others are,
+and the process exits with the traceback. A failure of the accelerator itself other than out of memory
+(`model.device_errors`: an illegal memory access, a device-side assert) leaves nothing on the device trustworthy:
+no partition is checkpointed, `DeviceFailure` propagates and `sinkstream run` exits 3 so that the orchestrator
+restarts it from the last checkpoints.
 
 Shutdown (SIGTERM or SIGINT): the current group is finished, every partition is checkpointed, offsets are
 committed, the consumer leaves the group and the process exits 0.
@@ -104,6 +105,10 @@ class Service:
         # Partitions whose state the store lost and whose fresh claim failed: when to try again.
         self._reclaim_at: dict[TopicPartition, float] = {}
         self._rewind_to: dict[TopicPartition, int] = {}
+        # Starvation watchdog (`_check_starved`): where each partition must go on from when that is not its
+        # `next_offset` yet (sought back before its first record was done), and since when it has waited.
+        self._sought: dict[TopicPartition, int] = {}
+        self._fed_at: dict[TopicPartition, float] = {}
         self._waiting_since: float | None = None  # first poll after the last fetch response seen
         self._last_poll = 0.0
         self.joined = False  # the group gave this member its first assignment (possibly empty)
@@ -204,6 +209,8 @@ class Service:
             self.fenced_since.pop(tp, None)
             self.unclaimed.pop(tp, None)
             self.blocked.pop(tp, None)
+            self._sought.pop(tp, None)
+            self._fed_at.pop(tp, None)
             part = self.parts.pop(tp, None)
             if part is None:
                 continue
@@ -231,6 +238,7 @@ class Service:
                 self.health.beat()
                 self._housekeeping()
                 records = self._poll()
+                self._check_starved(records)
                 if records:
                     self._process(records)
                 if records or not self.parts or self._busy():  # idle only with partitions and nothing owed
@@ -325,6 +333,7 @@ class Service:
             for (topic, partition), offset in self._rewind_to.items():
                 if (topic, partition) in self.parts:
                     self.source.seek(topic, partition, offset)
+                    self._sought[(topic, partition)] = offset
             self._rewind_to.clear()
 
     def _take_group(self, pending: deque[Record]) -> list[RecordWork]:
@@ -502,6 +511,7 @@ class Service:
                 del self.blocked[tp]
                 self.parts[tp].paused = False
                 self.source.resume([tp])
+                self._fed_at[tp] = now
         for part in list(self.parts.values()):
             if part.due(cp.every_records, cp.every_seconds) and self.checkpointer.ready_to_retry(part):
                 try:
@@ -549,6 +559,38 @@ class Service:
                 raise PartitionHeldIdle(
                     f"partition {tp[0]}:{tp[1]} was fenced by a newer owner in the state store, but Kafka still "
                     f"assigns it to this member after {grace:.0f} s; exiting rather than holding it idle"
+                )
+
+    def _check_starved(self, records: list[Record]) -> None:
+        """Invariant (issue 19): a partition Kafka assigns to this member is processed, or the process exits
+        non-zero. A partition that this service does not hold back (not paused, blocked, unclaimed or fenced),
+        whose source has records at or after the offset it must go on from (its highwater is above it), and from
+        which no record arrived for `kafka.max_poll_interval_ms` is starved by the source: the process exits
+        (`PartitionHeldIdle`) so that a restart rejoins the group and resumes from the checkpoints. The soak saw
+        this: after two partitions were paused on "no KV slot", sought back and resumed, kafka-python delivered
+        none of their records for 1.5 minutes while a third partition kept flowing (docs/robustness.md). Runs
+        after each poll, so only time spent asking for records counts."""
+        now = time.monotonic()
+        grace = self.settings.kafka.max_poll_interval_ms / 1000.0
+        for record in records:
+            self._fed_at[record.tp] = now
+        for tp, part in list(self.parts.items()):
+            if part.paused or part.fenced or tp in self.blocked or tp in self.unclaimed:
+                self._fed_at[tp] = now  # held back on purpose: the wait starts when it is let go
+                continue
+            offset = part.next_offset if part.next_offset is not None else self._sought.get(tp)
+            high = self.source.highwater(*tp)
+            if offset is None or high is None or high <= offset:
+                self._fed_at[tp] = now  # nothing known to be waiting for it: no wait is running
+                continue
+            starved = now - self._fed_at.setdefault(tp, now)
+            if starved > grace:
+                log.error("partition.starved", partition=part.id, offset=offset, highwater=high,
+                          waited_s=round(starved, 1), action="exiting; a restart rejoins the group")
+                metrics.ERRORS.labels("kafka").inc()
+                raise PartitionHeldIdle(
+                    f"partition {part.id} is assigned to this member and has records from offset {offset} to "
+                    f"{high}, but the source delivered none for {starved:.0f} s; exiting rather than holding it idle"
                 )
 
     def _flow_control(self, part: PartitionState) -> None:
