@@ -105,8 +105,8 @@ class Service:
         # Partitions whose state the store lost and whose fresh claim failed: when to try again.
         self._reclaim_at: dict[TopicPartition, float] = {}
         self._rewind_to: dict[TopicPartition, int] = {}
-        # Starvation watchdog (`_check_starved`): where each partition must go on from when that is not its
-        # `next_offset` yet (sought back before its first record was done), and since when it has waited.
+        # Starvation watchdog (`_check_starved`): partitions sought back to a record they delivered, that record's
+        # offset, and since when each has waited for it.
         self._sought: dict[TopicPartition, int] = {}
         self._fed_at: dict[TopicPartition, float] = {}
         self._waiting_since: float | None = None  # first poll after the last fetch response seen
@@ -334,6 +334,7 @@ class Service:
                 if (topic, partition) in self.parts:
                     self.source.seek(topic, partition, offset)
                     self._sought[(topic, partition)] = offset
+                    self._fed_at.pop((topic, partition), None)
             self._rewind_to.clear()
 
     def _take_group(self, pending: deque[Record]) -> list[RecordWork]:
@@ -511,7 +512,6 @@ class Service:
                 del self.blocked[tp]
                 self.parts[tp].paused = False
                 self.source.resume([tp])
-                self._fed_at[tp] = now
         for part in list(self.parts.values()):
             if part.due(cp.every_records, cp.every_seconds) and self.checkpointer.ready_to_retry(part):
                 try:
@@ -563,34 +563,35 @@ class Service:
 
     def _check_starved(self, records: list[Record]) -> None:
         """Invariant (issue 19): a partition Kafka assigns to this member is processed, or the process exits
-        non-zero. A partition that this service does not hold back (not paused, blocked, unclaimed or fenced),
-        whose source has records at or after the offset it must go on from (its highwater is above it), and from
-        which no record arrived for `kafka.max_poll_interval_ms` is starved by the source: the process exits
-        (`PartitionHeldIdle`) so that a restart rejoins the group and resumes from the checkpoints. The soak saw
-        this: after two partitions were paused on "no KV slot", sought back and resumed, kafka-python delivered
-        none of their records for 1.5 minutes while a third partition kept flowing (docs/robustness.md). Runs
-        after each poll, so only time spent asking for records counts."""
+        non-zero. A partition sought back to a record it had delivered (blocked on a session, a poll cut short)
+        waits for that record to come again; once the service lets it run (not paused, blocked, unclaimed or
+        fenced), a source that delivers none of its records for `kafka.max_poll_interval_ms` starves it, and the
+        process exits (`PartitionHeldIdle`) so that a restart rejoins the group and resumes from the
+        checkpoints. The soak saw this: after two partitions were paused on "no KV slot", sought back and
+        resumed, kafka-python delivered none of their records for 1.5 minutes while a third partition kept
+        flowing (docs/robustness.md). Only a partition with such a known record is watched (an idle partition,
+        or one whose end offset counts transaction markers, is not), and only time spent polling counts."""
         now = time.monotonic()
         grace = self.settings.kafka.max_poll_interval_ms / 1000.0
         for record in records:
-            self._fed_at[record.tp] = now
-        for tp, part in list(self.parts.items()):
+            self._sought.pop(record.tp, None)  # it delivers again
+        for tp, offset in list(self._sought.items()):
+            part = self.parts.get(tp)
+            if part is None:
+                del self._sought[tp]
+                continue
             if part.paused or part.fenced or tp in self.blocked or tp in self.unclaimed:
                 self._fed_at[tp] = now  # held back on purpose: the wait starts when it is let go
                 continue
-            offset = part.next_offset if part.next_offset is not None else self._sought.get(tp)
-            high = self.source.highwater(*tp)
-            if offset is None or high is None or high <= offset:
-                self._fed_at[tp] = now  # nothing known to be waiting for it: no wait is running
-                continue
             starved = now - self._fed_at.setdefault(tp, now)
             if starved > grace:
-                log.error("partition.starved", partition=part.id, offset=offset, highwater=high,
-                          waited_s=round(starved, 1), action="exiting; a restart rejoins the group")
+                log.error("partition.starved", partition=part.id, offset=offset, waited_s=round(starved, 1),
+                          action="exiting; a restart rejoins the group")
                 metrics.ERRORS.labels("kafka").inc()
                 raise PartitionHeldIdle(
-                    f"partition {part.id} is assigned to this member and has records from offset {offset} to "
-                    f"{high}, but the source delivered none for {starved:.0f} s; exiting rather than holding it idle"
+                    f"partition {part.id} is assigned to this member and was sought back to offset {offset}, but "
+                    f"the source delivered none of its records for {starved:.0f} s; exiting rather than holding it "
+                    "idle"
                 )
 
     def _flow_control(self, part: PartitionState) -> None:

@@ -93,7 +93,7 @@ def _annotated(sink):
 
 def test_a_partition_the_source_never_delivers_again_makes_the_process_exit(text_lm):
     service, source, sink, topic = _run(text_lm)
-    with pytest.raises(PartitionHeldIdle, match=r"source delivered none"):
+    with pytest.raises(PartitionHeldIdle, match=r"the source delivered none of its records"):
         service.run(idle_exit_s=5.0, install_signals=False)
     assert source.resumes
     assert len(_annotated(sink)) < sum(len(p) for p in topic.partitions)
