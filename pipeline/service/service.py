@@ -580,8 +580,9 @@ class Service:
             if part is None:
                 del self._sought[tp]
                 continue
-            if part.paused or part.fenced or tp in self.blocked or tp in self.unclaimed:
-                self._fed_at[tp] = now  # held back on purpose: the wait starts when it is let go
+            held = part.paused or part.fenced or tp in self.blocked or tp in self.unclaimed
+            if held or self.health.kafka_down_since is not None:
+                self._fed_at[tp] = now  # held back on purpose, or the broker is away: the wait starts after
                 continue
             starved = now - self._fed_at.setdefault(tp, now)
             if starved > grace:
