@@ -170,3 +170,32 @@ def test_status_page_in_headless_chromium_shows_the_injected_anomaly(tmp_path, m
         runner.join(timeout=60)
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (headless browser): apt-get install -y chromium")
+def test_status_page_lists_recent_alerts_with_template_and_verdict(monkeypatch):
+    """The page's alerts section renders `recent_alerts` of /status.json: stream, place, score, the template
+    and the key's verdict, the text escaped (no model needed: the board is fed an annotation directly)."""
+    board = metrics.StatusBoard()
+    monkeypatch.setattr(metrics, "STATUS", board)
+    verdict = {"lines": 40, "alerts": 2, "max_score": 7.25, "new_in_stream": 3}
+    line = {"line_no": 39, "text": ANOMALY, "z": 4.0, "anomaly": True, "alert": True, "score": 7.25,
+            "template": {"id": 12, "text": "kernel: BUG: <*>", "seen_stream": 0, "seen_partition": 0,
+                         "seen_reference": 0}}
+    board.observe(STREAM, {"source": {"topic": "logs", "partition": 1, "offset": 77},
+                           "score": {"lines": [line], "verdict": verdict}})
+    health = metrics.Health()
+    health.ready = True
+    port = free_port()
+    server = metrics.serve("127.0.0.1", port, health)
+    try:
+        dump = _chromium("--dump-dom", f"http://127.0.0.1:{port}/")
+        assert dump.returncode == 0, dump.stderr[-2000:]
+        page = _Page()
+        page.feed(dump.stdout)
+        rows = [cells for cls, cells in page.rows if cls == "anomaly" and cells and cells[0] == STREAM]
+        assert rows == [[STREAM, "logs:1:77", "39", "7.25", "#12 kernel: BUG: <*>", "2 / 7.25 / 3", ANOMALY]], rows
+        assert page.elements.count("script") == 1  # the alert's <script> text stayed text
+    finally:
+        server.shutdown()
+        server.server_close()
