@@ -224,11 +224,14 @@ class Checkpointer:
             log.warning("redis.available", down_s=round(time.monotonic() - self.store_down_since, 1))
             self.store_down_since = None
         metrics.REDIS_UP.set(1)
-        # Step 4: commit offsets to Kafka (monitoring only).
-        try:
-            self.source.commit({(part.topic, part.partition): job.ticket.offset})
-        except Exception as exc:  # noqa: BLE001 - a failed commit loses nothing: the manifest holds the offset
-            log.warning("checkpoint.commit_failed", partition=part.id, error=str(exc))
+        # Step 4: commit offsets to Kafka (monitoring only). An idle re-check moved no offset, so it commits
+        # nothing: a synchronous commit to a broker that is down would block the loop, which must keep polling
+        # to see the outage (`_kafka_silent`).
+        if not job.ticket.idle:
+            try:
+                self.source.commit({(part.topic, part.partition): job.ticket.offset})
+            except Exception as exc:  # noqa: BLE001 - a failed commit loses nothing: the manifest holds the offset
+                log.warning("checkpoint.commit_failed", partition=part.id, error=str(exc))
         seconds = time.monotonic() - job.ticket.started
         metrics.CHECKPOINT_SECONDS.observe(seconds)
         metrics.CHECKPOINT_SIZE.observe(job.written_bytes)
