@@ -135,6 +135,10 @@ class Service:
             if not self._claim(tp):
                 self.unclaimed[tp] = time.monotonic() + self.settings.checkpoint.retry_initial_s
                 self.source.pause([tp])
+            else:
+                # Fetch it: this process may have paused it before (fenced, blocked, flow control) and Kafka can
+                # hand a partition back with the consumer's pause still set (a fenced zombie that rejoins).
+                self.source.resume([tp])
         metrics.PARTITIONS.set(len(self.parts))
         self._update_readiness()
 

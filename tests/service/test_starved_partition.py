@@ -32,9 +32,10 @@ class StarvingSource(MemorySource):
         self.resumes = 0
 
     def resume(self, partitions):
+        was_paused = [tp for tp in partitions if tp in self.paused]  # resuming a fetching partition changes nothing
         super().resume(partitions)
-        self.starved.update(partitions)
-        self.resumes += 1
+        self.starved.update(was_paused)
+        self.resumes += bool(was_paused)
 
     def poll(self, max_records, timeout_s):
         paused = set(self.paused)
