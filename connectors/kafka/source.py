@@ -20,6 +20,15 @@ Sink to another client and re-proving the rebalance, SIGKILL and outage tests ag
 left for later. The wait on the helper thread uses kafka-python's own loop sleep (`KernelEvent`), the one
 awaitable its loop offers to a listener.
 
+Fetch buffer: kafka-python 3.0.12 parks the unread rest of a fetch when its partition is paused (its port of
+KAFKA-7548) and puts it back only while no other partition's fetch sits in its in-line slot, which with any other
+partition flowing is never: the partition is then never fetched again (a paused-then-resumed partition starved
+for good; `tests/connectors/test_kafka_source_sink.py` reproduces it). `KafkaSource` therefore drains every
+fetch the consumer holds into its own per-partition buffer at each `poll()`, so nothing is ever parked
+half-read, and hands out `max_records` from that buffer, round-robin over partitions. A paused partition keeps
+its buffer (delivered after `resume`); `seek` and a partition leaving drop it. A partition whose buffer holds
+`max_poll_records` or more is paused in the consumer until the buffer drains, which bounds the memory.
+
 Record checksums use the `crc32c` C extension when it is importable (kafka-python picks it up by itself);
 `CRC32C_ACCELERATED` tells whether it did, and a warning is logged once when it did not. Fetch health and the
 checksum choice are read through public kafka-python names only, gathered in `connectors.kafka.compat`.
@@ -30,6 +39,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +64,8 @@ if not CRC32C_ACCELERATED:  # pragma: no cover
     log.warning("kafka.crc32c_pure_python", hint="pip install crc32c; record CRC checks are much slower without it")
 
 _FROM_ENV: Any = object()  # sentinel: group_instance_id defaults to $POD_NAME
+# `poll()` takes every record the consumer holds (see "Fetch buffer"): far above what its fetches can carry.
+_DRAIN_ALL = 1 << 30
 
 
 
@@ -80,6 +92,9 @@ class _Listener(AsyncConsumerRebalanceListener):
 
     async def _run(self, what: str, callback: PartitionCallback | None, tps: Iterable[TopicPartition]) -> None:
         partitions = sorted((tp.topic, tp.partition) for tp in tps)
+        # Records buffered before a rebalance are not this owner's any more; a partition that leaves also loses
+        # its pause (as kafka-python's own pause state does).
+        self._source._forget(partitions, unpause=what != "assign")
         log.info("kafka.rebalance", change=what, partitions=partitions, group=self._source.group_id)
         if callback is None or (not partitions and what != "assign"):
             return  # an empty assignment still reaches the service: it tells that the member joined
@@ -157,6 +172,12 @@ class KafkaSource:
         self._in_callback = threading.local()
         self._closed = False
         self._last_fetch_seen: float | None = None  # monotonic time a fetch response was last seen
+        # The fetch buffer (module docstring): records the consumer handed over and `poll()` did not return yet,
+        # per partition in offset order; the partitions the caller paused; the partitions paused because full.
+        self._buffer: dict[TopicPartition, deque[Record]] = {}
+        self._paused: set[TopicPartition] = set()
+        self._full: set[TopicPartition] = set()
+        self._buffer_limit = max_poll_records
         config: dict[str, Any] = {
             **client.options(),
             "group_id": group_id,
@@ -193,22 +214,23 @@ class KafkaSource:
             raise ValueError(f"expected max_records >= 1, got {max_records!r}")
         if timeout_s < 0:
             raise ValueError(f"expected timeout_s >= 0, got {timeout_s!r}")
-        try:
-            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        buffered = any(q for tp, q in self._buffer.items() if tp not in self._paused)
+        try:  # every record the consumer holds (nothing is left parked in it); no wait when some are buffered
+            batches = self._consumer.poll(timeout_ms=0 if buffered else int(timeout_s * 1000), max_records=_DRAIN_ALL)
         except KafkaError as exc:
             if exc.__cause__ is not None and "rebalance callback" in str(exc):
                 raise SourceError(f"poll: a rebalance callback raised {exc.__cause__!r}") from exc.__cause__
             raise SourceError(f"poll: expected records or an empty batch from the broker, got {exc!r}") from exc
-        out: list[Record] = []
         for tp, recs in batches.items():
-            last = -1
+            queue = self._buffer.setdefault(tp, deque())
+            last = queue[-1].offset if queue else -1
             for r in recs:
                 if r.offset <= last:
                     raise SourceError(
                         f"{tp.topic}[{tp.partition}]: expected offsets to increase, got {r.offset} after {last}"
                     )
                 last = r.offset
-                out.append(
+                queue.append(
                     Record(
                         topic=r.topic,
                         partition=r.partition,
@@ -219,7 +241,44 @@ class KafkaSource:
                         timestamp_ms=r.timestamp if r.timestamp is not None else -1,
                     )
                 )
+        return self._take(max_records)
+
+    def _take(self, max_records: int) -> list[Record]:
+        """Up to `max_records` buffered records of unpaused partitions, round-robin: a partition that still has
+        some after its turn goes to the back."""
+        out: list[Record] = []
+        for tp in [tp for tp in self._buffer if tp not in self._paused]:
+            if len(out) >= max_records:
+                break
+            queue = self._buffer.pop(tp)
+            while queue and len(out) < max_records:
+                out.append(queue.popleft())
+            if queue:
+                self._buffer[tp] = queue  # to the back of the order
+        self._apply_pauses()
         return out
+
+    def _apply_pauses(self) -> None:
+        """The consumer fetches a partition unless the caller paused it or its buffer is full."""
+        full = {tp for tp, q in self._buffer.items() if len(q) >= self._buffer_limit}
+        drained = self._full - full
+        if full - self._full:
+            self._consumer.pause(*(full - self._full))
+        if drained - self._paused:
+            self._consumer.resume(*(drained - self._paused))
+        self._full = full
+
+    def _forget(self, partitions: Iterable[TopicPartitionKey], unpause: bool = False) -> None:
+        """Drop what is buffered for `partitions` (sought, revoked, lost or newly assigned)."""
+        for t, p in partitions:
+            tp = TopicPartition(t, p)
+            self._buffer.pop(tp, None)
+            if unpause:
+                self._paused.discard(tp)
+            if tp in self._full:
+                self._full.discard(tp)
+                if tp not in self._paused:
+                    self._consumer.resume(tp)
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         """Next `poll` returns `(topic, partition)` from `offset`; the partition must be assigned."""
@@ -233,17 +292,23 @@ class KafkaSource:
                 f"seek: expected {topic}[{partition}] to be assigned to this consumer; assigned are "
                 f"{sorted((t.topic, t.partition) for t in assigned)}"
             )
+        self._forget([(topic, partition)])
         self._consumer.seek(tp, offset)
 
     def pause(self, partitions: list[TopicPartitionKey]) -> None:
-        """Stop fetching `partitions` (still assigned, still in the group) until `resume`."""
+        """Stop delivering `partitions` (still assigned, still in the group) until `resume`; what is already
+        buffered for them is delivered after `resume`."""
         self._check_open("pause")
-        self._consumer.pause(*[TopicPartition(t, p) for t, p in partitions])
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        self._paused.update(tps)
+        self._consumer.pause(*tps)
 
     def resume(self, partitions: list[TopicPartitionKey]) -> None:
-        """Fetch `partitions` again after `pause`."""
+        """Deliver and fetch `partitions` again after `pause` (a full buffer still holds its fetches back)."""
         self._check_open("resume")
-        self._consumer.resume(*[TopicPartition(t, p) for t, p in partitions])
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        self._paused.difference_update(tps)
+        self._consumer.resume(*[tp for tp in tps if tp not in self._full])
 
     def silent_s(self) -> float | None:
         """Seconds since a fetch response from any broker was last seen, from the consumer's public `fetch-rate`

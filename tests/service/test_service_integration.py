@@ -148,7 +148,11 @@ def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(
     first.kill(signal.SIGTERM)
 
     messages = read_topic(bootstrap, out_topic, 1, until=_have_all(expected), timeout_s=30)
-    check_output(messages, expected)
+    try:
+        check_output(messages, expected)
+    except AssertionError as exc:  # say what each member did with its partitions
+        raise AssertionError(f"{exc}\n--- p1 ---\n{_partition_events(first.log())}\n"
+                             f"--- p2 ---\n{_partition_events(second.log())}") from None
     # No stale owner overwrote state: every manifest is at the end of its partition, written under an epoch
     # no newer than the current one (a zombie's writes are refused by the compare-and-set).
     store = redis_server.client()
@@ -161,6 +165,12 @@ def test_rebalance_moves_partitions_with_state_and_fences_the_zombie(
     _check_templates(messages, [_manifest(redis_server, config, p) for p in range(4)])
     zombie = first.log()
     assert '"checkpoint.fenced"' in zombie or '"partition.lost"' in zombie, zombie[-3000:]
+
+
+def _partition_events(log: str) -> str:
+    """The lines of a service log that tell what happened to its partitions (rebalances, claims, fencing)."""
+    keep = ('"kafka.rebalance"', '"partition.', '"checkpoint.fenced"', '"state.', '"service.')
+    return "\n".join(line[:300] for line in log.splitlines() if any(k in line for k in keep))[-6000:]
 
 
 def _assigned(log: str) -> set[str]:
