@@ -186,7 +186,9 @@ class ScoreSettings(_Section):
     # Target share of lines with `alert: true`: a line alerts when its combined `score` exceeds the stream's
     # running (1 - alert_rate) quantile of earlier scores (a t-digest, checkpointed with the stream).
     alert_rate: float = Field(0.001, gt=0.0, lt=1.0)
-    # Lines of a stream scored before it may alert (the quantile needs about 1 / alert_rate lines to mean much).
+    # Lines of a stream scored before it alerts against its own threshold (the quantile needs about
+    # 1 / alert_rate lines to mean much); until then it alerts against its partition's threshold (all its streams'
+    # scores, with templates on), once the partition has scored this many lines: short keys alert too.
     alert_warmup_lines: int = Field(200, ge=0)
     # Weights of the combined `score` (docs/anomaly.md): surprise given the window (positive part of z) ...
     weight_surprise: float = Field(0.5, ge=0.0)

@@ -313,11 +313,12 @@ class KafkaSource:
     def silent_s(self) -> float | None:
         """Seconds since a fetch response from any broker was last seen, from the consumer's public `fetch-rate`
         metric (`connectors.kafka.compat`: above zero when one arrived in the last 1-2 s, so this reads up to
-        2 s late); None before the first one or without metrics."""
+        2 s late); 0 while the fetch buffer still holds records to deliver (its partitions are not fetched until it
+        drains); None before the first fetch or without metrics."""
         rate = compat.fetch_rate(self._consumer)
         now = time.monotonic()
-        if rate:
-            self._last_fetch_seen = now
+        if rate or any(q for tp, q in self._buffer.items() if tp not in self._paused):
+            self._last_fetch_seen = now  # a fetch arrived, or records still flow from the buffer (no fetch needed)
         return None if rate is None or self._last_fetch_seen is None else now - self._last_fetch_seen
 
     def highwater(self, topic: str, partition: int) -> int | None:

@@ -54,6 +54,7 @@ from drain3.drain import Drain, LogCluster, Node
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.service.normalizer import normalize_line
+from pipeline.service.threshold import AlertThreshold, ThresholdState
 from pipeline.settings import TemplateSettings
 
 PARAM = "<*>"
@@ -97,6 +98,9 @@ class TemplateMemoryState(_State):
     # Reference clusters (pinned) in id order, then the others from least to most recently matched.
     clusters: list[ClusterState]
     tree: NodeState
+    threshold: ThresholdState | None = Field(
+        None, description="The partition's alert threshold over all its streams' scores (pipeline.service.verdict); "
+                          "absent in memories saved before it and in a reference")
 
 
 class StreamTemplatesState(_State):
@@ -135,6 +139,9 @@ class TemplateMemory:
         self.reference: str | None = None
         self.lines = 0  # lines of the partition observed (the reference's not counted)
         self.ref_lines = 0  # lines of the reference
+        # The (1 - alert_rate) quantile of the partition's line scores, fed by `StreamJudge.judge`: the threshold
+        # of streams too young for their own (short keys); saved with the memory.
+        self.threshold = AlertThreshold()
 
     def __len__(self) -> int:
         return len(self.drain.id_to_cluster)
@@ -163,7 +170,7 @@ class TemplateMemory:
             cluster, _ = self.drain.add_log_message(mask(line))
             self.ref[cluster.cluster_id] = self.ref.get(cluster.cluster_id, 0) + 1
             self.ref_lines += 1
-        self.reference = hashlib.sha256(self.state().model_dump_json().encode()).hexdigest()
+        self.reference = hashlib.sha256(self.state().model_dump_json(exclude={"threshold"}).encode()).hexdigest()
 
     # ---- state ------------------------------------------------------------------------------------------
     def state(self) -> TemplateMemoryState:
@@ -177,7 +184,8 @@ class TemplateMemory:
                                          seen=self.seen.get(cid, 0), ref=self.ref.get(cid, 0)))
         tree = _dump_node(self.drain.root_node, set(self.drain.id_to_cluster))
         return TemplateMemoryState(counter=self.drain.clusters_counter, reference=self.reference,
-                                   lines=self.lines, ref_lines=self.ref_lines, clusters=clusters, tree=tree)
+                                   lines=self.lines, ref_lines=self.ref_lines, clusters=clusters, tree=tree,
+                                   threshold=self.threshold.state() if self.threshold.n else None)
 
     def to_json(self) -> dict[str, Any]:
         return self.state().model_dump(mode="json")
@@ -202,6 +210,8 @@ class TemplateMemory:
         memory.drain.root_node = _load_node(st.tree)
         memory.reference = st.reference
         memory.lines, memory.ref_lines = st.lines, st.ref_lines
+        if st.threshold is not None:
+            memory.threshold = AlertThreshold.from_json(st.threshold)
         return memory
 
     def copy(self) -> TemplateMemory:

@@ -21,13 +21,13 @@ line) is one term among several.
 quantile of its earlier scores, after `score.alert_warmup_lines` lines. The quantile learns from the lines
 after `score.warmup_lines` (z's own warm-up): before it, z rests on a handful of lines and every template is
 new, and those first scores would hold the threshold above the stream's settled ones (on a long normal
-stream, learning from line 0 gave half the target rate; from line 20, 0.87-1.02 of it). The quantile is estimated by a
-t-digest from Apache DataSketches (`datasketches.tdigest_double`). Its KLL, REQ and classic quantiles sketches
-were ruled out: they compact with random coin flips, so two services fed the same lines disagree, and exact
-resume could not hold. The t-digest is deterministic, but merging its buffer (which serializing and querying
-do) changes what it holds, so it is fed in batches of `THRESHOLD_BATCH` scores, compressed, queried and
-serialized only at batch ends; the scores of the current batch are kept beside it. A snapshot taken anywhere
-thus restores a threshold that behaves exactly as one that never stopped.
+stream, learning from line 0 gave half the target rate; from line 20, 0.87-1.02 of it). A stream that has not
+scored `alert_warmup_lines` lines yet (every line of a short key: an HDFS block, a request id, a VM instance)
+alerts against its **partition's** threshold instead: the (1 - `alert_rate`) quantile of the scores of every
+line of the partition, all streams together, once the partition has scored `alert_warmup_lines` lines. It lives
+in the partition's template memory (`TemplateMemory.threshold`, checkpointed beside the manifest), so it exists
+only with templates on (`templates.enabled`, the default). Both thresholds are `AlertThreshold`s
+(`pipeline.service.threshold`: a deterministic t-digest, exact across a resume).
 
 **The verdict** (`Verdict`): the stream's running aggregate, carried by every `score` annotation so that a
 subscriber can rank keys without re-reading history.
@@ -35,19 +35,15 @@ subscriber can rank keys without re-reading history.
 
 from __future__ import annotations
 
-import base64
 import math
 from typing import Any
 
-from datasketches import tdigest_double
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.service.scoring import LineScore
 from pipeline.service.templates import StreamTemplates, TemplateMemory
+from pipeline.service.threshold import AlertThreshold
 from pipeline.settings import ScoreSettings, TemplateSettings
-
-THRESHOLD_BATCH = 32  # scores folded into the t-digest at a time (its threshold moves at batch ends only)
-DIGEST_K = 200  # t-digest compression: more centroids, better tails
 
 
 def combined_score(
@@ -65,60 +61,6 @@ def combined_score(
     if new_partition is not None:
         score += settings.weight_rarity * -math.log2((seen + 1) / (lines + 1))
     return score
-
-
-class ThresholdState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    n: int = Field(ge=0, description="Scores seen")
-    pending: list[float] = Field(description="Scores of the current batch, not yet in the digest")
-    digest: str | None = Field(description="The t-digest at the last batch end (DataSketches bytes, base64)")
-    threshold: float | None = Field(description="Its (1 - alert_rate) quantile then")
-
-
-class AlertThreshold:
-    """The running (1 - rate) quantile of a stream's scores (module docstring); deterministic."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.pending: list[float] = []
-        self.digest: tdigest_double | None = None
-        self.blob: bytes | None = None  # serialized at the last batch end
-        self.threshold: float | None = None
-
-    def exceeds(self, score: float) -> bool:
-        return self.threshold is not None and score > self.threshold
-
-    def add(self, score: float, rate: float) -> None:
-        self.n += 1
-        self.pending.append(score)
-        if len(self.pending) < THRESHOLD_BATCH:
-            return
-        if self.digest is None:
-            self.digest = tdigest_double(DIGEST_K)
-        for value in self.pending:
-            self.digest.update(value)
-        self.pending = []
-        self.digest.compress()
-        self.threshold = float(self.digest.get_quantile(1.0 - rate))
-        self.blob = self.digest.serialize()
-
-    def to_json(self) -> dict[str, Any]:
-        return ThresholdState(n=self.n, pending=list(self.pending), threshold=self.threshold,
-                              digest=None if self.blob is None else base64.b64encode(self.blob).decode()
-                              ).model_dump(mode="json")
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AlertThreshold:
-        st = ThresholdState.model_validate(data)
-        if len(st.pending) >= THRESHOLD_BATCH or not all(math.isfinite(v) for v in st.pending):
-            raise ValueError(f"threshold: expected fewer than {THRESHOLD_BATCH} finite pending scores")
-        out = cls()
-        out.n, out.pending, out.threshold = st.n, list(st.pending), st.threshold
-        if st.digest is not None:
-            out.blob = base64.b64decode(st.digest, validate=True)
-            out.digest = tdigest_double.deserialize(out.blob)
-        return out
 
 
 class Verdict(BaseModel):
@@ -205,9 +147,15 @@ class StreamJudge:
                                         lines=match.partition_lines + partition.ref_lines)
         else:
             line.score = combined_score(sc, line.z)
-        line.alert = line.line_no >= sc.alert_warmup_lines and self.threshold.exceeds(line.score)
+        if line.line_no >= sc.alert_warmup_lines:
+            line.alert = self.threshold.exceeds(line.score)
+        else:  # a young (or short) stream: against its partition's scores (module docstring)
+            shared = partition.threshold if partition is not None else None
+            line.alert = shared is not None and shared.n >= sc.alert_warmup_lines and shared.exceeds(line.score)
         if line.line_no >= sc.warmup_lines:  # before, z rests on too few lines and every template is new
             self.threshold.add(line.score, sc.alert_rate)
+        if partition is not None:
+            partition.threshold.add(line.score, sc.alert_rate)
         self.verdict.line(line, new_stream, new_partition, new_reference)
 
     def to_json(self) -> dict[str, Any]:

@@ -98,6 +98,10 @@ class _NotAnswering(Exception):
     """One start-up check missed; the message is the user-facing line."""
 
 
+class _Refused(Exception):
+    """A start-up check was answered with a refusal that waiting cannot fix (credentials); not retried."""
+
+
 def check_reachable(
     client: KafkaClientConfig, store: RedisStateStore, url: str, wait_s: float = 0.0, timeout_s: float = 10.0
 ) -> None:
@@ -115,6 +119,11 @@ def check_reachable(
             ) from exc
         try:
             store.ping()
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+            raise _Refused(  # a wrong password or ACL does not heal by waiting: fail at once
+                f"expected Redis at {redacted_address(url)} to accept the configured credentials, it refused them "
+                f"({type(exc).__name__}: {exc}); check redis.url / redis.password"
+            ) from exc
         except redis.RedisError as exc:
             raise _NotAnswering(
                 f"expected Redis at {redacted_address(url)}, it did not answer ({type(exc).__name__}: {exc})"
@@ -131,6 +140,8 @@ def check_reachable(
     )
     try:
         retrying(check)
+    except _Refused as exc:
+        raise UserError(str(exc)) from exc.__cause__
     except _NotAnswering as exc:
         waited = f" (waited {wait_s:g}s; service.startup_wait_s)" if wait_s else ""
         raise UserError(f"{exc}{waited}") from exc.__cause__

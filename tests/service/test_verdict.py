@@ -10,7 +10,8 @@ import pytest
 
 from connectors.protocols import Record
 from pipeline.service.session import Engine, StreamSession
-from pipeline.service.verdict import THRESHOLD_BATCH, AlertThreshold, Verdict, combined_score
+from pipeline.service.threshold import THRESHOLD_BATCH, AlertThreshold
+from pipeline.service.verdict import Verdict, combined_score
 from pipeline.settings import ScoreSettings, load_settings
 
 
@@ -120,6 +121,45 @@ def test_alert_rate_holds_on_a_long_normal_stream(text_lm, one_thread):
     assert verdict.lines == len(lines) and verdict.alerts == sum(line["alert"] for line in lines)
     assert verdict.max_score == max(line["score"] for line in lines)
     assert verdict.new_in_stream == len({line["template"]["id"] for line in lines}) == verdict.new_in_partition
+
+
+def test_short_keys_alert_against_their_partitions_threshold_and_resume_exactly(text_lm, one_thread):
+    """Keys of one record (10 lines) never reach their own alert warm-up; they alert against the partition's
+    threshold (all its streams' scores) at the target rate, an odd line in a short key alerts, and the
+    partition's threshold restored from its saved memory behaves as one that never stopped."""
+    from pipeline.service.templates import TemplateMemory
+
+    rate, warmup = 0.02, 300
+    engine = Engine(text_lm, _settings(alert_rate=rate, alert_warmup_lines=warmup))
+    values = _normal_stream(2400)
+    odd = b"ERROR kernel panic: machine check exception on cpu 3, bank 4: 0xb200000000070f0f\n"
+    values[200] = values[200][: values[200].index(b"\n") + 1] + odd + values[200].split(b"\n", 2)[2]
+
+    def run(memory, offsets):
+        out = []
+        for offset in offsets:
+            key = f"blk-{offset}".encode()
+            session = StreamSession(engine, key.decode(), templates=memory)
+            for a in session.process(Record("in", 0, offset, key, values[offset], {}, 0)):
+                out += a["score"]["lines"]
+            session.release()  # the key's session is over: its KV slot goes back to the pool
+        return out
+
+    memory = engine.new_template_memory()
+    first = run(memory, range(120))
+    saved = json.loads(json.dumps(memory.to_json()))
+    rest = run(memory, range(120, len(values)))
+    lines = first + rest
+    assert all(line["line_no"] < warmup for line in lines)  # no stream reached its own threshold
+    assert not any(line["alert"] for line in lines[:warmup])  # nor had the partition scored enough lines
+    normal = [line for line in lines[warmup:] if not line["text"].startswith("ERROR")]
+    per_1000 = 1000 * sum(line["alert"] for line in normal) / len(normal)
+    print(f"short keys: alerts per 1,000 normal lines after the partition's warm-up: {per_1000:.2f}")
+    assert rate * 1000 / 2 <= per_1000 <= rate * 1000 * 2, per_1000
+    [panic] = [line for line in lines if line["text"].startswith("ERROR")]
+    assert panic["alert"], panic
+    resumed = run(TemplateMemory.from_state(engine.settings.templates, saved), range(120, len(values)))
+    assert resumed == rest
 
 
 def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
