@@ -275,17 +275,22 @@ def plot_streams_dtypes(result: dict[str, Any], path: Path) -> None:
     bars = [(f"service pooled, {d}", [r["service_pool"]["tokens_per_s"] for r in runs[d]["rows"]]) for d in runs]
     bars += [(f"raw transformers, {d}", [(r["raw_padded"] or {}).get("tokens_per_s", 0) for r in runs[d]["rows"]])
              for d in runs]
+    _ingest_bars(ax, counts, bars, "ingest with a full window per stream, by dtype")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ingest_bars(ax: Any, counts: list[int], bars: list[tuple[str, list[float]]], title: str) -> None:
+    """Grouped bars of tokens/s per stream count, one bar per (label, values) series."""
     width = 0.8 / len(bars)
     for k, (label, values) in enumerate(bars):
         ax.bar([x + (k - (len(bars) - 1) / 2) * width for x in range(len(counts))], values, width, label=label)
     ax.set_xticks(list(range(len(counts))), [str(c) for c in counts])
     ax.set_xlabel("streams (one log line per record)")
     ax.set_ylabel("tokens/s")
-    ax.set_title("ingest with a full window per stream, by dtype")
+    ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_streams(result: dict[str, Any], path: Path) -> None:
@@ -299,22 +304,11 @@ def plot_streams(result: dict[str, Any], path: Path) -> None:
         1, 2 if "decode" in result else 1, figsize=(12 if "decode" in result else 6, 4), squeeze=False
     )
     ax = axes[0][0]
-    xs = range(len(rows))
-    width = 0.27
     series = [("service_pool", "service, pooled batch"), ("service_per_stream", "service, one cache per stream"),
               ("raw_padded", "raw transformers, padded batch")]
-    for k, (name, label) in enumerate(series):
-        ax.bar(
-            [x + (k - 1) * width for x in xs],
-            [(r[name] or {}).get("tokens_per_s", 0) for r in rows],
-            width,
-            label=label,
-        )
-    ax.set_xticks(list(xs), [str(r["streams"]) for r in rows])
-    ax.set_xlabel("streams (one log line per record)")
-    ax.set_ylabel("tokens/s")
-    ax.set_title("ingest with a full window per stream")
-    ax.legend(fontsize=8)
+    _ingest_bars(ax, [r["streams"] for r in rows],
+                 [(label, [(r[name] or {}).get("tokens_per_s", 0) for r in rows]) for name, label in series],
+                 "ingest with a full window per stream")
     if "decode" in result:
         ax = axes[0][1]
         d = result["decode"]["rows"]
