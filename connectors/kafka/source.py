@@ -214,9 +214,9 @@ class KafkaSource:
             raise ValueError(f"expected max_records >= 1, got {max_records!r}")
         if timeout_s < 0:
             raise ValueError(f"expected timeout_s >= 0, got {timeout_s!r}")
-        buffered = any(q for tp, q in self._buffer.items() if tp not in self._paused)
         try:  # every record the consumer holds (nothing is left parked in it); no wait when some are buffered
-            batches = self._consumer.poll(timeout_ms=0 if buffered else int(timeout_s * 1000), max_records=_DRAIN_ALL)
+            wait_ms = 0 if self._deliverable() else int(timeout_s * 1000)
+            batches = self._consumer.poll(timeout_ms=wait_ms, max_records=_DRAIN_ALL)
         except KafkaError as exc:
             if exc.__cause__ is not None and "rebalance callback" in str(exc):
                 raise SourceError(f"poll: a rebalance callback raised {exc.__cause__!r}") from exc.__cause__
@@ -242,6 +242,10 @@ class KafkaSource:
                     )
                 )
         return self._take(max_records)
+
+    def _deliverable(self) -> bool:
+        """The buffer holds records of a partition the caller has not paused."""
+        return any(q for tp, q in self._buffer.items() if tp not in self._paused)
 
     def _take(self, max_records: int) -> list[Record]:
         """Up to `max_records` buffered records of unpaused partitions, round-robin: a partition that still has
@@ -317,7 +321,7 @@ class KafkaSource:
         drains); None before the first fetch or without metrics."""
         rate = compat.fetch_rate(self._consumer)
         now = time.monotonic()
-        if rate or any(q for tp, q in self._buffer.items() if tp not in self._paused):
+        if rate or self._deliverable():
             self._last_fetch_seen = now  # a fetch arrived, or records still flow from the buffer (no fetch needed)
         return None if rate is None or self._last_fetch_seen is None else now - self._last_fetch_seen
 
