@@ -32,8 +32,8 @@ from connectors.redis_store import RedisStateStore
 from model.loader import LoadedModel
 from pipeline.devstack.processes import start_redis
 from pipeline.evaluation.datasets import loghub_dir
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 BUSY_KEYS = 15

@@ -29,7 +29,8 @@ from connectors.redis_store import RedisStateStore
 from model.loader import LoadedModel
 from pipeline.devstack.processes import start_redis, start_tansu
 from pipeline.evaluation.datasets import bgl_labels, loghub_dir
-from pipeline.service.session import Engine, StreamSession, stream_key
+from pipeline.service.engine import Engine
+from pipeline.service.session import StreamSession, stream_key
 from pipeline.settings import Settings, load_settings
 
 STREAMS = {"hdfs": "HDFS_2k.log", "ssh": "OpenSSH_2k.log", "bgl": "BGL_2k.log", "zk": "Zookeeper_2k.log"}
@@ -129,13 +130,15 @@ def _checkpoint_cost(engine: Engine, settings: Settings, workdir: Path, repeats:
             t1 = time.perf_counter()
             doc = store.write_checkpoint("bench:0", epoch, {"hdfs": blob}, {"next_offset": offset + i})
             t2 = time.perf_counter()
-            StreamSession.restore(engine, store.read_snapshot(doc["snapshots"]["hdfs"]))
+            restored = StreamSession.restore(engine, store.read_snapshot(doc["snapshots"]["hdfs"]))
             t3 = time.perf_counter()
+            restored.release()
             dump.append(t1 - t0)
             write.append(t2 - t1)
             restore.append(t3 - t2)
         med = statistics.median
-        return {"tokens_in_cache": session.cache.buffered(), "bytes": len(blob), "snapshot_ms": 1000 * med(dump),
+        return {"tokens_in_cache": min(session.primed + session.tokens_seen, span), "bytes": len(blob),
+                "snapshot_ms": 1000 * med(dump),
                 "redis_write_ms": 1000 * med(write), "checkpoint_ms": 1000 * (med(dump) + med(write)),
                 "restore_ms": 1000 * med(restore), "repeats": repeats, "goal_checkpoint_ms": 150.0}
     finally:

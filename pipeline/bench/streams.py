@@ -46,8 +46,8 @@ from model.pool_bench import _crop, _dynamic_prefix, _plain_sdpa, _prefix_ids, d
 from model.row_stable import plain_linears
 from model.tokens import encode_text
 from pipeline.evaluation.datasets import loghub_dir
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.cli.common import add_model_options, load_model_for_cli, non_negative_int, positive_int
 from pipeline.evaluation import anomaly_report as ar
 from pipeline.evaluation.tables import cell, markdown_table
-from pipeline.service.session import Engine
+from pipeline.service.engine import Engine
 from pipeline.settings import Settings, load_settings
 
 NORMALIZE_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}

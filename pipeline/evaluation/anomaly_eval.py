@@ -52,8 +52,8 @@ def eval_settings(base: Settings | None, reference: Path | None) -> Settings:
 def run_service(lm: LoadedModel, settings: Settings, records: Sequence[tuple[str, str]],
                 progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], float]:
     """Feed (key, value) records through a real `Service` on in-memory connectors; its annotations, seconds."""
+    from pipeline.service.engine import Engine
     from pipeline.service.service import Service
-    from pipeline.service.session import Engine
 
     topic = MemoryTopic(IN, partitions=1)
     for key, value in records:

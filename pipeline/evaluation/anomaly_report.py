@@ -33,7 +33,8 @@ import numpy as np
 
 from connectors.protocols import Record
 from model.tokens import encode_text
-from pipeline.service.session import Engine, StreamSession
+from pipeline.service.engine import Engine
+from pipeline.service.session import StreamSession
 
 LABEL_FORMATS = ("bgl",)
 # Rankers built from the service's annotations, in table order; baselines come first.

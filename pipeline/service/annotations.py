@@ -299,10 +299,10 @@ def reply_annotation(
 
 
 def error_annotation(
-    record_id: dict[str, Any], stream: str, problems: list[dict[str, Any]], tokens_seen: int, meta: dict[str, Any]
+    record_id: dict[str, Any], stream: str, problems: list[Problem], tokens_seen: int, meta: dict[str, Any]
 ) -> dict[str, Any]:
     """The `error` annotation: what of the record was not scored, and why (never skipped silently)."""
-    full = [Problem(**p).model_dump() for p in problems]
+    full = [p.model_dump() for p in problems]
     return {**_head(record_id, "error", stream, tokens_seen, meta), "error": {"problems": full}}
 
 

@@ -31,8 +31,10 @@ two threads in `tests/service/test_faults.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Union
 
 import torch
 
@@ -49,7 +51,89 @@ LOGIT_SLICE_ROWS = 1024  # rows of logits (x vocab floats) alive at once
 
 
 class CacheFull(RuntimeError):
-    """No free KV slot for another resident stream (the partition waits until one is spilled)."""
+    """No KV capacity left for another resident stream (the partition spills a cold one first, or waits)."""
+
+
+Purpose = Literal["stream", "pad", "scratch", "backup"]
+
+
+class KVSlots:
+    """The one owner of KV capacity: how many slots exist, what each is for, and whether one more can be had.
+
+    Named reservations (`quota`):
+    - `stream`: one per resident stream (`service.max_resident_streams`); `Residency` asks `room()` before a
+      stream becomes resident and spills cold streams while the answer is no.
+    - `pad` (pooled only): the slot that takes the extra tokens of a forward shorter than `MIN_ROWS`.
+    - `scratch` (pooled only): the fork in which a `note` is generated (the stream's own slot is never written).
+    - `backup` (pooled only, `service.backup_slots`): a copy of a stream taken before a record longer than one
+      forward, so that a failure half-way rolls the stream back to the record's start. A backup may also borrow
+      a `stream` slot that no resident stream holds (only between admissions: every backup is given back
+      before the group's records are published). When the answer is no, the stream's record waits for a
+      backup to be given back; it never runs without one.
+
+    `take` answers yes (a slot number, or a count for the one-cache backend) or no (None); nothing here
+    allocates behind the caller's back. With a pool, the physical slots come from `KVPool.allocate`; the pool's
+    capacity is exactly the sum of the quotas.
+    """
+
+    def __init__(self, quota: dict[Purpose, int], pool: KVPool | None = None):
+        self.quota: dict[Purpose, int] = dict(quota)
+        self.used: dict[Purpose, int] = {purpose: 0 for purpose in self.quota}
+        self.borrowed = 0  # backups held in stream slots that no resident stream holds
+        self.pool = pool
+        if pool is not None and pool.capacity != self.capacity:
+            raise ValueError(f"expected a pool of {self.capacity} slots (the sum of {self.quota}), got {pool.capacity}")
+
+    @property
+    def capacity(self) -> int:
+        return sum(self.quota.values())
+
+    def room(self, purpose: Purpose = "stream") -> int:
+        """How many more slots of `purpose` can be had now (for `backup`: reserved plus borrowable)."""
+        free = self.quota.get(purpose, 0) - self.used.get(purpose, 0)
+        if purpose == "stream":
+            return free - self.borrowed
+        if purpose == "backup":
+            return free + self.room("stream")
+        return free
+
+    def take(self, purpose: Purpose) -> int | None:
+        """A slot for `purpose`, or None when its reservation (and, for a backup, the idle stream slots) is
+        used up. Without a pool the answer is a count (the handle is made by the caller)."""
+        if self.room(purpose) <= 0:
+            return None
+        if purpose == "backup" and self.used["backup"] >= self.quota["backup"]:
+            self.borrowed += 1
+        else:
+            self.used[purpose] += 1
+        return self.pool.allocate() if self.pool is not None else self.used[purpose]
+
+    def give(self, purpose: Purpose, slot: int | None = None) -> None:
+        """Give back a slot taken for `purpose` (the slot number with a pool)."""
+        if purpose == "backup" and self.borrowed:
+            self.borrowed -= 1
+        elif self.used.get(purpose, 0) > 0:
+            self.used[purpose] -= 1
+        else:
+            raise ValueError(f"expected a {purpose} slot in use, got none to give back")
+        if self.pool is not None and slot is not None:
+            self.pool.free(slot)
+
+    @contextmanager
+    def hold(self, purpose: Purpose) -> Iterator[None]:
+        """Count one slot of `purpose` as used while the block runs, for code that takes the physical slot itself
+        (`PoolStepper.generate` forks its scratch slot); raises `CacheFull` when the reservation is used up."""
+        if self.room(purpose) <= 0:
+            raise CacheFull(f"no {purpose} KV slot is free ({self.describe()})")
+        self.used[purpose] += 1
+        try:
+            yield
+        finally:
+            self.used[purpose] -= 1
+
+    def describe(self) -> str:
+        return ", ".join(f"{p} {self.used[p] + (self.borrowed if p == 'backup' else 0)}/{q}"
+                         for p, q in self.quota.items())
 
 
 class Capture(Protocol):
@@ -82,22 +166,25 @@ class _SlotCapture:
 
 
 class SinkBackend:
-    """One `SinkCache` per stream; handles are the caches themselves."""
+    """One `SinkCache` per stream; handles are the caches themselves (counted by `slots`, quota `stream`)."""
 
     pooled = False
 
-    def __init__(self, lm: LoadedModel, sinks: int, window: int, chunk: int):
+    def __init__(self, lm: LoadedModel, sinks: int, window: int, chunk: int, resident: int):
         self.lm, self.runner = lm, SinkModel(lm)
         self.sinks, self.window, self.chunk = sinks, window, chunk
+        self.slots = KVSlots({"stream": resident})
 
     def new(self) -> SinkCache:
+        if self.slots.take("stream") is None:
+            raise CacheFull(f"all {self.slots.quota['stream']} resident stream caches are in use")
         return self.runner.new_cache(self.sinks, self.window, max_chunk=self.chunk)
 
     def seen(self, handle: SinkCache) -> int:
         return handle.seen
 
     def release(self, handle: SinkCache) -> None:
-        pass
+        self.slots.give("stream")
 
     def prime(self, handle: SinkCache, token: int) -> None:
         prime_sink_token(self.runner, handle, token)
@@ -106,36 +193,49 @@ class SinkBackend:
         return _SinkCapture(handle.state(), handle)
 
     def restore(self, blob: bytes) -> tuple[SinkCache, dict[str, Any], dict[str, torch.Tensor]]:
-        return load_cache(self.lm, blob)
+        if self.slots.take("stream") is None:
+            raise CacheFull(f"all {self.slots.quota['stream']} resident stream caches are in use")
+        try:
+            return load_cache(self.lm, blob)
+        except BaseException:
+            self.slots.give("stream")
+            raise
 
-    def generate(self, handle: SinkCache, prompt: list[int], max_new: int, stop: Any, last_logits: Any) -> list[int]:
+    def generate(self, handle: SinkCache, prompt: list[int], max_new: int, stop: Callable[[int], bool],
+                 last_logits: torch.Tensor | None) -> list[int]:
         return self.runner.generate(handle, prompt, max_new, stop=stop)
 
 
 class PoolBackend:
-    """Slots of one `KVPool`; handles are slot numbers. Capacity: resident streams + a pad and a scratch slot."""
+    """Slots of one `KVPool`; handles are slot numbers. Capacity (`slots`): resident streams, backups, a pad and
+    a scratch slot."""
 
     pooled = True
 
-    def __init__(self, lm: LoadedModel, sinks: int, window: int, chunk: int, resident: int):
+    def __init__(self, lm: LoadedModel, sinks: int, window: int, chunk: int, resident: int, backups: int = 1):
         check_poolable(lm)
         self.lm = lm
-        self.pool = KVPool(lm, capacity=resident + 2, sinks=sinks, window=window, max_chunk=chunk)
+        quota: dict[Purpose, int] = {"stream": resident, "backup": backups, "pad": 1, "scratch": 1}
+        self.pool = KVPool(lm, capacity=sum(quota.values()), sinks=sinks, window=window, max_chunk=chunk)
+        self.slots = KVSlots(quota, self.pool)
         mode: Literal["loop", "auto"] = "loop" if lm.device.type == "cpu" else "auto"
         self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=LOGIT_SLICE_ROWS, min_rows=MIN_ROWS)
-        self.pad_slot = self.pool.allocate()  # takes the extra tokens of a forward shorter than MIN_ROWS
+        pad = self.slots.take("pad")  # takes the extra tokens of a forward shorter than MIN_ROWS
+        assert pad is not None
+        self.pad_slot = pad
         self.chunk = self.pool.max_chunk  # the pool lowers `chunk` where the model's positions run out
 
     def new(self) -> int:
-        if self.pool.free_slots <= 1:  # one slot stays free for note generation (scratch fork)
-            raise CacheFull(f"all {self.pool.capacity - 2} resident KV slots are in use")
-        return self.pool.allocate()
+        slot = self.slots.take("stream")
+        if slot is None:
+            raise CacheFull(f"all {self.slots.quota['stream']} resident KV slots are in use")
+        return slot
 
     def seen(self, handle: int) -> int:
         return self.pool.seen[handle]
 
     def release(self, handle: int) -> None:
-        self.pool.free(handle)
+        self.slots.give("stream", handle)
 
     def prime(self, handle: int, token: int) -> None:
         if self.pool.seen[handle]:
@@ -146,12 +246,16 @@ class PoolBackend:
         return _SlotCapture(self.lm, self.pool.slot_tensors(handle))
 
     def restore(self, blob: bytes) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
-        if self.pool.free_slots <= 1:
-            raise CacheFull(f"all {self.pool.capacity - 2} resident KV slots are in use")
-        return self.pool.restore(blob)
+        if self.slots.room("stream") <= 0:
+            raise CacheFull(f"all {self.slots.quota['stream']} resident KV slots are in use")
+        slot, extra, tensors = self.pool.restore(blob)  # the pool takes the slot itself, and frees it on failure
+        self.slots.used["stream"] += 1
+        return slot, extra, tensors
 
-    def generate(self, handle: int, prompt: list[int], max_new: int, stop: Any, last_logits: Any) -> list[int]:
-        return self.stepper.generate(handle, prompt, max_new, stop=stop, last_logits=last_logits)
+    def generate(self, handle: int, prompt: list[int], max_new: int, stop: Callable[[int], bool],
+                 last_logits: torch.Tensor | None) -> list[int]:
+        with self.slots.hold("scratch"):  # the stepper forks the stream into the scratch slot
+            return self.stepper.generate(handle, prompt, max_new, stop=stop, last_logits=last_logits)
 
     def step(self, slots: list[int], chunks: list[list[int]], prev: list[torch.Tensor | None]):
         """One packed forward, padded to MIN_ROWS tokens with the pad slot (see the module docstring)."""
@@ -167,24 +271,68 @@ class PoolBackend:
             self.pool.reset(self.pad_slot)
         return results[: len(results) - (1 if padded else 0)]
 
+    def take_backup(self, handle: int) -> int | None:
+        """A backup slot holding an exact copy of stream `handle` (before a record longer than one forward), or
+        None when `slots` has none to give (the record waits; see `KVSlots`)."""
+        backup = self.slots.take("backup")
+        if backup is not None:
+            self.copy_slot(handle, backup)
+        return backup
+
+    def drop_backup(self, backup: int) -> None:
+        self.slots.give("backup", backup)
+
     def copy_slot(self, src: int, dst: int) -> None:
-        """Make `dst` an exact copy of `src` (a backup of a stream before a multi-pass record)."""
+        """Make `dst` an exact copy of `src` (a backup of a stream, or a stream rolled back to its backup)."""
         for keys, values in zip(self.pool.keys, self.pool.values):
             keys[dst].copy_(keys[src])
             values[dst].copy_(values[src])
         self.pool.seen[dst], self.pool.base[dst] = self.pool.seen[src], self.pool.base[src]
 
 
-def make_backend(lm: LoadedModel, settings: Any) -> SinkBackend | PoolBackend:
-    """The pooled backend where the architecture allows it and `service.kv_pool` is on, else one cache each.
-    Dialogue mode (`service.mode: dialogue`) always uses one cache each: a reply is generated token by token
-    into its conversation's own `SinkCache` (`pipeline.service.dialogue_mode`)."""
+KVHandle = Union[int, SinkCache]  # a stream's KV state: a pool slot number, or its own SinkCache
+
+
+class KVBackend(Protocol):
+    """Where every stream's KV state lives (`PoolBackend`, `SinkBackend`): what a session asks of it."""
+
+    pooled: bool
+    slots: KVSlots
+    chunk: int
+
+    def new(self) -> Any:
+        """A new, empty stream handle; raises `CacheFull` when `slots` has no stream slot left."""
+
+    def seen(self, handle: Any) -> int:
+        """Tokens the stream has fed (the sink token included)."""
+
+    def release(self, handle: Any) -> None:
+        """Give the stream's slot back (the stream left memory)."""
+
+    def prime(self, handle: Any, token: int) -> None:
+        """Feed the sink token as position 0 of a new stream."""
+
+    def capture(self, handle: Any) -> Capture:
+        """The stream's KV state frozen now, to serialize later on another thread."""
+
+    def restore(self, blob: bytes) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+        """A handle rebuilt from a snapshot, with its extra fields and tensors; raises `SnapshotError`."""
+
+    def generate(self, handle: Any, prompt: list[int], max_new: int, stop: Callable[[int], bool],
+                 last_logits: torch.Tensor | None) -> list[int]:
+        """Greedy tokens after the stream + `prompt`, without changing the stream."""
+
+
+def make_backend(lm: LoadedModel, settings: Any, pooled: bool = True) -> SinkBackend | PoolBackend:
+    """The pooled backend where the architecture allows it, `service.kv_pool` is on and the mode can use it
+    (`pooled`: dialogue mode generates each reply token by token into its conversation's own `SinkCache`,
+    `pipeline.service.dialogue_mode`), else one cache each."""
     c, s = settings.cache, settings.service
-    if s.kv_pool and getattr(s, "mode", "score") != "dialogue":
+    if s.kv_pool and pooled:
         try:
             check_poolable(lm)
         except ValueError:
             pass
         else:
-            return PoolBackend(lm, c.sinks, c.window, c.chunk, s.max_resident_streams)
-    return SinkBackend(lm, c.sinks, c.window, c.chunk)
+            return PoolBackend(lm, c.sinks, c.window, c.chunk, s.max_resident_streams, s.backup_slots)
+    return SinkBackend(lm, c.sinks, c.window, c.chunk, s.max_resident_streams)

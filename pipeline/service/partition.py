@@ -1,8 +1,8 @@
 """An assigned input partition: its owner epoch, its stream sessions, and what its next checkpoint holds.
 
 Sessions are created on demand when a record of a new stream arrives, restored lazily from the partition's
-manifest when a known stream shows up again, and spilled to the state store when more than
-`service.max_resident_streams` sessions are in memory across all partitions (least recently used first).
+manifest when a known stream shows up again, and spilled to the state store when the KV backend has no stream
+slot left for another one (`service.max_resident_streams` across all partitions; least recently used first).
 
 Offsets: `next_offset` is the offset after the last record whose annotations were accepted by the sink. It is
 the only offset a checkpoint may claim, and it moves only in `published()`.
@@ -36,8 +36,9 @@ from connectors.errors import FencedError, MissingSnapshotError, StateLostError,
 from connectors.protocols import CheckpointStore
 from model.device_errors import raise_if_fatal
 from pipeline.service import metrics
-from pipeline.service.backend import CacheFull
-from pipeline.service.session import Engine, StreamSession
+from pipeline.service.backend import CacheFull, KVSlots
+from pipeline.service.engine import Engine
+from pipeline.service.session import StreamSession
 from pipeline.service.templates import TemplateMemory
 from pipeline.service.verdict import Verdict
 
@@ -64,10 +65,11 @@ class CheckpointTicket:
 
 
 class Residency:
-    """Process-wide LRU of resident sessions, shared by all partitions."""
+    """Process-wide LRU of resident sessions, shared by all partitions. How many fit is not kept here: the KV
+    backend's `KVSlots` answers (`room`), and a stream becomes resident only when it says yes."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, slots: KVSlots):
+        self.slots = slots
         self._lru: OrderedDict[tuple[str, str], PartitionState] = OrderedDict()
         # Sessions with records in the group being prepared: never spilled before the group ran.
         self.pinned: set[tuple[str, str]] = set()
@@ -78,24 +80,19 @@ class Residency:
     def touch(self, part: PartitionState, key: str) -> None:
         self._lru[(part.id, key)] = part
         self._lru.move_to_end((part.id, key))
-        # Spill the coldest sessions; one that cannot be spilled now (store down) stays resident and the LRU
-        # is over its limit until the store answers again.
-        for (pid, cold_key), owner in list(self._lru.items()):
-            if len(self._lru) <= self.limit or (pid, cold_key) == (part.id, key):
-                break
-            if (pid, cold_key) not in self.pinned and owner.spill(cold_key):
-                del self._lru[(pid, cold_key)]
 
-    def make_room(self, part: PartitionState, key: str) -> None:
-        """Before a stream becomes resident: spill the coldest sessions so that it fits the limit (its KV slot
-        must be free before the new session takes one)."""
+    def make_room(self, part: PartitionState, key: str) -> bool:
+        """Before a stream becomes resident: spill the coldest sessions until `slots` has a stream slot for it.
+        False when none could be spilled (the store is down: they stay resident); raises `GroupFull` when every
+        resident session has records in the group being prepared."""
         for (pid, cold_key), owner in list(self._lru.items()):
-            if len(self._lru) < self.limit:
+            if self.slots.room("stream") > 0:
                 break
             if (pid, cold_key) != (part.id, key) and (pid, cold_key) not in self.pinned and owner.spill(cold_key):
                 del self._lru[(pid, cold_key)]
-        if len(self._lru) >= self.limit and self.pinned >= set(self._lru):
-            raise GroupFull(f"all {self.limit} resident sessions have records in the group being prepared")
+        if self.slots.room("stream") <= 0 and self.pinned >= set(self._lru):
+            raise GroupFull(f"all {len(self._lru)} resident sessions have records in the group being prepared")
+        return self.slots.room("stream") > 0
 
     def drop(self, part_id: str, key: str) -> None:
         """One session left memory for good (its stream was closed)."""
@@ -177,11 +174,10 @@ class PartitionState:
         """
         session = self.sessions.get(key)
         if session is None:
-            self.residency.make_room(self, key)
-            try:
-                session = self._load(key)
-            except CacheFull as exc:  # spills failed (store down): no KV slot for this stream yet
-                raise StoreUnavailable(f"no KV slot for stream {key!r} of {self.id}: {exc}") from exc
+            if not self.residency.make_room(self, key):  # spills failed (store down): no KV slot for it yet
+                raise StoreUnavailable(f"no KV slot for stream {key!r} of {self.id}: no cold stream could be "
+                                       f"spilled ({self.residency.slots.describe()})")
+            session = self._load(key)
             self.sessions[key] = session
         self.residency.touch(self, key)
         return session
@@ -209,7 +205,7 @@ class PartitionState:
             return StreamSession(self.engine, key, templates=self.templates)
         try:
             session = StreamSession.restore(self.engine, blob, templates=self.templates)
-        except CacheFull:
+        except CacheFull:  # a bug (`make_room` said yes), not a damaged blob
             raise
         except Exception as exc:  # noqa: BLE001 - SnapshotError, or anything a damaged blob provokes: never a crash loop
             raise_if_fatal(exc)  # a failed device is not a damaged blob: never reset a stream for it

@@ -54,10 +54,11 @@ from connectors.protocols import CheckpointStore, PartitionCallbacks, Record, Si
 from model.device_errors import DeviceFailure, fatal_device_error, raise_if_fatal
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
-from pipeline.service.batcher import Batcher
+from pipeline.service.annotations import Problem
 from pipeline.service.checkpoint import Checkpointer
+from pipeline.service.engine import Engine
 from pipeline.service.partition import GroupFull, PartitionState, Residency, StoreUnavailable
-from pipeline.service.session import Engine, RecordWork, StreamSession, stream_key
+from pipeline.service.session import RecordWork, StreamSession, stream_key
 from pipeline.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -91,7 +92,7 @@ class Service:
         self.store = store
         self.sink = sink
         self.parts: dict[TopicPartition, PartitionState] = {}
-        self.residency = Residency(settings.service.max_resident_streams)
+        self.residency = Residency(engine.backend.slots)
         self.health = metrics.Health(stall_after_s=settings.kafka.max_poll_interval_ms / 1000.0)
         self.stop_requested = False
         # Records and tokens handled, with the monotonic times of the first and the last (for throughput).
@@ -112,7 +113,6 @@ class Service:
         self._waiting_since: float | None = None  # first poll after the last fetch response seen
         self._last_poll = 0.0
         self.joined = False  # the group gave this member its first assignment (possibly empty)
-        self.batcher = Batcher()
         self.source = source_factory(
             PartitionCallbacks(on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost)
         )
@@ -384,29 +384,28 @@ class Service:
         return works
 
     def _prepare(self, part: PartitionState, session: StreamSession, record: Record) -> RecordWork:
-        """`session.prepare(record)`, with broken-state notices; a record that makes it raise (a bug
+        """`engine.prepare(session, record)`, with broken-state notices; a record that makes it raise (a bug
         triggered by input) is rolled back out of the session and answered with an `error` annotation."""
         mark = session.mark()
         try:
-            work = session.prepare(record)
+            work = self.engine.prepare(session, record)
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the partition
             raise_if_fatal(exc)  # unless the device itself failed
             session.rollback(mark)
             log.error("record.bad_input", partition=part.id, offset=record.offset, error=f"{type(exc).__name__}: {exc}")
             metrics.ERRORS.labels("bad_input").inc()
-            work = RecordWork(record, session, [], [], skip_score=True, problems=[{
-                "reason": "bad_input", "message": f"the record could not be read: {type(exc).__name__}: {exc}",
-            }])
+            work = RecordWork(record, session, [], [], skip_score=True, problems=[Problem(
+                reason="bad_input", message=f"the record could not be read: {type(exc).__name__}: {exc}")])
         notice = part.take_reset_notice(session.key)
         if notice is not None:
-            work.problems.insert(0, {"reason": "context_reset", "message": notice})
+            work.problems.insert(0, Problem(reason="context_reset", message=notice))
         return work
 
     def _run_group(self, works: list[RecordWork]) -> None:
         """Model step for the group, then publish in input order and move offsets (steps 3 and 4)."""
         started = time.perf_counter()
         try:
-            self.batcher.run(works)
+            self.engine.run(works)
             for work in works:
                 part = self.parts[work.record.tp]
                 for closed in part.closing.pop(work.record.offset, []):  # streams closed at this record, first
@@ -414,7 +413,7 @@ class Service:
                 if work.replay:
                     part.published(None, work.record.offset)
                     continue
-                annotations = work.session.finish(work)
+                annotations = self.engine.finish(work)
                 for annotation in annotations:
                     self._publish(work, annotation)
                 part.scored(work.session.key, annotations, work.session.judge.verdict)

@@ -1,17 +1,22 @@
-"""A stream session: everything one stream owns, and the path from an input record to its annotations.
+"""A stream session: everything one stream owns, and the types a record travels in on its way through the model.
 
-Data path: Kafka record -> `StreamSession.prepare` (record limits, `LineChunker`, tokenizer) -> `RecordWork`
--> `pipeline.service.batcher.Batcher` (the shared model over every stream's own cache, many streams per
-step) -> `StreamSession.finish` (`LineScorer`, annotations).
+Data path (decide, execute, apply, one way): Kafka record -> `Engine.prepare` (the `Mode` turns the record into
+a `RecordWork`: limits, `LineChunker`, tokenizer) -> `Engine.run` (the mode's model step over a group, many
+streams per step; it fills each record's `StepOutput`) -> `Engine.finish` (annotations from the step's output;
+the session's counters move). `pipeline.service.engine` holds that flow and picks the mode once.
 
-The model is shared and stateless (`Engine`); the session owns its cache, counters, running statistics,
-pending bytes and the logits that predict its next token. `snapshot()` captures all of it, with
-`next_offset`: a snapshot means "resume after the last record it has seen".
+A session is plain per-stream state: its KV handle (a slot of the shared backend), counters, running statistics,
+pending bytes, the logits that predict its next token, its verdict and, in dialogue mode, its conversation
+state. The model is shared and stateless. `snapshot()` captures all of it, with `next_offset`: a snapshot means
+"resume after the last record it has seen".
 
 Failure contract: `mark()` takes a cheap, exact copy of everything `prepare`/`finish` and the model step
 change (cache tensors are never written in place, so the cache part is a set of references); `rollback(mark)`
 returns the session to it bit for bit. The service marks every session a group of records touches and rolls
 them back when the group fails part-way, so a checkpoint never holds half a record.
+
+Imports point one way: this module knows the engine and the modes only through the `Shared` and `Mode`
+protocols below; `engine`, `score_mode`, `dialogue_mode` and `batcher` import it, never the reverse.
 """
 
 from __future__ import annotations
@@ -20,84 +25,26 @@ import base64
 import copy
 import hashlib
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from connectors.protocols import Record
-from model.loader import LoadedModel
 from model.snapshot import SnapshotError
-from model.stepper import SinkModel
-from model.tokens import encode_text
-from pipeline.service import annotations as ann
+from pipeline.dialogue import ConversationState, Reply
 from pipeline.service import metrics
-from pipeline.service.backend import Capture, make_backend
+from pipeline.service.annotations import Problem
+from pipeline.service.backend import Capture, KVBackend, KVHandle
 from pipeline.service.chunker import LineChunker
-from pipeline.service.normalizer import normalize_line
-from pipeline.service.scoring import LineScore, LineScorer, RunningStats
-from pipeline.service.sink_token import resolve_sink_token
-from pipeline.service.templates import TemplateMemory, load_reference
+from pipeline.service.scoring import RunningStats
+from pipeline.service.templates import TemplateMemory
 from pipeline.service.verdict import StreamJudge
 from pipeline.settings import Settings
 
 RESET_HEADER = "sinkstream-reset"
-
-
-class Engine:
-    """What all sessions of a process share: the model, its tokenizer, the scoring settings and the limits."""
-
-    def __init__(self, lm: LoadedModel, settings: Settings):
-        self.lm = lm
-        self.runner = SinkModel(lm)
-        self.settings = settings
-        self.tokenizer = lm.tokenizer
-        sc = settings.score
-        self.scorer = LineScorer(lm.tokenizer, sc.top_tokens, sc.anomaly_z, sc.warmup_lines)
-        self.meta = {
-            "model": {"name": settings.model.name, "fingerprint": lm.fingerprint},
-            "cache": {"sinks": settings.cache.sinks, "window": settings.cache.window},
-        }
-        # `cache.sink_token` (issue 13): fed into every new stream's cache before its text, never scored.
-        vocab = lm.model.config.get_text_config().vocab_size
-        self.sink_token = resolve_sink_token(lm.tokenizer, settings.cache.sink_token, vocab)
-        # Tokens per group of records (`service.batch_tokens`, else the default for the model's device).
-        self.batch_tokens = settings.service.batch_tokens_on(lm.device.type)
-        # Where every stream's KV state lives: one pooled set of slots, or a SinkCache each (`backend`).
-        self.backend = make_backend(lm, settings)
-        # `service.mode: dialogue`: records are user turns, answered by `dialogue_mode` (None in score mode).
-        self.dialogue = None
-        if settings.service.mode == "dialogue":
-            from pipeline.service.dialogue_mode import DialogueMode  # it imports this module
-
-            self.dialogue = DialogueMode(lm, settings)
-        # Issue 18: the reference of normal (`templates.reference`), mined once; every partition's template
-        # memory starts as a copy of it (`new_template_memory`).
-        self.reference: TemplateMemory | None = None
-        if settings.templates.enabled and settings.templates.reference is not None and self.dialogue is None:
-            self.reference = load_reference(settings.templates.reference, settings.templates)
-
-    def new_template_memory(self) -> TemplateMemory | None:
-        """A partition's template memory: a copy of the reference, else empty; None when templates are off.
-
-        Code with a reference as lines rather than a file (an evaluation) sets `engine.reference =
-        pipeline.service.templates.build_reference(lines, settings.templates)` before making sessions; sessions
-        of one partition share one memory (`StreamSession(engine, key, templates=memory)`)."""
-        if not self.settings.templates.enabled or self.dialogue is not None:
-            return None
-        return self.reference.copy() if self.reference is not None else TemplateMemory(self.settings.templates)
-
-    def new_cache(self) -> Any:
-        """A new stream's KV handle (a pool slot or a SinkCache, see `backend`); primed with the sink token
-        when `cache.sink_token` is set. Raises `CacheFull` when no KV slot is free."""
-        handle: Any = self.backend.new()  # a SinkCache or a slot number, depending on the backend
-        if self.sink_token is not None:
-            self.backend.prime(handle, self.sink_token)
-        return handle
-
-    def tokenize(self, line: str) -> list[int]:
-        text = normalize_line(line) if self.settings.score.normalize else line
-        return encode_text(self.tokenizer, text)  # input is data: special markers are scored as text
 
 
 MAX_KEY_BYTES = 256  # longer record keys are named by their digest (annotations and output keys stay small)
@@ -119,13 +66,16 @@ def stream_key(record: Record) -> str:
         return "hex:" + record.key.hex()
 
 
-def too_large(size: int, limit: int, outcome: str) -> dict[str, Any]:
+def too_large(size: int, limit: int, outcome: str) -> Problem:
     """The `record_too_large` problem of a record of `size` bytes over `limit` (`outcome`: what was done)."""
-    return {
-        "reason": "record_too_large",
-        "message": f"expected at most {limit} bytes per record, got {size}; {outcome}",
-        "skipped_bytes": size - limit,
-    }
+    return Problem(reason="record_too_large", skipped_bytes=size - limit,
+                   message=f"expected at most {limit} bytes per record, got {size}; {outcome}")
+
+
+def quarantined(session: StreamSession, noun: str, what: str) -> Problem:
+    """The `quarantined` problem of a record of a stream that failed `service.quarantine_after` steps in a row."""
+    return Problem(reason="quarantined", message=f"{noun} {session.key!r} is quarantined after {session.failures} "
+                                                 f"failed model steps in a row; {what} until the service restarts")
 
 
 @dataclass
@@ -136,31 +86,90 @@ class Counters:
 
 
 @dataclass
-class RecordWork:
-    """One record on its way through the model: its lines and tokens, what was skipped, and the results.
+class StepOutput:
+    """What the model step (`Mode.run`) produced for one record; read by `Engine.finish`."""
 
-    Built by `StreamSession.prepare`, filled by the batcher (`nll`, or `error` when the model step failed),
-    turned into annotations by `StreamSession.finish`.
-    """
+    nll: torch.Tensor | None = None  # (tokens,) score mode: the record's per-token NLLs
+    error: str | None = None  # the model step failed for this record's stream (rolled back)
+    tokens_seen: int | None = None  # the stream's token count right after this record
+    note: dict[str, Any] | None = None  # score mode: a note generated right after this record, if one was due
+    reply: Reply | None = None  # dialogue mode: the reply to the record's user turn
+    turn: int | None = None  # dialogue mode: the reply's index in its conversation
+
+
+@dataclass
+class RecordWork:
+    """One record on its way through the model: what `Mode.prepare` decided (its lines and tokens, what was
+    skipped and why), and in `step` what the model step produced."""
 
     record: Record
     session: StreamSession
-    lines: list[str]
+    lines: list[str]  # score mode: the complete lines; dialogue mode: the user turn's text
     token_lists: list[list[int]]
     # Why part of the record was not scored (limits), or why the stream's context was reset; error annotations.
-    problems: list[dict[str, Any]] = field(default_factory=list)
-    nll: torch.Tensor | None = None  # (tokens,) filled by the batcher
-    error: str | None = None  # the model step failed for this record's stream (rolled back)
-    tokens_seen: int | None = None  # the stream's token count right after this record (set by the batcher)
-    note: dict[str, Any] | None = None  # a note generated right after this record's step, if one was due
+    problems: list[Problem] = field(default_factory=list)
     replay: bool = False  # already folded into the session (a replay after restore): publish nothing
-    skip_score: bool = False  # nothing of the record was fed to the model (quarantine, unreadable input)
+    skip_score: bool = False  # nothing of the record is fed to the model (quarantine, unreadable input, limits)
     reset: bool = False  # the record starts the stream afresh (`sinkstream-reset`): applied in order
-    dialogue: Any = None  # dialogue mode: the user turn and its reply (`pipeline.service.dialogue_mode.Turn`)
+    step: StepOutput = field(default_factory=StepOutput)
 
     @property
     def tokens(self) -> int:
         return sum(len(ids) for ids in self.token_lists)
+
+
+def by_stream(works: Sequence[RecordWork]) -> list[list[RecordWork]]:
+    """The records of a group that go to the model, one list per stream in order of first appearance."""
+    groups: OrderedDict[int, list[RecordWork]] = OrderedDict()
+    for work in works:
+        if not work.replay and work.step.error is None:
+            groups.setdefault(id(work.session), []).append(work)
+    return list(groups.values())
+
+
+class Mode(Protocol):
+    """What differs between `service.mode: score` and `dialogue` (`ScoreMode`, `DialogueMode`), picked once by
+    `Engine`. Called on the model thread, in this order for every group of records."""
+
+    uses_templates: bool  # the mode scores lines (template memory, reference of normal)
+    pooled: bool  # the mode can run on the pooled KV backend (many streams per forward pass)
+
+    def prepare(self, session: StreamSession, record: Record) -> RecordWork:
+        """Decide what of a new record goes to the model (limits, chunker, tokenizer); never touches the cache.
+        Raising rolls the session back (`mark`) and answers the record with a `bad_input` error."""
+
+    def run(self, groups: list[list[RecordWork]]) -> None:
+        """The model step over a group's records (one list per stream, each in order): fill `work.step`. A
+        failure of one stream is isolated to it (`step.error`, its cache where it was); a failure of the device
+        raises `DeviceFailure`."""
+
+    def annotate(self, session: StreamSession, work: RecordWork) -> list[dict[str, Any]]:
+        """The annotations of a record whose step succeeded (`score` and `note`, or `reply`)."""
+
+    def save(self, session: StreamSession, extra: dict[str, Any]) -> None:
+        """Put the mode's per-stream state into a snapshot's `extra`."""
+
+    def load(self, session: StreamSession, extra: dict[str, Any]) -> None:
+        """Take it back from a snapshot's `extra` (raise ValueError for a damaged one)."""
+
+
+class Shared(Protocol):
+    """What a session uses of the process-wide `pipeline.service.engine.Engine`."""
+
+    settings: Settings
+    mode: Mode
+    tokenizer: Any
+    batch_tokens: int
+    meta: dict[str, Any]  # model and cache identity, copied into every annotation
+
+    @property
+    def backend(self) -> KVBackend: ...
+
+    def new_cache(self) -> KVHandle: ...
+
+    def new_template_memory(self) -> TemplateMemory | None: ...
+
+    def process(self, session: StreamSession, record: Record) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -175,9 +184,10 @@ class SessionMark:
 
 
 class StreamSession:
-    """State and processing of one stream."""
+    """The state of one stream (see the module docstring); `Engine` and its `Mode` process its records."""
 
-    def __init__(self, engine: Engine, key: str, cache: Any = None, templates: TemplateMemory | None = None):
+    def __init__(self, engine: Shared, key: str, cache: KVHandle | None = None,
+                 templates: TemplateMemory | None = None):
         self.engine = engine
         self.key = key
         # The partition's template memory (shared by its streams, checkpointed beside its manifest); a session
@@ -187,7 +197,7 @@ class StreamSession:
         # The stream's template counts, alert threshold and verdict (`pipeline.service.verdict`; snapshotted).
         self.judge = StreamJudge(engine.settings.score, engine.settings.templates)
         # A KV handle of `engine.backend` (a pool slot or a SinkCache); a new, primed one unless given.
-        self.cache = engine.new_cache() if cache is None else cache
+        self.cache: KVHandle | None = engine.new_cache() if cache is None else cache
         self.primed = engine.backend.seen(self.cache)  # the sink token, if any: in the cache, not counted
         self.chunker = LineChunker(engine.settings.service.max_pending_bytes)
         self.stats = RunningStats()
@@ -197,7 +207,7 @@ class StreamSession:
         c = engine.settings.cache
         self.evicted = max(0, engine.backend.seen(self.cache) - c.sinks - c.window)  # for the evictions metric
         # Dialogue mode: the conversation's `ConversationState` (None before its first reply; snapshotted).
-        self.dialogue: Any = None
+        self.dialogue: ConversationState | None = None
 
     @property
     def tokens_seen(self) -> int:
@@ -212,12 +222,18 @@ class StreamSession:
         stream's context cannot be trusted). The `sinkstream-reset` header resets in three steps instead, each
         when the record's turn comes: pending bytes in `prepare`, the cache in the model step
         (`reset_cache`), the statistics in `finish`, so records of the stream before it in the same group are
-        not affected."""
+        not affected (`restart_scoring`)."""
         offset = self.counters.next_offset
         templates = None if self.owns_templates else self.partition_templates
         self.release()
         self.__init__(self.engine, self.key, templates=templates)  # type: ignore[misc]
         self.counters.next_offset = offset
+
+    def restart_scoring(self) -> None:
+        """The statistics part of a `sinkstream-reset` (see `reset`), when the record is finished."""
+        self.stats = RunningStats()
+        self.counters.lines_seen = 0
+        self.judge = StreamJudge(self.engine.settings.score, self.engine.settings.templates)
 
     def reset_cache(self) -> None:
         """The model-step part of a reset: a new (primed) cache, no previous logits, notes counted afresh."""
@@ -244,130 +260,16 @@ class StreamSession:
         self.stats, self.counters = copy.copy(mark.stats), copy.copy(mark.counters)
         self.last_logits, self.failures = mark.last_logits, mark.failures
 
-    # ---- record -> work -> annotations ------------------------------------------------------------------------
-    def prepare(self, record: Record) -> RecordWork:
-        """Fold a record's bytes into the chunker and tokenize its complete lines, within the record limits.
-
-        A record already folded into this session (a replay after restore) comes back with `replay` set.
-        A quarantined stream's record is read past (its bytes still go through the chunker, so the stream
-        stays aligned) without touching the model. Limits
-        (`service.max_record_bytes`, `service.max_record_tokens`): bytes beyond the first are not read, lines
-        beyond the token budget are not scored, and either becomes a `problem` the record's `error`
-        annotation reports with counts; nothing is skipped silently.
-        """
-        if record.offset < self.counters.next_offset:
-            return RecordWork(record, self, [], [], replay=True)
-        if self.engine.dialogue is not None:  # dialogue mode: the record is a user turn
-            return self.engine.dialogue.prepare(self, record)
-        limits = self.engine.settings.service
-        problems: list[dict[str, Any]] = []
-        if self.quarantined:
-            self.chunker.feed(record.value[: limits.max_record_bytes])
-            return RecordWork(record, self, [], [], skip_score=True, problems=[{
-                "reason": "quarantined",
-                "message": f"stream {self.key!r} is quarantined after {self.failures} failed model steps in a "
-                           "row; its records are not scored until the service restarts",
-            }])
-        reset = RESET_HEADER in record.headers
-        if reset:
-            self.chunker.reset()  # the rest of the reset happens when the record's turn comes (see `reset`)
-        value = record.value
-        if len(value) > limits.max_record_bytes:
-            problems.append(too_large(len(value), limits.max_record_bytes, "the bytes after them were not read"))
-            value = value[: limits.max_record_bytes]
-        lines = self.chunker.feed(value)
-        budget = limits.max_record_tokens
-        kept_lines: list[str] = []
-        token_lists: list[list[int]] = []
-        skipped_lines = skipped_tokens = 0
-        for line in lines:
-            ids = self.engine.tokenize(line) if budget > 0 else []
-            if budget <= 0:
-                skipped_lines += 1
-                continue
-            if len(ids) > budget:  # the line that crosses the budget is scored up to it
-                skipped_tokens += len(ids) - budget
-                ids = ids[:budget]
-            budget -= len(ids)
-            kept_lines.append(line)
-            token_lists.append(ids)
-        if skipped_lines or skipped_tokens:
-            problems.append({
-                "reason": "record_too_many_tokens",
-                "message": f"expected at most {limits.max_record_tokens} tokens per record; {skipped_lines} "
-                           f"line(s) after the budget were not scored and {skipped_tokens} token(s) of the "
-                           "line that crossed it were cut",
-                "skipped_lines": skipped_lines,
-                "skipped_tokens": skipped_tokens,
-            })
-        return RecordWork(record, self, kept_lines, token_lists, problems, reset=reset)
-
-    def finish(self, work: RecordWork) -> list[dict[str, Any]]:
-        """Score the record's lines from `work.nll` and return its annotations (`score`, maybe `note`/`error`).
-
-        When the model step failed (`work.error`), the record gets an `error` annotation, its lines are not
-        scored (the cache was rolled back by the batcher), and the stream counts one more failure.
-        """
-        if self.engine.dialogue is not None:  # dialogue mode: the `reply` annotation
-            self.judge.verdict.record(work.record.offset)
-            return self.engine.dialogue.finish(self, work)
-        record = work.record
-        rid = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        out: list[dict[str, Any]] = []
-        problems = list(work.problems)
-        if work.reset:  # the statistics part of a `sinkstream-reset` (see `reset`)
-            self.stats = RunningStats()
-            self.counters.lines_seen = 0
-            self.judge = StreamJudge(self.engine.settings.score, self.engine.settings.templates)
-        self.judge.verdict.record(record.offset)
-        if work.skip_score:
-            pass
-        elif work.error is not None:
-            self.failures += 1
-            problems.append({
-                "reason": "quarantined" if self.quarantined else "model_step_failed",
-                "message": work.error,
-                "skipped_lines": len(work.lines),
-                "skipped_tokens": work.tokens,
-            })
-        else:
-            self.failures = 0
-            scores: list[LineScore] = []
-            pos = 0
-            for line, ids in zip(work.lines, work.token_lists):
-                nll = work.nll[pos : pos + len(ids)] if work.nll is not None else torch.empty(0)
-                score = LineScore(self.counters.lines_seen, line.rstrip("\n"), ids, nll)
-                scores.append(self.engine.scorer.score(score, self.stats))
-                self.judge.judge(score, self.partition_templates)
-                self.counters.lines_seen += 1
-                pos += len(ids)
-            seen = work.tokens_seen if work.tokens_seen is not None else self.tokens_seen
-            out.append(ann.score_annotation(rid, self.key, scores, seen, self.engine.meta, self.judge.verdict))
-            if work.note is not None:
-                out.append(ann.note_annotation(rid, self.key, **work.note))
-        if problems:
-            seen = work.tokens_seen if work.tokens_seen is not None else self.tokens_seen
-            out.append(ann.error_annotation(rid, self.key, problems, seen, self.engine.meta))
-        self.counters.next_offset = record.offset + 1
-        return out
-
+    # ---- processing ---------------------------------------------------------------------------------------
     def process(self, record: Record) -> list[dict[str, Any]]:
-        """One record on its own, as the service handles a group of one: prepare, model step, finish.
-
-        For tools and tests (and the offline baseline of the integration tests); the service batches groups.
-        """
-        from pipeline.service.batcher import Batcher  # the batcher imports this module
-
-        work = self.prepare(record)
-        if work.replay:
-            return []
-        Batcher().run([work])
-        return self.finish(work)
+        """One record on its own, as the service handles a group of one: `Engine.process`. For tools and tests
+        (and the offline baseline of the integration tests); the service batches groups."""
+        return self.engine.process(self, record)
 
     def after_step(self, work: RecordWork) -> None:
         """Right after the record's tokens entered the cache (before the stream's next record): remember the
         token count and generate a note if one is due, so both describe exactly this point of the stream."""
-        work.tokens_seen = self.tokens_seen
+        work.step.tokens_seen = self.tokens_seen
         c = self.engine.settings.cache
         evicted = max(0, self.engine.backend.seen(self.cache) - c.sinks - c.window)  # tokens out of the window
         if evicted > self.evicted:
@@ -385,8 +287,8 @@ class StreamSession:
             self.cache, prompt, cfg.max_new_tokens, lambda t: t == eos or "\n" in tok.decode([t]), self.last_logits
         )
         text = tok.decode(generated, skip_special_tokens=True).strip()
-        work.note = {"prompt": cfg.prompt, "text": text, "generated": len(generated), "tokens_seen": self.tokens_seen,
-                     "meta": self.engine.meta}
+        work.step.note = {"prompt": cfg.prompt, "text": text, "generated": len(generated),
+                          "tokens_seen": self.tokens_seen, "meta": self.engine.meta}
 
     # ---- snapshot / restore -------------------------------------------------------------------------------
     def capture(self) -> SessionCapture:
@@ -401,8 +303,7 @@ class StreamSession:
         }
         if self.owns_templates and self.partition_templates is not None:
             extra["templates"] = self.partition_templates.to_json()
-        if self.engine.dialogue is not None:
-            self.engine.dialogue.save(self, extra)
+        self.engine.mode.save(self, extra)
         tensors = {"last_logits": self.last_logits} if self.last_logits is not None else {}
         return SessionCapture(self.engine.backend.capture(self.cache), extra, tensors)
 
@@ -410,11 +311,11 @@ class StreamSession:
         return self.capture().serialize()
 
     @classmethod
-    def restore(cls, engine: Engine, blob: bytes, templates: TemplateMemory | None = None) -> StreamSession:
+    def restore(cls, engine: Shared, blob: bytes, templates: TemplateMemory | None = None) -> StreamSession:
         """Rebuild a session from `snapshot()` bytes; raises `SnapshotError` for a foreign or damaged blob
         (its KV state, or the session fields beside it), never another error, and never keeps a KV slot then.
         `templates`: the partition's template memory (else the session's own, from the snapshot)."""
-        cache: Any  # a SinkCache or a slot number, depending on the backend
+        cache: KVHandle
         cache, extra, tensors = engine.backend.restore(blob)
         try:
             session = cls(engine, extra["stream"], cache=cache, templates=templates)
@@ -446,8 +347,7 @@ class StreamSession:
             if session.owns_templates and session.partition_templates is not None and "templates" in extra:
                 session.partition_templates = TemplateMemory.from_state(engine.settings.templates,
                                                                         extra["templates"])
-            if engine.dialogue is not None:
-                engine.dialogue.load(session, extra)
+            engine.mode.load(session, extra)
         except Exception as exc:
             session.release()
             raise SnapshotError(f"snapshot session fields: {type(exc).__name__}: {exc}") from exc

@@ -27,8 +27,8 @@ from connectors.protocols import PartitionCallbacks, Source, SourceFactory
 from connectors.redis_store import RedisStateStore, connect_redis, redacted_address
 from model.loader import AdapterError, LoadedModel, load_model
 from pipeline.errors import UserError
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import KafkaSettings, Settings, sinkstream_home
 
 log = structlog.get_logger(__name__)

@@ -7,8 +7,8 @@ import json
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from pipeline.cli.tail import RED, Tail
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 

@@ -20,9 +20,11 @@ from pipeline.dialogue import Conversation, GenerationSettings
 from pipeline.dialogue.template import ChatTurns
 from pipeline.service import annotations as ann
 from pipeline.service.backend import SinkBackend
-from pipeline.service.dialogue_mode import DialogueModelError
+from pipeline.service.dialogue_mode import DialogueMode, DialogueModelError
+from pipeline.service.engine import Engine
+from pipeline.service.score_mode import ScoreMode
 from pipeline.service.service import Service
-from pipeline.service.session import Engine, StreamSession
+from pipeline.service.session import StreamSession
 from pipeline.settings import DialogueSettings, load_settings
 
 CONVERSATIONS = {
@@ -81,10 +83,10 @@ def test_settings_mirror_the_generation_settings():
 
 def test_dialogue_mode_uses_one_cache_per_conversation(tiny_chat_lm):
     engine = Engine(tiny_chat_lm, _settings())
-    assert isinstance(engine.backend, SinkBackend) and engine.dialogue is not None
+    assert isinstance(engine.backend, SinkBackend) and isinstance(engine.mode, DialogueMode)
     assert isinstance(engine.backend.runner, SinkModel)
     score = Engine(tiny_chat_lm, _settings(service={"mode": "score"}))
-    assert score.dialogue is None and not isinstance(score.backend, SinkBackend)  # pooled where possible
+    assert isinstance(score.mode, ScoreMode) and not isinstance(score.backend, SinkBackend)  # pooled where possible
 
 
 def test_a_model_without_chat_template_is_refused_at_start(tiny_chat_lm):
@@ -157,7 +159,7 @@ def test_crash_after_a_checkpoint_mid_conversation_replays_identical_replies(tin
 
     store, first_sink = MemoryStore(), MemorySink()
     first = Service(settings, Engine(tiny_chat_lm, settings), MemorySource.factory(topic), first_sink, store)
-    original, groups = first.batcher.run, {"n": 0}
+    original, groups = first.engine.run, {"n": 0}
 
     def crash_on_the_eighth(works):
         groups["n"] += 1
@@ -165,7 +167,7 @@ def test_crash_after_a_checkpoint_mid_conversation_replays_identical_replies(tin
             raise RuntimeError("simulated crash mid-conversation")
         original(works)
 
-    first.batcher.run = crash_on_the_eighth
+    first.engine.run = crash_on_the_eighth  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="simulated crash"):
         first.run(idle_exit_s=0.2, install_signals=False)
     assert len(first_sink.values("out")) == 7

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.cli import anomaly as anomaly_command
 from pipeline.evaluation import anomaly_report as ar
-from pipeline.service.session import Engine
+from pipeline.service.engine import Engine
 from pipeline.settings import load_settings
 
 # ---- metrics ------------------------------------------------------------------------------------------------

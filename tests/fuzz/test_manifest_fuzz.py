@@ -101,8 +101,8 @@ def test_a_deeply_nested_manifest_is_refused_with_corrupt_state(depth):
 
 def test_a_manifest_of_the_wrong_shape_resets_the_partition_instead_of_stopping_the_service(text_lm):
     from connectors.memory import MemorySink, MemorySource, MemoryTopic
+    from pipeline.service.engine import Engine
     from pipeline.service.service import Service
-    from pipeline.service.session import Engine
     from pipeline.settings import load_settings
 
     settings = load_settings(None, cache={"sinks": 2, "window": 32, "chunk": 16}, kafka={"output_topic": "out"},

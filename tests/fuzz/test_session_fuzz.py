@@ -21,8 +21,9 @@ from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from connectors.protocols import Record
 from model.snapshot import SnapshotError
 from pipeline.service import annotations as ann
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine, StreamSession, stream_key
+from pipeline.service.session import StreamSession, stream_key
 from pipeline.settings import load_settings
 
 LIMITS = {"max_pending_bytes": 64, "max_record_bytes": 512, "max_record_tokens": 96, "max_annotation_bytes": 4096}
@@ -61,15 +62,15 @@ _records = st.lists(st.one_of(st.binary(max_size=200),
 def test_prepare_takes_any_bytes_and_stays_within_the_limits(engine, values):
     with _session(engine) as session:
         for offset, value in enumerate(values):
-            work = session.prepare(Record("in", 0, offset, b"s", value))
+            work = engine.prepare(session, Record("in", 0, offset, b"s", value))
             assert all(isinstance(line, str) for line in work.lines)
             for line in work.lines:
                 line.encode("utf-8")  # no lone surrogates
             assert work.tokens <= LIMITS["max_record_tokens"]
             assert len(session.chunker.pending) <= LIMITS["max_pending_bytes"]
-            reasons = [p["reason"] for p in work.problems]
+            reasons = [p.reason for p in work.problems]
             assert ("record_too_large" in reasons) == (len(value) > LIMITS["max_record_bytes"])
-            session.counters.next_offset = offset + 1  # what finish() does
+            session.counters.next_offset = offset + 1  # what Engine.finish does
 
 
 @given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=12),
@@ -83,7 +84,7 @@ def test_valid_utf8_lines_round_trip_through_prepare_however_records_cut_them(en
     got, problems = [], []
     with _session(engine) as session:
         for offset, (a, b) in enumerate(itertools.pairwise(bounds)):
-            work = session.prepare(Record("in", 0, offset, b"s", raw[a:b]))
+            work = engine.prepare(session, Record("in", 0, offset, b"s", raw[a:b]))
             got += work.lines
             problems += work.problems
             session.counters.next_offset = offset + 1

@@ -19,7 +19,8 @@ import yaml
 from connectors.protocols import Record
 from pipeline.evaluation.datasets import loghub_dir
 from pipeline.service.annotations import encode
-from pipeline.service.session import Engine, StreamSession, stream_key
+from pipeline.service.engine import Engine
+from pipeline.service.session import StreamSession, stream_key
 from pipeline.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]

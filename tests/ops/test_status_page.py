@@ -26,8 +26,8 @@ from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from model.loader import load_model
 from pipeline.devstack.processes import free_port
 from pipeline.service import metrics
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 pytestmark = [pytest.mark.slow]

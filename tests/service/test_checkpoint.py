@@ -9,8 +9,8 @@ import pytest
 from connectors.protocols import Record
 from connectors.redis_store import RedisStateStore
 from pipeline.service.checkpoint import Checkpointer
+from pipeline.service.engine import Engine
 from pipeline.service.partition import PartitionState, Residency
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 
@@ -58,7 +58,8 @@ def setup(text_lm, fake_redis):
                                  service={"max_resident_streams": max_resident})
         engine = Engine(text_lm, settings)
         epoch = store.claim("in:0")
-        part = PartitionState("in", 0, epoch, engine, store, Residency(max_resident), store.read_manifest("in:0"))
+        part = PartitionState("in", 0, epoch, engine, store, Residency(engine.backend.slots),
+                              store.read_manifest("in:0"))
         return (
             journal,
             store,
@@ -154,7 +155,7 @@ def test_a_checkpoint_holds_a_bounded_number_of_captures(text_lm, monkeypatch):
                              checkpoint={"max_inflight_snapshots": 1}, service={"max_resident_streams": 8})
     engine = Engine(text_lm, settings)
     store = MemoryStore()
-    part = PartitionState("in", 0, store.claim("in:0"), engine, store, Residency(8), None)
+    part = PartitionState("in", 0, store.claim("in:0"), engine, store, Residency(engine.backend.slots), None)
     _feed(part, 0, ["a", "b", "c", "d", "e", "f"])
     import threading
 

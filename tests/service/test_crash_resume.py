@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from connectors.protocols import PartitionCallbacks, Source
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 

@@ -16,8 +16,8 @@ import structlog
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from pipeline.service import annotations as ann
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 

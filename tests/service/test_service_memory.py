@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 SERVICE = Path(__file__).resolve().parents[2] / "pipeline" / "service" / "service.py"

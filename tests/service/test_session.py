@@ -11,9 +11,10 @@ import torch
 from connectors.protocols import Record
 from pipeline.service.annotations import encode, schema
 from pipeline.service.chunker import LineChunker
+from pipeline.service.engine import Engine
 from pipeline.service.normalizer import normalize_line
 from pipeline.service.scoring import RunningStats
-from pipeline.service.session import RESET_HEADER, Engine, StreamSession, stream_key
+from pipeline.service.session import RESET_HEADER, StreamSession, stream_key
 from pipeline.settings import load_settings
 
 LOG = [

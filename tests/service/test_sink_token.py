@@ -131,7 +131,8 @@ def _scores(annotations):
 
 
 def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -> None:
-    from pipeline.service.session import Engine, StreamSession
+    from pipeline.service.engine import Engine
+    from pipeline.service.session import StreamSession
 
     sink = tiny.tokenizer.convert_tokens_to_ids(SINK_TOKEN)
     engine = Engine(tiny, _session_settings(SINK_TOKEN, kv_pool=False))  # inspects SinkCache tensors
@@ -165,7 +166,8 @@ def test_session_primes_every_new_stream_and_never_scores_the_sink_token(tiny) -
 
 
 def test_sink_token_session_snapshot_resume_is_exact(tiny) -> None:
-    from pipeline.service.session import Engine, StreamSession
+    from pipeline.service.engine import Engine
+    from pipeline.service.session import StreamSession
 
     engine = Engine(tiny, _session_settings(SINK_TOKEN))
     whole = StreamSession(engine, "s1")
@@ -179,7 +181,8 @@ def test_sink_token_session_snapshot_resume_is_exact(tiny) -> None:
 
 
 def test_reset_primes_the_new_cache_again(tiny) -> None:
-    from pipeline.service.session import RESET_HEADER, Engine, StreamSession
+    from pipeline.service.engine import Engine
+    from pipeline.service.session import RESET_HEADER, StreamSession
 
     engine = Engine(tiny, _session_settings(SINK_TOKEN, kv_pool=False))  # inspects SinkCache tensors
     session = StreamSession(engine, "s1")

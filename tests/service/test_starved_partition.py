@@ -17,8 +17,8 @@ import time
 import pytest
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
+from pipeline.service.engine import Engine
 from pipeline.service.service import PartitionHeldIdle, Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 

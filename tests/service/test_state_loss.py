@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
 from pipeline.service import annotations as ann
 from pipeline.service import metrics
+from pipeline.service.engine import Engine
 from pipeline.service.service import PartitionHeldIdle, Service
-from pipeline.service.session import Engine
 from pipeline.settings import load_settings
 
 

@@ -9,7 +9,8 @@ import random
 import pytest
 
 from connectors.protocols import Record
-from pipeline.service.session import Engine, StreamSession
+from pipeline.service.engine import Engine
+from pipeline.service.session import StreamSession
 from pipeline.service.threshold import THRESHOLD_BATCH, AlertThreshold
 from pipeline.service.verdict import Verdict, combined_score
 from pipeline.settings import ScoreSettings, load_settings

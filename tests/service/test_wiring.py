@@ -105,7 +105,7 @@ def test_start_up_gives_up_after_the_wait_with_one_line_naming_what_did_not_answ
 
 
 def test_batch_tokens_default_depends_on_the_models_device(text_lm):
-    from pipeline.service.session import Engine
+    from pipeline.service.engine import Engine
 
     unset = load_settings(None)
     assert unset.service.batch_tokens is None

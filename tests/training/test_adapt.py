@@ -12,8 +12,9 @@ from connectors.protocols import Record
 from model.loader import AdapterError, adapter_fingerprint, load_model, merge_adapter
 from model.snapshot import SnapshotError
 from pipeline.cli.main import main
+from pipeline.service.engine import Engine
 from pipeline.service.service import Service
-from pipeline.service.session import Engine, StreamSession
+from pipeline.service.session import StreamSession
 from pipeline.settings import load_settings
 from pipeline.training.adapt import AdaptConfig, mean_loss, split_blocks, token_blocks, train_adapter
 from tests.helpers.models import build_text_lm
