@@ -258,7 +258,7 @@ class ServiceSettings(_Section):
     # that a failure half-way rolls the stream back to the record's start; idle stream slots are borrowed too.
     # When none is free such a record waits for one within its group. Pooled backend only; one slot's size:
     # docs/operations.md ("KV memory").
-    backup_slots: int = Field(1, ge=1)
+    backup_slots: int = Field(4, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
     metrics_port: int = Field(0, ge=0, le=65535)
     # Longest line scored as one: a longer line (terminated or not) is scored in pieces of at most this many
