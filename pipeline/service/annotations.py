@@ -237,13 +237,19 @@ def validate(
 
 
 # ---- building annotations --------------------------------------------------------------------------------
+# Every builder makes the document as its model and dumps it (`_dump`), so what is published is exactly what the
+# schema above says: a field cannot be published without being in the schema, nor the other way round.
 def _id(record_id: dict[str, Any], kind: str) -> str:
     return f"{record_id['topic']}/{record_id['partition']}/{record_id['offset']}/{kind}"
 
 
 def _head(record_id: dict[str, Any], kind: str, stream: str, tokens_seen: int, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": SCHEMA_ID, "id": _id(record_id, kind), "kind": kind, "stream": stream, "source": record_id,
+    return {"schema": SCHEMA_ID, "id": _id(record_id, kind), "stream": stream, "source": record_id,
             **meta, "tokens_seen": tokens_seen}
+
+
+def _dump(doc: _Base) -> dict[str, Any]:
+    return doc.model_dump(mode="json", by_alias=True)
 
 
 def score_annotation(
@@ -258,20 +264,18 @@ def score_annotation(
     mean = float(all_nll.double().mean()) if all_nll.numel() else None
     zs = [line.z for line in lines if line.z is not None]
     scores = [line.score for line in lines if line.score is not None]
-    return {
-        **_head(record_id, "score", stream, tokens_seen, meta),
-        "score": {
-            "tokens": sum(len(line.token_ids) for line in lines),
-            "mean_nll": mean,
-            "perplexity": math.exp(mean) if mean is not None else None,
-            "max_z": max(zs) if zs else None,
-            "anomaly": any(line.anomaly for line in lines),
-            "alert": any(line.alert for line in lines),
-            "max_score": max(scores) if scores else None,
-            "verdict": verdict.model_dump(mode="json") if verdict is not None else None,
-            "lines": [line.to_json() for line in lines],
-        },
-    }
+    score = Score(
+        tokens=sum(len(line.token_ids) for line in lines),
+        mean_nll=mean,
+        perplexity=math.exp(mean) if mean is not None else None,
+        max_z=max(zs) if zs else None,
+        anomaly=any(line.anomaly for line in lines),
+        alert=any(line.alert for line in lines),
+        max_score=max(scores) if scores else None,
+        verdict=verdict,  # as of this record: dumped right away
+        lines=[Line(**line.to_json()) for line in lines],
+    )
+    return _dump(ScoreAnnotation(**_head(record_id, "score", stream, tokens_seen, meta), score=score))
 
 
 def note_annotation(
@@ -284,8 +288,8 @@ def note_annotation(
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     """The `note` annotation: generated text about the stream's recent context (context rolled back after)."""
-    return {**_head(record_id, "note", stream, tokens_seen, meta),
-            "note": {"prompt": prompt, "text": text, "tokens_generated": generated}}
+    return _dump(NoteAnnotation(**_head(record_id, "note", stream, tokens_seen, meta),
+                                note=Note(prompt=prompt, text=text, tokens_generated=generated)))
 
 
 def reply_annotation(
@@ -293,17 +297,17 @@ def reply_annotation(
     turn: int, tokens_seen: int, meta: dict[str, Any],
 ) -> dict[str, Any]:
     """The `reply` annotation (dialogue mode): the reply to the record's user turn, kept in the conversation."""
-    return {**_head(record_id, "reply", stream, tokens_seen, meta),
-            "reply": {"text": text, "tokens_generated": tokens_generated, "prompt_tokens": prompt_tokens,
-                      "stopped": stopped, "turn": turn}}
+    reply = Reply(text=text, tokens_generated=tokens_generated, prompt_tokens=prompt_tokens,
+                  stopped=stopped, turn=turn)  # validated: one of the two reasons
+    return _dump(ReplyAnnotation(**_head(record_id, "reply", stream, tokens_seen, meta), reply=reply))
 
 
 def error_annotation(
     record_id: dict[str, Any], stream: str, problems: list[Problem], tokens_seen: int, meta: dict[str, Any]
 ) -> dict[str, Any]:
     """The `error` annotation: what of the record was not scored, and why (never skipped silently)."""
-    full = [p.model_dump() for p in problems]
-    return {**_head(record_id, "error", stream, tokens_seen, meta), "error": {"problems": full}}
+    return _dump(ErrorAnnotation(**_head(record_id, "error", stream, tokens_seen, meta),
+                                 error=Error(problems=problems)))
 
 
 def closed_annotation(record_id: dict[str, Any], stream: str, verdict: Verdict, idle: int, unit: str,
@@ -311,7 +315,8 @@ def closed_annotation(record_id: dict[str, Any], stream: str, verdict: Verdict, 
     """The `closed` annotation of `stream`, closed at the record `record_id` (of another stream, or its own)."""
     head = _head(record_id, "closed", stream, tokens_seen, meta)
     head["id"] = f"{_id(record_id, 'closed')}/{stream}"
-    return {**head, "closed": Closed(verdict=verdict, idle=idle, unit=unit).model_dump()}
+    closed = Closed(verdict=verdict, idle=idle, unit=unit)  # validated: records or ms
+    return _dump(ClosedAnnotation(**head, closed=closed))
 
 
 def encode(annotation: dict[str, Any]) -> bytes:

@@ -51,3 +51,32 @@ def test_a_reply_too_large_for_the_topic_keeps_the_start_of_its_text_and_counts_
     assert text.startswith(kept) and len(kept) + doc["reply"]["text_omitted_chars"] == len(text)
     one_more = {**doc, "reply": {**doc["reply"], "text": text[: len(kept) + 1]}}
     assert len(annotations.encode(one_more)) > 4096  # the most characters that fit
+
+
+def test_every_kind_the_service_publishes_is_exactly_its_models_dump(text_lm):
+    """What goes to the topic and the models the schema is generated from cannot drift apart: every kind the
+    service publishes (score with template and verdict, note, error, closed; reply from its builder) parses
+    into its model, and the model's dump is the published document, key for key."""
+    from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
+    from pipeline.service.engine import Engine
+    from pipeline.service.service import Service
+    from pipeline.settings import load_settings
+
+    settings = load_settings(None, cache={"sinks": 4, "window": 32, "chunk": 16},
+                             kafka={"output_topic": "out"}, note={"every_tokens": 24, "max_new_tokens": 3},
+                             service={"session_gap": 3, "max_record_bytes": 200})
+    topic = MemoryTopic("in")
+    for i in range(8):
+        topic.append(0, b"a" if i < 4 else b"b", f"GET /item/{i} 200 in {i} ms\n".encode())
+    topic.append(0, b"b", b"x" * 300 + b"\n")  # over max_record_bytes: an error beside its score
+    sink = MemorySink()
+    Service(settings, Engine(text_lm, settings), MemorySource.factory(topic), sink, MemoryStore()).run(
+        idle_exit_s=0.2, install_signals=False)
+    meta = {"model": {"name": "m", "fingerprint": "f"}, "cache": {"sinks": 4, "window": 32}}
+    published = [*sink.values("out"), annotations.reply_annotation(
+        {"topic": "t", "partition": 0, "offset": 1}, "conv", "hello", 3, 9, "end_of_turn", 0, 12, meta)]
+    assert {a["kind"] for a in published} == {"score", "note", "error", "closed", "reply"}
+    assert any(a["kind"] == "score" and a["score"]["lines"] and a["score"]["lines"][0]["template"]
+               and a["score"]["verdict"] for a in published)
+    for doc in published:
+        assert annotations.validate(doc).model_dump(mode="json", by_alias=True) == doc
