@@ -170,7 +170,8 @@ class CheckpointSettings(_Section):
     # checkpoint, then pauses until one goes through (bounds replay work and memory during a Redis outage).
     max_uncheckpointed_records: int = Field(2000, ge=1)
     # Captured snapshots a checkpoint hands to the background writer at once; bounds host memory during a
-    # checkpoint to this many stream states (plus one serialized blob), however many streams changed.
+    # checkpoint to this many stream states (plus one serialized blob), however many streams changed. Also the
+    # most spilled sessions whose write the writer has not confirmed (beyond it, cold sessions stay resident).
     max_inflight_snapshots: int = Field(4, ge=1)
 
 
@@ -258,7 +259,7 @@ class ServiceSettings(_Section):
     # that a failure half-way rolls the stream back to the record's start; idle stream slots are borrowed too.
     # When none is free such a record waits for one within its group. Pooled backend only; one slot's size:
     # docs/operations.md ("KV memory").
-    backup_slots: int = Field(4, ge=1)
+    backup_slots: int = Field(16, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
     metrics_port: int = Field(0, ge=0, le=65535)
     # Longest line scored as one: a longer line (terminated or not) is scored in pieces of at most this many

@@ -47,7 +47,7 @@ import structlog
 from connectors.errors import ConnectorError, FencedError, MissingSnapshotError, StateLostError
 from connectors.protocols import CheckpointStore, Sink, Source
 from pipeline.service import metrics
-from pipeline.service.partition import CheckpointTicket, PartitionState
+from pipeline.service.partition import CheckpointTicket, PartitionState, PendingSpill
 from pipeline.service.session import SessionCapture
 from pipeline.settings import CheckpointSettings
 
@@ -72,16 +72,35 @@ class _Job:
     drained: bool = False  # the end marker of `captures` was taken
 
 
+@dataclass
+class _SpillJob:
+    part: PartitionState
+    pending: PendingSpill
+    epoch: int
+    error: BaseException | None = None
+
+
 class Checkpointer:
-    """Runs the commit order for partitions; one per service process, with one background writer thread."""
+    """Runs the commit order for partitions; one per service process, with one background writer thread.
+
+    The writer thread also writes spilled sessions (`spill`): the model thread only captures a cold session and
+    frees its KV slot; the writer serializes and writes it, in queue order with the checkpoints, and `collect()`
+    confirms it to its partition. A checkpoint of a partition starts only once its spills are confirmed (its
+    manifest must know where every stream is); a spill that failed stays pending (the capture in host memory)
+    and is written again after the checkpoint backoff. At most `checkpoint.max_inflight_snapshots` spills are
+    unconfirmed at once (queued, being written, or failed and waiting): beyond that a session stays resident, as when
+the store is down.
+    """
 
     def __init__(self, source: Source, sink: Sink, store: CheckpointStore, settings: CheckpointSettings,
                  flush_timeout_s: float = 30.0):
         self.source, self.sink, self.store = source, sink, store
         self.settings = settings
         self.flush_timeout_s = flush_timeout_s
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._finished: queue.Queue[_Job] = queue.Queue()
+        self._jobs: queue.Queue[_Job | _SpillJob | None] = queue.Queue()
+        self._finished: queue.Queue[_Job | _SpillJob] = queue.Queue()
+        self._spills: dict[int, _SpillJob] = {}  # id(pending) -> its job, written or being written
+        self._pending: list[tuple[PartitionState, PendingSpill]] = []  # spills not confirmed yet (some may be done)
         self._backoff: dict[str, tuple[float, float]] = {}  # partition -> (retry at, current delay)
         self.store_down_since: float | None = None
         self._probes: queue.Queue[BaseException | None] = queue.Queue()
@@ -105,6 +124,8 @@ class Checkpointer:
         idle = not part.records_since_checkpoint and not part.force_checkpoint
         if idle and reason != "idle":
             return False
+        if not self.wait_spills(part, self.flush_timeout_s):  # a spill failed: the store is down, retry later
+            return False
         part.force_checkpoint = False
         # Step 1: flush the producer.
         self.sink.flush(self.flush_timeout_s)
@@ -118,6 +139,43 @@ class Checkpointer:
             job.captures.put((key, session.capture()))  # waits while the writer is that many behind
         job.captures.put(None)
         return True
+
+    def spill(self, part: PartitionState, pending: PendingSpill) -> bool:
+        """Queue a spilled session for the writer thread (`PartitionState.spill`); False when
+        `checkpoint.max_inflight_snapshots` spills are unconfirmed (the session then stays resident)."""
+        # Unconfirmed spills hold their captures in host memory (also while a failed one waits to be written again).
+        self._pending = [(q, x) for q, x in self._pending if not x.cancelled and q.spilling.get(x.key) is x]
+        if len(self._pending) >= self.settings.max_inflight_snapshots:
+            return False
+        self._pending.append((part, pending))
+        job = _SpillJob(part, pending, part.epoch)
+        self._spills[id(pending)] = job
+        self._jobs.put(job)
+        return True
+
+    def retry_spills(self, part: PartitionState) -> None:
+        """Queue again the spills of `part` whose write failed, once their backoff passed."""
+        now = time.monotonic()
+        for pending in list(part.spilling.values()):
+            if pending.failed is not None and now >= pending.retry_at and id(pending) not in self._spills:
+                pending.failed = None
+                job = _SpillJob(part, pending, part.epoch)
+                self._spills[id(pending)] = job
+                self._jobs.put(job)
+
+    def wait_spills(self, part: PartitionState, timeout_s: float) -> bool:
+        """Block until every spill of `part` the writer holds is written or failed; True when none is left
+        unconfirmed (failed ones are retried by `retry_spills`)."""
+        deadline = time.monotonic() + timeout_s
+        while any(job.part is part for job in self._spills.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                self._complete(self._finished.get(timeout=left), [])
+            except queue.Empty:
+                break
+        return not part.spilling
 
     def probe_store(self, every_s: float) -> None:
         """Ping the store on the writer thread when nothing touched it for `every_s` and no checkpoint is
@@ -198,7 +256,10 @@ class Checkpointer:
         self._jobs.put(None)
         self._thread.join(timeout=5)
 
-    def _complete(self, job: _Job, fenced: list[PartitionState]) -> None:
+    def _complete(self, job: _Job | _SpillJob, fenced: list[PartitionState]) -> None:
+        if isinstance(job, _SpillJob):
+            self._spilled(job, fenced)
+            return
         part = job.part
         part.in_flight = None
         if isinstance(job.error, FencedError):
@@ -242,6 +303,21 @@ class Checkpointer:
             ms=round(1000 * seconds, 1),
         )
 
+    def _spilled(self, job: _SpillJob, fenced: list[PartitionState]) -> None:
+        """A spill write finished (model thread): confirm it, or keep it pending for a retry."""
+        self._spills.pop(id(job.pending), None)
+        part, pending = job.part, job.pending
+        if pending.cancelled:
+            return
+        if job.error is None:
+            part.spilled_ok(pending)
+            return
+        part.spill_failed(pending.key, job.error)
+        if part.fenced:
+            fenced.append(part)
+        _, delay = self._backoff.get(part.id, (0.0, self.settings.retry_initial_s))
+        pending.failed, pending.retry_at = job.error, time.monotonic() + delay
+
     def _failed(self, job: _Job) -> None:
         part, exc = job.part, job.error
         _, delay = self._backoff.get(part.id, (0.0, self.settings.retry_initial_s / 2))
@@ -263,6 +339,17 @@ class Checkpointer:
             if job is None:
                 self._jobs.task_done()
                 return
+            if isinstance(job, _SpillJob):
+                try:
+                    if not job.pending.cancelled:
+                        self.store.spill(job.part.id, job.epoch, job.pending.key, job.pending.serialized())
+                except BaseException as exc:  # noqa: BLE001 - handed back to the model thread
+                    job.error = exc
+                finally:
+                    self._last_contact = time.monotonic()
+                    self._finished.put(job)
+                    self._jobs.task_done()
+                continue
             if job is _PROBE:
                 try:
                     self.store.ping()

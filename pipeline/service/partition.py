@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -38,11 +38,37 @@ from model.device_errors import raise_if_fatal
 from pipeline.service import metrics
 from pipeline.service.backend import CacheFull, KVSlots
 from pipeline.service.engine import Engine
-from pipeline.service.session import StreamSession
+from pipeline.service.session import SessionCapture, StreamSession
 from pipeline.service.templates import TemplateMemory
 from pipeline.service.verdict import Verdict
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass
+class PendingSpill:
+    """A spilled session on its way to the store: captured on the model thread (its KV slot is free again),
+    serialized and written by the checkpoint writer thread (`Checkpointer.spill`)."""
+
+    key: str
+    capture: SessionCapture
+    change: int | None  # the stream's dirty change number at capture time (None: it was clean)
+    blob: bytes | None = None  # serialized, once (by the writer, or by the model thread taking it back)
+    failed: BaseException | None = None  # the last write failed: written again at `retry_at`
+    retry_at: float = 0.0
+    cancelled: bool = False  # the stream came back before its spill was confirmed: the capture was restored
+
+    def serialized(self) -> bytes:
+        if self.blob is None:
+            self.blob = self.capture.serialize()
+        return self.blob
+
+
+class Spiller(Protocol):
+    """Who writes spilled sessions off the model thread (the service's `Checkpointer`)."""
+
+    def spill(self, part: PartitionState, pending: PendingSpill) -> bool:
+        """Queue `pending` for the writer thread; False when too many spills are unconfirmed (store down)."""
 
 
 class GroupFull(RuntimeError):
@@ -118,6 +144,10 @@ class PartitionState:
         # Streams with a stored blob (previous manifest) that are not in memory, and those spilled this epoch.
         self.stored: dict[str, str] = dict((manifest or {}).get("snapshots", {}))
         self.spilled: set[str] = set()
+        # Spilled sessions the writer has not confirmed yet (`spill`); no checkpoint starts while there are any.
+        self.spilling: dict[str, PendingSpill] = {}
+        # Writes spills on the checkpoint writer thread; None: written synchronously (tools and tests).
+        self.spiller: Spiller | None = None
         # Stream -> change number of its last change not yet covered by a completed checkpoint.
         self.dirty: dict[str, int] = {}
         self._changes = 0
@@ -177,7 +207,8 @@ class PartitionState:
             if not self.residency.make_room(self, key):  # spills failed (store down): no KV slot for it yet
                 raise StoreUnavailable(f"no KV slot for stream {key!r} of {self.id}: no cold stream could be "
                                        f"spilled ({self.residency.slots.describe()})")
-            session = self._load(key)
+            pending = self.spilling.pop(key, None)
+            session = self._load(key) if pending is None else self._take_back(pending)
             self.sessions[key] = session
         self.residency.touch(self, key)
         return session
@@ -213,6 +244,14 @@ class PartitionState:
         metrics.STREAMS_RELOADED.inc()
         return session
 
+    def _take_back(self, pending: PendingSpill) -> StreamSession:
+        """A stream whose spill is not confirmed yet came back: its session again, from the capture (exact)."""
+        pending.cancelled = True  # the writer's result, if any, is ignored; the session is dirty again
+        session = StreamSession.restore(self.engine, pending.serialized(), templates=self.templates)
+        self.changed(pending.key)
+        metrics.STREAMS_RELOADED.inc()
+        return session
+
     def _fresh(self, key: str, reason: str, detail: str) -> StreamSession:
         log.error("session.state_refused", partition=self.id, stream=key, reason=reason, error=detail)
         metrics.ERRORS.labels("snapshot_refused").inc()
@@ -227,6 +266,9 @@ class PartitionState:
         for session in self.sessions.values():
             session.release()
         self.sessions.clear()
+        for pending in self.spilling.values():
+            pending.cancelled = True
+        self.spilling.clear()
         self.residency.forget(self.id)
 
     def take_reset_notice(self, key: str) -> str | None:
@@ -250,7 +292,7 @@ class PartitionState:
         `context_reset` notice. Returns (streams kept, streams reset)."""
         why = self.lost or "the state store lost the partition's state"
         self.epoch = epoch
-        lost = sorted((set(self.stored) | self.spilled) - set(self.sessions))
+        lost = sorted((set(self.stored) | self.spilled) - set(self.sessions) - set(self.spilling))
         for key in lost:
             self.context_resets[key] = (f"state_lost: the state store lost this stream's stored context ({why}); "
                                         "its context was reset")
@@ -265,7 +307,9 @@ class PartitionState:
     def spill(self, key: str) -> bool:
         """Move a cold session out of memory; False when it must stay (store down, checkpoint in flight).
 
-        Clean sessions are dropped (their stored blob is current). A dirty one is written first.
+        Clean sessions are dropped (their stored blob is current). A dirty one is captured here and written by
+        the checkpoint writer thread (`spiller`): its KV slot is free at once, and until the writer confirms
+        the write the stream is in `spilling` (a record of it takes the capture back; no checkpoint starts).
         """
         session = self.sessions.get(key)
         if session is None:
@@ -273,22 +317,48 @@ class PartitionState:
         if self.in_flight is not None:  # the in-flight checkpoint may still read this stream's spill slot
             return False
         if key in self.dirty or (key not in self.stored and key not in self.spilled):
-            try:
-                self.store.spill(self.id, self.epoch, key, session.snapshot())
-            except StateStoreError as exc:
-                log.warning("session.spill_failed", partition=self.id, stream=key, error=str(exc))
-                if isinstance(exc, StateLostError):
-                    self.mark_lost(exc)
-                elif isinstance(exc, FencedError):  # a newer owner: the service drops the partition
-                    self.fenced = True
-                return False
-            self.spilled.add(key)
-            self.dirty.pop(key, None)
+            if self.spiller is None:
+                if not self._write_spill(key, session.snapshot()):
+                    return False
+                self.spilled.add(key)
+                self.dirty.pop(key, None)
+            else:
+                pending = PendingSpill(key, session.capture(), self.dirty.get(key))
+                if not self.spiller.spill(self, pending):
+                    return False
+                self.spilling[key] = pending
         del self.sessions[key]
         session.release()
         metrics.STREAMS_SPILLED.inc()
         log.debug("session.spilled", partition=self.id, stream=key)
         return True
+
+    def _write_spill(self, key: str, blob: bytes) -> bool:
+        """`spill` without a writer thread (tools and tests): write here; False when the store refused."""
+        try:
+            self.store.spill(self.id, self.epoch, key, blob)
+        except StateStoreError as exc:
+            self.spill_failed(key, exc)
+            return False
+        return True
+
+    def spilled_ok(self, pending: PendingSpill) -> None:
+        """The writer wrote `pending` (model thread, `Checkpointer.collect`)."""
+        if self.spilling.get(pending.key) is not pending:
+            return  # taken back meanwhile, or the partition moved on
+        del self.spilling[pending.key]
+        self.spilled.add(pending.key)
+        if pending.change is not None and self.dirty.get(pending.key) == pending.change:
+            del self.dirty[pending.key]
+
+    def spill_failed(self, key: str, exc: BaseException) -> None:
+        """A spill write failed: a lost state or a newer owner is handled as for a checkpoint; a pending spill
+        stays pending (the capture is kept) and is written again later (`Checkpointer.retry_spills`)."""
+        log.warning("session.spill_failed", partition=self.id, stream=key, error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, StateLostError):
+            self.mark_lost(exc)
+        elif isinstance(exc, FencedError):  # a newer owner: the service drops the partition
+            self.fenced = True
 
     # ---- session lifecycle (service.session_gap) -----------------------------------------------------------
     def advance(self, record: Any) -> list[tuple[str, int]]:
@@ -336,6 +406,9 @@ class PartitionState:
             tokens = session.tokens_seen
             session.release()
         self.residency.drop(self.id, key)
+        pending = self.spilling.pop(key, None)
+        if pending is not None:
+            pending.cancelled = True
         self.stored.pop(key, None)
         self.spilled.discard(key)
         self.dirty.pop(key, None)
@@ -376,7 +449,9 @@ class PartitionState:
 
     def capture(self) -> tuple[list[tuple[str, StreamSession]], list[str], dict[str, Any], CheckpointTicket]:
         """On the model thread: (resident dirty sessions to capture now, streams whose stored blob is reused,
-        user manifest, ticket). The caller captures the sessions before the model thread moves on."""
+        user manifest, ticket). The caller captures the sessions before the model thread moves on; every spill
+        is confirmed by then (`Checkpointer.start`)."""
+        assert not self.spilling, "a checkpoint started while spills were unconfirmed"
         dirty = [(k, s) for k, s in sorted(self.sessions.items()) if k in self.dirty]
         captured = {k for k, _ in dirty}
         known = set(self.stored) | self.spilled | set(self.sessions)

@@ -6,10 +6,10 @@ membership from the pod name). The loop, once per poll:
 1. Poll up to `kafka.max_poll_records` records.
 2. Cut them, in input order, into groups of about `service.batch_tokens` tokens. For each record of a group:
    find its partition and stream session, fold the record's bytes into the session's chunker and tokenize its
-   complete lines within the record limits (`StreamSession.prepare`).
-3. Run the model over the group (`Batcher`): every stream's tokens, in order, through its own cache; a stream
-   whose step fails is rolled back and only its records get `error` annotations.
-4. Publish each record's annotations in input order (so per partition in offset order), and only then move
+   complete lines within the record limits (`Engine.prepare`: the mode decides what goes to the model).
+3. Run the model over the group (`Engine.run`): every stream's tokens, in order, through its own cache; a
+   stream whose step fails is rolled back and only its records get `error` annotations.
+4. Publish each record's annotations (`Engine.finish`) in input order (so per partition in offset order), and only then move
    the partition's `next_offset` past the record. A checkpoint can therefore never claim a record whose
    results were not handed to the producer (and step 1 of the commit order makes sure they were delivered).
 5. Between groups: finish and start checkpoints (every N records or T seconds per partition, in the
@@ -175,6 +175,7 @@ class Service:
             metrics.ERRORS.labels("snapshot_refused").inc()
             part = PartitionState(topic, partition, epoch, self.engine, self.store, self.residency, None,
                                   manifest_problem=problem)
+        part.spiller = self.checkpointer  # spills are written on the checkpoint writer thread
         self.parts[tp] = part
         if part.restored_offset is not None:
             self.source.seek(topic, partition, part.restored_offset)
@@ -271,10 +272,10 @@ class Service:
             raise DeviceFailure(f"the accelerator failed: {type(exc).__name__}: {exc}") from exc
 
     def _busy(self) -> bool:
-        """Work is still owed: an unclaimed or blocked partition, a checkpoint in flight, or a store outage
-        (idle time does not count then: `--exit-when-idle` waits until the state is safe again)."""
+        """Work is still owed: an unclaimed or blocked partition, a checkpoint or spill in flight, or a store
+        outage (idle time does not count then: `--exit-when-idle` waits until the state is safe again)."""
         return bool(self.unclaimed or self.blocked or self.checkpointer.store_down_since is not None) or any(
-            (p.in_flight is not None and not p.in_flight.idle) or p.lost or p.force_checkpoint
+            (p.in_flight is not None and not p.in_flight.idle) or p.lost or p.force_checkpoint or p.spilling
             for p in self.parts.values()
         )
 
@@ -516,6 +517,7 @@ class Service:
                 self.parts[tp].paused = False
                 self.source.resume([tp])
         for part in list(self.parts.values()):
+            self.checkpointer.retry_spills(part)
             if part.due(cp.every_records, cp.every_seconds) and self.checkpointer.ready_to_retry(part):
                 try:
                     self.checkpointer.start(part, "cadence" if part.records_since_checkpoint else "idle")
