@@ -9,8 +9,8 @@ membership from the pod name). The loop, once per poll:
    complete lines within the record limits (`Engine.prepare`: the mode decides what goes to the model).
 3. Run the model over the group (`Engine.run`): every stream's tokens, in order, through its own cache; a
    stream whose step fails is rolled back and only its records get `error` annotations.
-4. Publish each record's annotations (`Engine.finish`) in input order (so per partition in offset order), and only then move
-   the partition's `next_offset` past the record. A checkpoint can therefore never claim a record whose
+4. Publish each record's annotations (`Engine.finish`) in input order (so per partition in offset order), and
+   only then move the partition's `next_offset` past the record. A checkpoint can therefore never claim a record whose
    results were not handed to the producer (and step 1 of the commit order makes sure they were delivered).
 5. Between groups: finish and start checkpoints (every N records or T seconds per partition, in the
    background, see `pipeline.service.checkpoint`), pause partitions that hold too many un-checkpointed
