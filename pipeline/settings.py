@@ -255,11 +255,12 @@ class ServiceSettings(_Section):
     mode: Literal["score", "dialogue"] = "score"
     # Most stream sessions kept in memory; colder ones are spilled to Redis and reloaded on demand.
     max_resident_streams: int = Field(64, ge=1)
-    # KV slots reserved for backups of streams fed a record longer than one forward (`cache.chunk` tokens), so
-    # that a failure half-way rolls the stream back to the record's start; idle stream slots are borrowed too.
-    # When none is free such a record waits for one within its group. Pooled backend only; one slot's size:
-    # docs/operations.md ("KV memory").
-    backup_slots: int = Field(16, ge=1)
+    # KV slots reserved for whole-slot backups. Before a record longer than one forward (`cache.chunk` tokens)
+    # the stream's state is copied aside so that a failure half-way rolls it back to the record's start: usually
+    # only the few kept-window columns the record overwrites (no slot); a whole slot when a frame move falls
+    # inside the record (about once per `cache.window` tokens of a stream). Idle stream slots are borrowed too;
+    # when none is free such a record waits within its group. Pooled backend only; slot size: docs/operations.md.
+    backup_slots: int = Field(4, ge=1)
     # Port for Prometheus metrics and health checks; 0 turns the HTTP endpoint off.
     metrics_port: int = Field(0, ge=0, le=65535)
     # Longest line scored as one: a longer line (terminated or not) is scored in pieces of at most this many

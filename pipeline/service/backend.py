@@ -165,6 +165,18 @@ class _SlotCapture:
         return serialize_slot(self.lm, self.tensors, extra, tensors)
 
 
+@dataclass
+class Backup:
+    """A stream's state before a record longer than one forward (`PoolBackend.take_backup`): a copy of its slot
+    (`slot`), or the kept-window columns the record will overwrite (`cols`, `saved` per layer), with the counters."""
+
+    seen: int
+    base: int
+    slot: int | None = None
+    cols: torch.Tensor | None = None
+    saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 class SinkBackend:
     """One `SinkCache` per stream; handles are the caches themselves (counted by `slots`, quota `stream`)."""
 
@@ -271,16 +283,57 @@ class PoolBackend:
             self.pool.reset(self.pad_slot)
         return results[: len(results) - (1 if padded else 0)]
 
-    def take_backup(self, handle: int) -> int | None:
-        """A backup slot holding an exact copy of stream `handle` (before a record longer than one forward), or
-        None when `slots` has none to give (the record waits; see `KVSlots`)."""
-        backup = self.slots.take("backup")
-        if backup is not None:
-            self.copy_slot(handle, backup)
-        return backup
+    def take_backup(self, handle: int, tokens: int) -> Backup | None:
+        """What a rollback of stream `handle` to now needs, before a record of `tokens` tokens fed in forwards of
+        `chunk`; None when it needs a backup slot and `slots` has none to give (the record waits).
 
-    def drop_backup(self, backup: int) -> None:
-        self.slots.give("backup", backup)
+        Usually a few columns, not a slot: a forward writes the ring columns of its tokens, which held tokens no
+        later query needs; of the stream's state now, only the kept-window tokens whose columns the record's
+        forwards will write are lost, so those columns (all layers) and `seen`/`base` are copied aside. A frame
+        move inside the record re-rotates the whole kept window in place (committed even when its forward fails):
+        then, and for a record that would overwrite the whole ring, the backup is a copy of the slot."""
+        pool = self.pool
+        S, W, R = pool.sinks, pool.window, pool.ring
+        t0, base = pool.seen[handle], pool.base[handle]
+        keep = min(max(0, t0 - S), W - 1)
+        whole = tokens >= R
+        u = t0
+        while u < t0 + tokens and not whole:  # SinkCache.begin's frame-move rule, forward by forward
+            n = min(self.chunk, t0 + tokens - u)
+            if pool.rope and u >= S:
+                natural = S + W - 1 + max(W, n)
+                bound = min(natural, pool.position_limit) if pool.position_limit is not None else natural
+                if u + n - 1 - base > bound:
+                    whole = whole or min(max(0, u - S), W - 1) > 0
+                    base = u - min(max(0, u - S), W - 1) - S
+            u += n
+        if whole:
+            slot = self.slots.take("backup")
+            if slot is None:
+                return None
+            self.copy_slot(handle, slot)
+            return Backup(t0, pool.base[handle], slot=slot)
+        kept = pool.column(torch.arange(t0 - keep, t0, device=pool.device))  # (keep,) columns of the kept window
+        written = pool.column(torch.arange(t0, t0 + tokens, device=pool.device))
+        cols = kept[torch.isin(kept, written)]  # kept tokens the record overwrites
+        saved = [(keys[handle].index_select(1, cols), values[handle].index_select(1, cols))  # (Hkv, cols, D)
+                 for keys, values in zip(pool.keys, pool.values)]
+        return Backup(t0, pool.base[handle], cols=cols, saved=saved)
+
+    def roll_back(self, handle: int, backup: Backup) -> None:
+        """Put stream `handle` back where `backup` was taken."""
+        if backup.slot is not None:
+            self.copy_slot(backup.slot, handle)
+        else:
+            assert backup.cols is not None and backup.saved is not None
+            for (keys, values), (k, v) in zip(zip(self.pool.keys, self.pool.values), backup.saved):
+                keys[handle].index_copy_(1, backup.cols, k)
+                values[handle].index_copy_(1, backup.cols, v)
+        self.pool.seen[handle], self.pool.base[handle] = backup.seen, backup.base
+
+    def drop_backup(self, backup: Backup) -> None:
+        if backup.slot is not None:
+            self.slots.give("backup", backup.slot)
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Make `dst` an exact copy of `src` (a backup of a stream, or a stream rolled back to its backup)."""

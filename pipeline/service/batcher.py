@@ -33,7 +33,7 @@ import torch
 from model.device_errors import raise_if_fatal
 from model.sink_cache import SinkCache
 from pipeline.service import metrics
-from pipeline.service.backend import PoolBackend, SinkBackend
+from pipeline.service.backend import Backup, PoolBackend, SinkBackend
 from pipeline.service.session import RecordWork, StreamSession
 
 log = structlog.get_logger(__name__)
@@ -125,7 +125,7 @@ class _Lane:
         self.pos = 0  # tokens of it fed so far
         self.ids: list[int] = []
         self.pieces: list[torch.Tensor] = []
-        self.backup: int | None = None  # slot copy taken before a record longer than one pass
+        self.backup: Backup | None = None  # taken before a record longer than one pass
         self.last_before: torch.Tensor | None = None  # the stream's prev_logits when the backup was taken
         self._load()
 
@@ -205,7 +205,7 @@ class _PooledRun:
         holding a backup keeps feeding until its record is in (then gives it back)."""
         if lane.pos > 0 or len(lane.ids) <= self.backend.chunk or lane.backup is not None:
             return True
-        lane.backup = self.backend.take_backup(lane.slot)
+        lane.backup = self.backend.take_backup(lane.slot, len(lane.ids))
         lane.last_before = lane.session.last_logits
         return lane.backup is not None
 
@@ -237,7 +237,7 @@ class _PooledRun:
         session = lane.session
         if lane.pos:  # part of the record went in: back to its start (a multi-pass record always has a backup)
             assert lane.backup is not None
-            self.backend.copy_slot(lane.backup, lane.slot)
+            self.backend.roll_back(lane.slot, lane.backup)
             session.last_logits = lane.last_before
         self._drop_backup(lane)
         reason = (f"model step failed for stream {session.key!r} (record of {len(lane.ids)} tokens): "
