@@ -15,8 +15,9 @@ Failure isolation. A pooled forward that raises leaves every stream where it was
 "Failures"); its streams are then retried one by one (on CUDA out-of-memory this is the retry with a smaller
 batch), and a stream that fails alone is rolled back to the start of its failing record and its records left in
 the group get `step.error` set; the other streams go on. A record longer than one pass is fed only with a
-backup slot taken before it (`KVSlots`, reservation `backup`): when none is free the record waits within the
-group until another stream's backup is given back; it never runs without one. With one cache per stream a
+backup taken before it (`PoolBackend.take_backup`: the kept-window columns it will overwrite, or a whole slot
+from `KVSlots` when a frame move falls inside it): when no slot is free such a record waits within the group
+until another stream's backup is given back; it never runs without one. With one cache per stream a
 failing stream is rolled back to before the group. An exception that is not an ordinary failure of the step
 (KeyboardInterrupt, SystemExit) propagates, and so does a failure of the device itself (an illegal memory access,
 a device-side assert: `model.device_errors`), as `DeviceFailure`: the service then exits without a checkpoint
