@@ -119,6 +119,14 @@ class KVSlots:
         if self.pool is not None and slot is not None:
             self.pool.free(slot)
 
+    def take_stream(self) -> int:
+        """`take("stream")`, raising `CacheFull` when every resident stream slot is in use (the partition spills a
+        cold stream first: `Residency.make_room`)."""
+        slot = self.take("stream")
+        if slot is None:
+            raise CacheFull(f"all {self.quota['stream']} resident KV slots are in use")
+        return slot
+
     @contextmanager
     def hold(self, purpose: Purpose) -> Iterator[None]:
         """Count one slot of `purpose` as used while the block runs, for code that takes the physical slot itself
@@ -188,8 +196,7 @@ class SinkBackend:
         self.slots = KVSlots({"stream": resident})
 
     def new(self) -> SinkCache:
-        if self.slots.take("stream") is None:
-            raise CacheFull(f"all {self.slots.quota['stream']} resident stream caches are in use")
+        self.slots.take_stream()
         return self.runner.new_cache(self.sinks, self.window, max_chunk=self.chunk)
 
     def seen(self, handle: SinkCache) -> int:
@@ -205,8 +212,7 @@ class SinkBackend:
         return _SinkCapture(handle.state(), handle)
 
     def restore(self, blob: bytes) -> tuple[SinkCache, dict[str, Any], dict[str, torch.Tensor]]:
-        if self.slots.take("stream") is None:
-            raise CacheFull(f"all {self.slots.quota['stream']} resident stream caches are in use")
+        self.slots.take_stream()
         try:
             return load_cache(self.lm, blob)
         except BaseException:
@@ -238,10 +244,7 @@ class PoolBackend:
         self.chunk = self.pool.max_chunk  # the pool lowers `chunk` where the model's positions run out
 
     def new(self) -> int:
-        slot = self.slots.take("stream")
-        if slot is None:
-            raise CacheFull(f"all {self.slots.quota['stream']} resident KV slots are in use")
-        return slot
+        return self.slots.take_stream()
 
     def seen(self, handle: int) -> int:
         return self.pool.seen[handle]
