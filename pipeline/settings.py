@@ -11,6 +11,7 @@ Precedence (highest first): explicit keyword arguments, environment variables, t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -211,6 +212,15 @@ class TemplateSettings(_Section):
     # A text file of normal lines: its templates seed every partition's memory, so a line can be "not in the
     # reference" as well as new to its stream or partition. Null: no reference.
     reference: Path | None = None
+    # A regular expression that names the session a reference line belongs to (its first group, else the whole
+    # match), e.g. 'blk_-?[0-9]+' for HDFS block ids. With it the reference is also a set of normal sessions, and
+    # every stream's verdict carries `profile_distance`: how far the stream's mix of templates so far is from the
+    # nearest reference session's (0 = exactly a normal session's). Lines it does not match belong to no
+    # session. Null: no sessions, no profile_distance.
+    reference_session: str | None = None
+    # Most distinct session profiles kept from the reference (the first ones met); bounds memory and the cost
+    # per line.
+    reference_max_profiles: int = Field(10_000, ge=1)
     # Most templates a partition remembers (the reference's not counted); the least recently seen goes first.
     partition_max_clusters: int = Field(2000, ge=1)
     # Most templates a stream keeps counts for; the least recently seen goes first.
@@ -221,6 +231,16 @@ class TemplateSettings(_Section):
     depth: int = Field(4, ge=3)
     # Drain: most children of a tree node; past it, new tokens share the `<*>` child.
     max_children: int = Field(100, ge=2)
+
+    @field_validator("reference_session")
+    @classmethod
+    def _session_pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"expected a regular expression, got {v!r} ({exc})") from None
+        return v
 
 
 class NoteSettings(_Section):

@@ -50,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _profile(verdict: dict[str, Any]) -> str:
+    """", profile distance D" where the reference has normal sessions (`templates.reference_session`)."""
+    d = verdict.get("profile_distance")
+    return "" if d is None else f", profile distance {d:.2f}"
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -98,7 +104,8 @@ class Tail:
             v = closed.get("verdict") or {}
             text = (f"{stream} closed after {closed.get('idle')} {closed.get('unit')} idle: {v.get('alerts')} alerts "
                     f"in {v.get('lines')} lines, max score {_fmt(v.get('max_score'), '.2f')}, "
-                    f"{v.get('not_in_reference')} lines not in the reference")
+                    f"{v.get('not_in_reference')} lines not in the reference, "
+                    f"key score {_fmt(v.get('key_score'), '.2f')}{_profile(v)}")
             if not self.alerts_only or v.get("alerts"):
                 rows.append(self._paint(text, RED) if v.get("alerts") else self._paint(text, DIM))
         elif kind == "note" and not self.alerts_only:
@@ -125,7 +132,8 @@ class Tail:
                 f"      verdict {stream}: {verdict.get('alerts')} alerts in {verdict.get('lines')} lines, max score "
                 f"{_fmt(verdict.get('max_score'), '.2f')} (line {verdict.get('max_score_line')}), "
                 f"{verdict.get('not_in_reference')} lines not in the reference, "
-                f"{verdict.get('new_in_partition')} new to the partition", RED)
+                f"{verdict.get('new_in_partition')} new to the partition, key score "
+                f"{_fmt(verdict.get('key_score'), '.2f')}{_profile(verdict)}", RED)
         return row
 
     def follow(self, values: Iterable[bytes]) -> None:

@@ -6,10 +6,10 @@ in-memory checkpoints (`connectors.memory`: the same loop, batcher, pooled KV ca
 alert threshold and verdicts as with Kafka and Redis), and the published annotations are read back. Labels never
 enter the records: they stay on this side and are joined to the annotations by key and line number.
 
-Per-key (session) scores are taken from what a subscriber sees: the key's last `score` annotation (its running
-`verdict`) and its lines' template ids. `ReferenceProfile` adds what a verdict alone does not know: how far the
-key's template-count vector, at session close, is from the nearest count vector of the reference's sessions
-(ECVC in streaming form; the reference's template ids come from the same Drain memory the service seeds).
+Per-key (session) scores are taken from what a subscriber sees: the key's last `score` annotation, whose running
+`verdict` carries the key's `key_score` and `profile_distance` (how far the key's template counts are from the
+nearest normal session of the reference: ECVC in streaming form, `templates.reference_session`;
+`pipeline.service.verdict`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from connectors.memory import MemorySink, MemorySource, MemoryStore, MemoryTopic
@@ -35,17 +33,19 @@ from pipeline.settings import Settings, load_settings
 log = structlog.get_logger(__name__)
 
 IN, OUT = "eval.in", "eval.out"
+HDFS_SESSION = r"blk_-?\d+"  # `templates.reference_session` for HDFS: every line names its block
 
 
-def eval_settings(base: Settings | None, reference: Path | None) -> Settings:
+def eval_settings(base: Settings | None, reference: Path | None, session: str | None = None) -> Settings:
     """The user's settings (model, cache, score, templates, service sizes) for an evaluation run, with in-memory
-    topic names, notes off, checkpoints rare, and `reference` as `templates.reference` (None: no reference)."""
+    topic names, notes off, checkpoints rare, `reference` as `templates.reference` (None: no reference) and
+    `session` as `templates.reference_session`."""
     settings = base if base is not None else load_settings(None)
     return settings.model_copy(update={
         "kafka": settings.kafka.model_copy(update={"input_topic": IN, "output_topic": OUT}),
         "note": settings.note.model_copy(update={"every_tokens": 0}),
         "checkpoint": settings.checkpoint.model_copy(update={"every_records": 100_000}),
-        "templates": settings.templates.model_copy(update={"reference": reference}),
+        "templates": settings.templates.model_copy(update={"reference": reference, "reference_session": session}),
     })
 
 
@@ -87,61 +87,7 @@ def template_id(line: dict[str, Any]) -> int | None:
     return None if t is None else int(t["id"])
 
 
-# ---- the reference's count profile (ECVC at session close) ---------------------------------------------------
-
-
-@dataclass
-class ReferenceProfile:
-    """The template-count vectors of the reference's sessions; `distance` = 1 - weighted Jaccard to the nearest."""
-
-    vectors: np.ndarray
-    ids: list[int]
-    index: dict[int, int] = field(default_factory=dict)
-
-    @classmethod
-    def from_sessions(cls, sessions: Sequence[Sequence[int]]) -> ReferenceProfile:
-        ids = sorted({t for s in sessions for t in s})
-        index = {t: i for i, t in enumerate(ids)}
-        mat = np.zeros((len(sessions), len(ids)))
-        for r, s in enumerate(sessions):
-            for t, c in Counter(s).items():
-                mat[r, index[t]] = c
-        return cls(np.unique(mat, axis=0), ids, index)
-
-    def distance(self, session: Sequence[int]) -> float:
-        counts = Counter(session)
-        row = np.zeros(len(self.ids))
-        unknown = 0
-        for t, c in counts.items():
-            if t in self.index:
-                row[self.index[t]] = c
-            else:
-                unknown += c
-        diff = np.abs(self.vectors - row).sum(axis=1) + unknown
-        limit = np.maximum(self.vectors, row).sum(axis=1) + unknown
-        return float((diff / np.maximum(limit, 1e-12)).min())
-
-
-def reference_template_ids(settings: Settings, reference_lines: Sequence[str]) -> list[int]:
-    """Template id of every reference line in a memory seeded exactly as the service seeds its partitions."""
-    from pipeline.service.templates import build_reference
-
-    memory = build_reference(reference_lines, settings.templates)
-    return [memory.observe(line).id for line in reference_lines]
-
-
 # ---- HDFS: sessions ------------------------------------------------------------------------------------------
-
-
-def key_score(verdict: dict[str, Any] | None, profile_distance: float | None) -> float:
-    """The per-key ranking of docs/anomaly.md: the profile distance at session close (0 = a count vector seen in
-    the reference), plus 1 when a template is not in the reference at all, plus the verdict's highest line score
-    squashed into [0, 0.1) to order keys the first two leave tied."""
-    v = verdict or {}
-    score = profile_distance or 0.0
-    score += 1.0 if (v.get("not_in_reference") or 0) > 0 else 0.0
-    top = v.get("max_score")
-    return score + (0.1 * top / (1.0 + top) if top is not None and top > 0 else 0.0)
 
 
 def hdfs_eval(lm: LoadedModel | None, base: Settings | None, split: HdfsSplit, renderer: Renderer,
@@ -158,68 +104,64 @@ def hdfs_eval(lm: LoadedModel | None, base: Settings | None, split: HdfsSplit, r
     tmp = Path(tempfile.mkdtemp(prefix="sinkstream-hdfs-", dir=workdir))
     reference_file = tmp / "hdfs_reference.log"
     reference_file.write_text("".join(line + "\n" for _, line in ref_pairs))
-    settings = eval_settings(base, reference_file)
-    ids = reference_template_ids(settings, [line for _, line in ref_pairs])
-    by_block: dict[str, list[int]] = defaultdict(list)
-    for (block, _), t in zip(ref_pairs, ids):
-        by_block[block].append(t)
-    profile = ReferenceProfile.from_sessions([by_block[s.block] for s in split.reference])
-    report["templates_only"] = templates_only(settings, [line for _, line in ref_pairs], test_pairs, split, profile)
+    settings = eval_settings(base, reference_file, session=HDFS_SESSION)
+    report["templates_only"] = templates_only(settings, [line for _, line in ref_pairs], test_pairs, split)
     if lm is None:
         return report
     published, elapsed = run_service(lm, settings, [(block, line + "\n") for block, line in test_pairs])
     lines = scored_lines(published)
-    verdict_scores, profile_scores, combined, alerted, not_ref = [], [], [], [], []
+    verdicts = []
     for s in split.test:
         got = lines.get(s.block, [])
         if len(got) != len(s.events):
             raise RuntimeError(f"key {s.block}: expected {len(s.events)} scored lines, got {len(got)}")
-        verdict = got[-1]["_verdict"]
-        tids = [template_id(x) for x in got]
-        distance = profile.distance([t for t in tids if t is not None]) if all(t is not None for t in tids) else None
-        verdict_scores.append(None if verdict is None else verdict.get("max_score"))
-        profile_scores.append(distance)
-        combined.append(key_score(verdict, distance))
-        alerted.append(any(x.get("alert") for x in got))
-        not_ref.append(float((verdict or {}).get("not_in_reference") or 0))
-    keys = {
-        "combined (profile + not-in-reference + max score)": rank_metrics(combined, labels, alerted),
-        "verdict max_score": rank_metrics(verdict_scores, labels, alerted),
-        "verdict not_in_reference": rank_metrics(not_ref, labels, [n > 0 for n in not_ref]),
-        "profile distance (ECVC at close)": rank_metrics(profile_scores, labels,
-                                                         [d is not None and d > 0 for d in profile_scores]),
-    }
+        verdicts.append(got[-1]["_verdict"] or {})
+    alerted = [any(x.get("alert") for x in lines[s.block]) for s in split.test]
+    report.update(service=verdict_rankers(verdicts, labels, alerted))
     tokens = sum(a["score"]["tokens"] for a in published if a["kind"] == "score")
     n_alerts = sum(1 for x in lines.values() for line in x if line.get("alert"))
-    report.update(service=keys, service_s=round(elapsed, 1), tokens=tokens,
+    report.update(service_s=round(elapsed, 1), tokens=tokens,
                   tokens_per_s=round(tokens / elapsed, 1) if elapsed else None,
-                  line_alerts=n_alerts, alert_rate=settings.score.alert_rate if hasattr(settings.score, "alert_rate")
-                  else None, keys_seen=len(lines))
+                  line_alerts=n_alerts, alert_rate=settings.score.alert_rate, keys_seen=len(lines))
     return report
 
 
+def verdict_rankers(verdicts: Sequence[dict[str, Any]], labels: Sequence[bool],
+                    alerted: Sequence[bool] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-key rankers from each key's last verdict (a subscriber's view); flags: a line alerted (`alerted`), a
+    template outside the reference, a mix of templates no normal session has."""
+    def col(name: str) -> list[float | None]:
+        return [None if v.get(name) is None else float(v[name]) for v in verdicts]
+
+    not_ref = col("not_in_reference")
+    distance = col("profile_distance")
+    return {
+        "verdict key_score (profile + not-in-reference + max score)": rank_metrics(
+            col("key_score"), labels, [(d or 0) > 0 or (n or 0) > 0 for d, n in zip(distance, not_ref)]),
+        "verdict profile_distance": rank_metrics(distance, labels, [(d or 0) > 0 for d in distance]),
+        "verdict not_in_reference": rank_metrics(not_ref, labels, [(n or 0) > 0 for n in not_ref]),
+        "verdict max_score": rank_metrics(col("max_score"), labels, alerted),
+    }
+
+
 def templates_only(settings: Settings, reference_lines: Sequence[str], test_pairs: Sequence[tuple[str, str]],
-                   split: HdfsSplit, profile: ReferenceProfile) -> dict[str, dict[str, Any]]:
-    """The per-key template rankers without the LM: the test lines, in the service's order, through a template
-    memory seeded from the reference exactly as the service's partition memory is (cheap: no model)."""
+                   split: HdfsSplit) -> dict[str, dict[str, Any]]:
+    """The per-key verdicts without the LM, at full size and cheaply: the test lines, in the service's order,
+    through the service's own `StreamJudge` per key and a partition memory seeded from the reference exactly as
+    the service seeds it (no surprise term: z is None without a model, so line scores are novelty only)."""
+    import torch
+
+    from pipeline.service.scoring import LineScore
     from pipeline.service.templates import build_reference
+    from pipeline.service.verdict import StreamJudge
 
     memory = build_reference(reference_lines, settings.templates)
-    ids: dict[str, list[int]] = defaultdict(list)
-    not_ref: Counter[str] = Counter()
+    judges: dict[str, StreamJudge] = {}
     for block, line in test_pairs:
-        match = memory.observe(line)
-        ids[block].append(match.id)
-        not_ref[block] += match.seen_reference == 0
-    labels = [s.abnormal for s in split.test]
-    distance = [profile.distance(ids[s.block]) for s in split.test]
-    outside = [float(not_ref[s.block]) for s in split.test]
-    combined = [d + (1.0 if n > 0 else 0.0) for d, n in zip(distance, outside)]
-    return {
-        "not_in_reference (templates)": rank_metrics(outside, labels, [n > 0 for n in outside]),
-        "profile distance (templates)": rank_metrics(distance, labels, [d > 0 for d in distance]),
-        "profile + not-in-reference (templates)": rank_metrics(combined, labels, [c > 0 for c in combined]),
-    }
+        judge = judges.setdefault(block, StreamJudge(settings.score, settings.templates))
+        judge.judge(LineScore(judge.verdict.lines, line, [], torch.empty(0)), memory)
+    verdicts = [judges[s.block].verdict.model_dump() for s in split.test]
+    return verdict_rankers(verdicts, [s.abnormal for s in split.test])
 
 
 # ---- BGL: lines ---------------------------------------------------------------------------------------------

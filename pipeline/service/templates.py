@@ -38,18 +38,28 @@ digit to the wildcard branch of its tree.
 **Reference of normal.** `build_reference(lines, settings)` mines a text of normal lines into a memory whose
 clusters carry their reference counts and are pinned; every partition memory starts as a copy of it, so "new"
 can also mean "not in the reference".
+
+**Normal sessions.** With `templates.reference_session` (a regular expression naming the session of a line,
+e.g. an HDFS block id) the reference is also a set of sessions: each session's template counts are a
+*profile*, the distinct ones are kept (at most `templates.reference_max_profiles`, in the memory's state), and
+`TemplateMemory.profile_distance(counts)` says how far a stream's template counts are from the nearest normal
+session: 1 - weighted Jaccard, sum|a - b| / sum max(a, b) over template ids, a template outside the reference
+counting in both sums (0 = exactly a normal session's mix, 1 = nothing in common). This is the event-count
+vector detector of the log-anomaly literature (ECVC in ait-aecid/anomaly-detection-log-datasets), online:
+the verdict carries it after every line, and at the session's last line it is the distance of the whole session.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from drain3.drain import Drain, LogCluster, Node
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,6 +111,9 @@ class TemplateMemoryState(_State):
     threshold: ThresholdState | None = Field(
         None, description="The partition's alert threshold over all its streams' scores (pipeline.service.verdict); "
                           "absent in memories saved before it and in a reference")
+    profiles: list[list[tuple[int, int]]] = Field(
+        default_factory=list, description="Distinct (template id, count) profiles of the reference's sessions "
+                                          "(`templates.reference_session`), in the order first met")
 
 
 class StreamTemplatesState(_State):
@@ -142,6 +155,9 @@ class TemplateMemory:
         # The (1 - alert_rate) quantile of the partition's line scores, fed by `StreamJudge.judge`: the threshold
         # of streams too young for their own (short keys); saved with the memory.
         self.threshold = AlertThreshold()
+        # The reference's normal sessions as template-count profiles (module docstring), fixed after `seed`.
+        self.profiles: list[tuple[tuple[int, int], ...]] = []
+        self._matrix: tuple[np.ndarray, dict[int, int]] | None = None  # profiles as rows, built on first use
 
     def __len__(self) -> int:
         return len(self.drain.id_to_cluster)
@@ -165,12 +181,49 @@ class TemplateMemory:
         return TemplateMatch(cid, cluster.get_template()[:MAX_TEMPLATE_TEXT], before, ref, lines_before)
 
     def seed(self, lines: Iterable[str]) -> None:
-        """Mine reference lines: their templates are pinned and counted as the reference's."""
+        """Mine reference lines: their templates are pinned and counted as the reference's; with
+        `reference_session`, each session's template counts become a profile (module docstring)."""
+        pattern = self.settings.reference_session
+        session = re.compile(pattern) if pattern else None
+        sessions: dict[str, Counter[int]] = {}
         for line in lines:
             cluster, _ = self.drain.add_log_message(mask(line))
             self.ref[cluster.cluster_id] = self.ref.get(cluster.cluster_id, 0) + 1
             self.ref_lines += 1
+            found = session.search(line) if session is not None else None
+            if found is not None:
+                key = found.group(1) if found.re.groups else found.group(0)
+                sessions.setdefault(key, Counter())[cluster.cluster_id] += 1
+        distinct = dict.fromkeys(tuple(sorted(counts.items())) for counts in sessions.values())
+        self.profiles = list(distinct)[: self.settings.reference_max_profiles]
+        self._matrix = None
         self.reference = hashlib.sha256(self.state().model_dump_json(exclude={"threshold"}).encode()).hexdigest()
+
+    def profile_distance(self, counts: Mapping[int, int]) -> float | None:
+        """Distance of a stream's template `counts` to the nearest reference session (module docstring);
+        None without profiles."""
+        if not self.profiles:
+            return None
+        if self._matrix is None:
+            ids = sorted({tid for profile in self.profiles for tid, _ in profile})
+            index = {tid: i for i, tid in enumerate(ids)}
+            matrix = np.zeros((len(self.profiles), len(ids)))  # (profiles, template ids)
+            for r, profile in enumerate(self.profiles):
+                for tid, n in profile:
+                    matrix[r, index[tid]] = n
+            self._matrix = matrix, index
+        matrix, index = self._matrix
+        row = np.zeros(matrix.shape[1])
+        outside = 0  # lines of templates no normal session has: in both sums
+        for tid, n in counts.items():
+            i = index.get(tid)
+            if i is None:
+                outside += n
+            else:
+                row[i] = n
+        diff = np.abs(matrix - row).sum(axis=1) + outside
+        limit = np.maximum(matrix, row).sum(axis=1) + outside
+        return float((diff / np.maximum(limit, 1e-12)).min())
 
     # ---- state ------------------------------------------------------------------------------------------
     def state(self) -> TemplateMemoryState:
@@ -185,7 +238,8 @@ class TemplateMemory:
         tree = _dump_node(self.drain.root_node, set(self.drain.id_to_cluster))
         return TemplateMemoryState(counter=self.drain.clusters_counter, reference=self.reference,
                                    lines=self.lines, ref_lines=self.ref_lines, clusters=clusters, tree=tree,
-                                   threshold=self.threshold.state() if self.threshold.n else None)
+                                   threshold=self.threshold.state() if self.threshold.n else None,
+                                   profiles=[list(p) for p in self.profiles])
 
     def to_json(self) -> dict[str, Any]:
         return self.state().model_dump(mode="json")
@@ -210,6 +264,11 @@ class TemplateMemory:
         memory.drain.root_node = _load_node(st.tree)
         memory.reference = st.reference
         memory.lines, memory.ref_lines = st.lines, st.ref_lines
+        for profile in st.profiles:
+            if not profile or any(tid not in memory.ref or n < 1 for tid, n in profile):
+                raise ValueError("template memory: expected session profiles of reference template ids with "
+                                 f"counts >= 1, got {profile[:5]}")
+        memory.profiles = [tuple((tid, n) for tid, n in p) for p in st.profiles]
         if st.threshold is not None:
             memory.threshold = AlertThreshold.from_json(st.threshold)
         return memory

@@ -30,7 +30,18 @@ only with templates on (`templates.enabled`, the default). Both thresholds are `
 (`pipeline.service.threshold`: a deterministic t-digest, exact across a resume).
 
 **The verdict** (`Verdict`): the stream's running aggregate, carried by every `score` annotation so that a
-subscriber can rank keys without re-reading history.
+subscriber can rank keys without re-reading history. Its `key_score` ranks keys (sessions: an HDFS block, a
+request id)::
+
+    key_score = profile_distance                       distance of the key's template counts so far to the
+                                                       nearest normal session of the reference (0 without
+                                                       `templates.reference_session`; `TemplateMemory`)
+              + 1 if any line's template is not in the reference
+              + 0.1 * s / (1 + s), s = max(max_score, 0)   the highest line score, squashed into [0, 0.1): it
+                                                       orders keys the first two terms leave tied
+
+On HDFS sessions (docs/anomaly.md) the first two terms are the event-count-vector and new-event detectors of
+the literature, computed online per key; the line scores only break ties.
 """
 
 from __future__ import annotations
@@ -89,6 +100,13 @@ class Verdict(BaseModel):
     new_in_partition: int = Field(0, ge=0, description="Lines whose template was new to the partition")
     not_in_reference: int = Field(0, ge=0, description="Lines whose template is not in the reference of normal "
                                                        "(0 without `templates.reference`)")
+    profile_distance: float | None = Field(
+        None, ge=0.0, le=1.0, description="Distance of the stream's template counts so far to the nearest normal "
+        "session of the reference: 1 - weighted Jaccard, 0 = exactly a normal session's mix of templates (null "
+        "without `templates.reference_session`); at a session's last line, the whole session's")
+    key_score: float | None = Field(
+        None, ge=0.0, description="The key's anomaly ranking: profile_distance (0 if null) + 1 if any template "
+        "was not in the reference + 0.1 * s / (1 + s) with s = max(max_score, 0) (null before a scored line)")
 
     def record(self, offset: int) -> None:
         """One more record of the stream (scored or not)."""
@@ -115,6 +133,13 @@ class Verdict(BaseModel):
         self.new_in_stream += new_stream
         self.new_in_partition += new_partition
         self.not_in_reference += new_reference
+        self.key_score = key_score(self.profile_distance, self.not_in_reference, self.max_score)
+
+
+def key_score(profile_distance: float | None, not_in_reference: int, max_score: float | None) -> float:
+    """The documented per-key ranking (module docstring)."""
+    top = max(max_score or 0.0, 0.0)
+    return (profile_distance or 0.0) + (1.0 if not_in_reference > 0 else 0.0) + 0.1 * top / (1.0 + top)
 
 
 class StreamJudge:
@@ -145,6 +170,7 @@ class StreamJudge:
             line.score = combined_score(sc, line.z, new_stream=new_stream, new_partition=new_partition,
                                         new_reference=new_reference, seen=match.seen_partition + match.seen_reference,
                                         lines=match.partition_lines + partition.ref_lines)
+            self.verdict.profile_distance = partition.profile_distance(self.templates.counts)
         else:
             line.score = combined_score(sc, line.z)
         if line.line_no >= sc.alert_warmup_lines:

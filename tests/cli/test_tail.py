@@ -22,7 +22,7 @@ def _line(no: int, text: str, alert: bool = False, score: float = 1.0) -> dict:
 
 
 VERDICT = {"lines": 9, "alerts": 2, "max_score": 7.5, "max_score_line": 4, "not_in_reference": 3,
-           "new_in_partition": 1}
+           "new_in_partition": 1, "key_score": 1.088, "profile_distance": None}
 
 
 def test_rows_alerts_verdict_and_duplicates():
@@ -35,7 +35,7 @@ def test_rows_alerts_verdict_and_duplicates():
     assert rows[0] == "host-a #0 score   1.00 z  +0.5 t3x7 new  ok line"
     assert rows[1] == "ALERT host-a #1 score   7.50 z  +0.5 t3x7 new  disk failure"
     assert rows[2] == ("      verdict host-a: 2 alerts in 9 lines, max score 7.50 (line 4), 3 lines not in the "
-                       "reference, 1 new to the partition")
+                       "reference, 1 new to the partition, key score 1.09")
     assert len(rows) == 3 and RED not in out.getvalue()
 
 
@@ -80,7 +80,7 @@ def test_closed_sessions_show_their_final_verdict():
     quiet = {**VERDICT, "alerts": 0}
     tail.feed({"id": "c1", "kind": "closed", "stream": "blk_1", "closed": {"verdict": quiet, "idle": 5,
                                                                           "unit": "records"}})
-    tail.feed({"id": "c2", "kind": "closed", "stream": "blk_2", "closed": {"verdict": VERDICT, "idle": 5,
-                                                                          "unit": "records"}})
+    tail.feed({"id": "c2", "kind": "closed", "stream": "blk_2", "closed": {
+        "verdict": {**VERDICT, "profile_distance": 0.25, "key_score": 1.338}, "idle": 5, "unit": "records"}})
     assert out.getvalue().splitlines() == ["blk_2 closed after 5 records idle: 2 alerts in 9 lines, max score 7.50, "
-                                           "3 lines not in the reference"]
+                                           "3 lines not in the reference, key score 1.34, profile distance 0.25"]

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cli.main import main
 from pipeline.evaluation import hdfs
-from pipeline.evaluation.anomaly_eval import ReferenceProfile, boundary_metrics, documents, key_score
+from pipeline.evaluation.anomaly_eval import boundary_metrics, documents
 from pipeline.evaluation.detectors import (
     ecvc_scores,
     event_scores,
@@ -100,15 +100,6 @@ def test_real_template_file_is_rendered_with_plausible_values():
     assert r.line(2, "blk_7").endswith("INFO dfs.DataBlockScanner: Verification succeeded for blk_7")
 
 
-def test_reference_profile_is_ecvc_over_template_ids():
-    profile = ReferenceProfile.from_sessions([[1, 1, 2], [1, 2, 2], [1, 1, 2]])
-    assert profile.vectors.shape == (2, 2)
-    assert profile.distance([2, 1, 1]) == 0.0
-    assert profile.distance([1, 2, 9]) == pytest.approx(2 / 4)  # vs [1,2,2]: |0|+|1| + 1 unknown over 1+2+1
-    assert key_score({"not_in_reference": 1, "max_score": 1.0}, 0.25) == pytest.approx(1.25 + 0.05)
-    assert key_score(None, None) == 0.0
-
-
 def test_documents_and_boundary_metrics():
     texts = {"a.txt": "\n".join(f"a{i}" for i in range(100)), "b.txt": "\n".join(f"b{i}" for i in range(100))}
     docs = documents(texts, docs=4, lines_per_doc=5)
@@ -170,8 +161,11 @@ def test_hdfs_and_lines_through_the_service_with_a_tiny_model(data_dir, text_lm)
     with_4 = sum(4 in s.events for s in sp.test)
     assert with_4 > 0 and service["verdict not_in_reference"]["tp"] == with_4
     assert service["verdict not_in_reference"]["flagged"] == with_4
-    assert service["profile distance (ECVC at close)"]["auc"] == 1.0
-    assert report["templates_only"]["profile distance (templates)"]["auc"] == 1.0
+    assert service["verdict profile_distance"]["auc"] == 1.0
+    assert service["verdict key_score (profile + not-in-reference + max score)"]["auc"] == 1.0
+    # the same verdicts without the model (the service's StreamJudge per key, full size in the real run)
+    assert report["templates_only"]["verdict profile_distance"]["auc"] == 1.0
+    assert report["templates_only"]["verdict not_in_reference"]["tp"] == with_4
 
     lines = [f"node{i % 3} RAS KERNEL INFO generating core.{i}" for i in range(60)]
     test = lines[:20] + ["node1 RAS KERNEL FATAL data TLB error interrupt"] + lines[20:39]

@@ -126,12 +126,53 @@ def test_reference_seeds_pinned_templates():
     assert reference.lines == 0 and len(reference) == 2  # the reference itself is untouched
 
 
+SESSIONS = [  # three reference sessions (blocks), interleaved; blk_1 and blk_3 have the same mix of templates
+    "INFO allocate blk_1", "INFO allocate blk_2", "INFO receive blk_1 from 10.0.0.1 ok",
+    "INFO receive blk_1 from 10.0.0.2 ok", "INFO allocate blk_3", "INFO receive blk_3 from 10.0.0.3 ok",
+    "INFO delete blk_2 now", "INFO receive blk_3 from 10.0.0.4 ok", "WARN no session in this line",
+]
+
+
+def test_reference_sessions_become_distinct_profiles_and_a_distance():
+    settings = TemplateSettings(reference_session=r"(blk_\d+)")
+    reference = build_reference(SESSIONS, settings)
+    alloc, recv, delete = (reference.observe(x).id for x in ("INFO allocate blk_9",
+                                                             "INFO receive blk_9 from 10.1.1.1 ok", "INFO delete blk_9 now"))
+    # blk_1 and blk_3: allocate once, receive twice (one profile); blk_2: allocate, delete
+    assert reference.profiles == [((alloc, 1), (recv, 2)), ((alloc, 1), (delete, 1))]
+    assert reference.profile_distance({alloc: 1, recv: 2}) == 0.0
+    assert reference.profile_distance({alloc: 1}) == pytest.approx(1 / 2)  # vs (alloc 1, delete 1): 1 / 2
+    assert reference.profile_distance({alloc: 1, recv: 3}) == pytest.approx(1 / 4)
+    # a template no session has counts in both sums: (alloc 1, recv 2) + 2 unknown -> 2 / 5
+    assert reference.profile_distance({alloc: 1, recv: 2, 999: 2}) == pytest.approx(2 / 5)
+    assert reference.profile_distance({}) == 1.0
+    # the profiles are part of the saved memory (exactly), and of the reference's fingerprint
+    restored = TemplateMemory.from_state(settings, json.loads(json.dumps(reference.to_json())))
+    assert restored.profiles == reference.profiles
+    assert restored.profile_distance({alloc: 1, recv: 3}) == reference.profile_distance({alloc: 1, recv: 3})
+    plain = build_reference(SESSIONS, TemplateSettings())
+    assert plain.profiles == [] and plain.profile_distance({alloc: 1}) is None
+    assert plain.reference != build_reference(SESSIONS, settings).reference
+    # bounded: the first distinct profiles met
+    assert build_reference(SESSIONS, TemplateSettings(reference_session=r"blk_\d+",
+                                                      reference_max_profiles=1)).profiles == reference.profiles[:1]
+
+
+def test_a_bad_session_pattern_is_a_one_line_settings_error():
+    with pytest.raises(ValidationError, match="expected a regular expression"):
+        TemplateSettings(reference_session="blk_(")
+
+
 @pytest.mark.parametrize("bad", [
     {"format": 2, "counter": 0, "clusters": [], "tree": {}},
     {"format": 1, "counter": 1, "clusters": [{"id": 5, "tokens": ["a"], "size": 1}], "tree": {}},
     {"format": 1, "counter": 3, "clusters": [{"id": 1, "tokens": ["a"], "size": 1}] * 2, "tree": {}},
     {"format": 1, "counter": 1, "clusters": [], "tree": {"k": {"x": "not a node"}}},
     {"py/object": "os.system", "format": 1, "counter": 0, "clusters": [], "tree": {}},
+    {"format": 1, "counter": 1, "clusters": [{"id": 1, "tokens": ["a"], "size": 1, "ref": 1}], "tree": {},
+     "profiles": [[[2, 1]]]},  # a profile of a template that is not the reference's
+    {"format": 1, "counter": 1, "clusters": [{"id": 1, "tokens": ["a"], "size": 1, "ref": 1}], "tree": {},
+     "profiles": [[[1, 0]]]},
 ])
 def test_a_bad_saved_memory_is_refused(bad):
     with pytest.raises((ValidationError, ValueError)):

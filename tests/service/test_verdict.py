@@ -12,7 +12,7 @@ from connectors.protocols import Record
 from pipeline.service.engine import Engine
 from pipeline.service.session import StreamSession
 from pipeline.service.threshold import THRESHOLD_BATCH, AlertThreshold
-from pipeline.service.verdict import Verdict, combined_score
+from pipeline.service.verdict import Verdict, combined_score, key_score
 from pipeline.settings import ScoreSettings, load_settings
 
 
@@ -78,7 +78,15 @@ def test_verdict_aggregates_the_stream():
     assert v.model_dump() == {
         "records": 2, "lines": 3, "tokens": 6, "anomalous_lines": 1, "max_z": 2.5, "max_line_nll": 2.0,
         "first_offset": 7, "last_offset": 9, "alerts": 1, "max_score": 7.5, "max_score_line": 1,
-        "last_alert_line": 1, "new_in_stream": 2, "new_in_partition": 1, "not_in_reference": 2}
+        "last_alert_line": 1, "new_in_stream": 2, "new_in_partition": 1, "not_in_reference": 2,
+        "profile_distance": None, "key_score": pytest.approx(1.0 + 0.1 * 7.5 / 8.5)}
+
+
+def test_key_score_is_the_documented_formula():
+    assert key_score(None, 0, None) == 0.0
+    assert key_score(0.25, 0, None) == 0.25
+    assert key_score(0.25, 3, 1.0) == pytest.approx(0.25 + 1.0 + 0.05)
+    assert key_score(0.0, 0, -4.0) == 0.0  # a negative max score does not lower it
 
 
 def _settings(**score):
@@ -185,3 +193,35 @@ def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
                                     "new_in_partition", "not_in_reference")} == {
         "alerts": 0, "max_score": a["score"]["max_score"], "max_score_line": 1, "last_alert_line": None,
         "new_in_stream": 2, "new_in_partition": 2, "not_in_reference": 2}
+    assert verdict["profile_distance"] is None  # no templates.reference_session
+    assert verdict["key_score"] == pytest.approx(1.0 + 0.1 * verdict["max_score"] / (1 + verdict["max_score"]))
+
+
+def test_the_verdict_carries_the_distance_to_the_nearest_normal_session(text_lm, tmp_path):
+    """With `templates.reference_session`, each key's verdict says how far its mix of templates so far is from
+    the nearest normal session of the reference, line after line; a key that follows a normal session's shape
+    ends at 0, one with a normal template too often does not, and the key score ranks them so."""
+    reference = tmp_path / "normal.txt"
+    reference.write_text("".join(f"INFO open blk_{b}\nINFO write blk_{b} part {p} done ok\n" if p == 0 else
+                                 f"INFO write blk_{b} part {p} done ok\n" for b in range(3) for p in range(2))
+                         + "".join(f"INFO close blk_{b}\n" for b in range(3)))
+    settings = load_settings(None, cache={"sinks": 4, "window": 48, "chunk": 16},
+                             templates={"reference": str(reference), "reference_session": "blk_[0-9]+"})
+    engine = Engine(text_lm, settings)
+    got = {}
+    for key, lines in (("good", ["INFO open blk_7", "INFO write blk_7 part 0 done ok",
+                                 "INFO write blk_7 part 1 done ok", "INFO close blk_7"]),
+                       ("odd", ["INFO open blk_8", "INFO write blk_8 part 0 done ok",
+                                "INFO write blk_8 part 1 done ok", "INFO write blk_8 part 2 done ok",
+                                "INFO close blk_8"])):
+        session = StreamSession(engine, key)
+        got[key] = [session.process(Record("in", 0, i, key.encode(), (line + "\n").encode(), {}, 0))[0]
+                    ["score"]["verdict"] for i, line in enumerate(lines)]
+    good, odd = got["good"], got["odd"]
+    # open, write: 1 of 4 lines, 2 of 4 (the template counts so far against open 1, write 2, close 1)
+    assert [v["profile_distance"] for v in good] == pytest.approx([3 / 4, 2 / 4, 1 / 4, 0.0])
+    assert odd[-1]["profile_distance"] == pytest.approx(1 / 5)  # write 3 times against 2
+    assert good[-1]["not_in_reference"] == odd[-1]["not_in_reference"] == 0
+    assert good[-1]["key_score"] < odd[-1]["key_score"]
+    assert odd[-1]["key_score"] == pytest.approx(
+        0.2 + 0.1 * odd[-1]["max_score"] / (1 + odd[-1]["max_score"]))
