@@ -83,6 +83,13 @@ def make_rows_stable(model: nn.Module, block: int = BLOCK_ROWS) -> int:
     return len(targets)
 
 
+def rows_stable(model: nn.Module) -> bool:
+    """Every linear layer of `model` is a `RowStableLinear` (and there is one): its rows come out the same in a
+    call of any row count, one row included, so a forward needs no padding for batch invariance."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, RowStableLinear))]
+    return bool(linears) and all(isinstance(m, RowStableLinear) for m in linears)
+
+
 @contextmanager
 def plain_linears(model: nn.Module) -> Iterator[None]:
     """Inside: every `RowStableLinear` of `model` is a plain `nn.Linear` again (one oneDNN call per forward, no

@@ -20,8 +20,10 @@ the extra tokens and is reset after), no logits slice is shorter than that, and 
 the crash/restart tests compare bytes (with `cache.chunk` below 16 the single pad chunk cannot fill a forward up
 to 16 rows, so that guarantee needs `cache.chunk` >= 16 on such CPUs; the default is 64).
 In bfloat16 on a CPU no padding is enough (AMX kernels round some rows of 33+-row calls differently): there the
-model's linear layers compute in calls of at most 32 rows (`model.row_stable`, installed at load), and the
-padding is kept only because it is harmless.
+model's linear layers compute in calls of at most 32 rows (`model.row_stable`, installed at load), and since a
+call of 1 to 32 rows gives every row the same bits, such a model needs no padding at all: `PoolBackend` pads
+only a model whose linear layers are not all row-stable (`min_rows`; a one-token decode step of a bf16 model is
+then one row, not 16).
 `tests/service/test_backend_invariance.py` checks the row property on the machine that runs the suite, so a CPU
 that needs more rows fails there first, by name. With more threads the BLAS splits rows across threads by row
 count and results differ by float rounding (about 1e-5 in NLL; equivalence for that case: ids, keys, lines,
@@ -41,6 +43,7 @@ import torch
 from model.loader import LoadedModel
 from model.pool import KVPool, SlotTensors, check_poolable, serialize_slot
 from model.pool_step import PoolStepper
+from model.row_stable import rows_stable
 from model.sink_cache import CacheState, SinkCache
 from model.snapshot import dump_cache, load_cache
 from model.stepper import SinkModel
@@ -237,8 +240,10 @@ class PoolBackend:
         self.pool = KVPool(lm, capacity=sum(quota.values()), sinks=sinks, window=window, max_chunk=chunk)
         self.slots = KVSlots(quota, self.pool)
         mode: Literal["loop", "auto"] = "loop" if lm.device.type == "cpu" else "auto"
-        self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=LOGIT_SLICE_ROWS, min_rows=MIN_ROWS)
-        pad = self.slots.take("pad")  # takes the extra tokens of a forward shorter than MIN_ROWS
+        # Fewest rows a forward may have (module docstring): none to pad for a row-stable (bf16 CPU) model.
+        self.min_rows = 1 if rows_stable(lm.model) else MIN_ROWS
+        self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=LOGIT_SLICE_ROWS, min_rows=self.min_rows)
+        pad = self.slots.take("pad")  # takes the extra tokens of a forward shorter than min_rows
         assert pad is not None
         self.pad_slot = pad
         self.chunk = self.pool.max_chunk  # the pool lowers `chunk` where the model's positions run out
@@ -273,12 +278,12 @@ class PoolBackend:
             return self.stepper.generate(handle, prompt, max_new, stop=stop, last_logits=last_logits)
 
     def step(self, slots: list[int], chunks: list[list[int]], prev: list[torch.Tensor | None]):
-        """One packed forward, padded to MIN_ROWS tokens with the pad slot (see the module docstring)."""
+        """One packed forward, padded to `min_rows` tokens with the pad slot (see the module docstring)."""
         total = sum(len(c) for c in chunks)
-        padded = total < MIN_ROWS
+        padded = total < self.min_rows
         if padded:  # one pad chunk, at most the pool's chunk (with `cache.chunk` < MIN_ROWS a forward may stay short)
             self.pool.reset(self.pad_slot)
-            pad = [0] * min(MIN_ROWS - total, self.pool.max_chunk)
+            pad = [0] * min(self.min_rows - total, self.pool.max_chunk)
             slots, chunks, prev = [*slots, self.pad_slot], [*chunks, pad], [*prev, None]
         try:
             results = self.stepper.step(slots, chunks, prev)

@@ -99,3 +99,50 @@ def test_the_pool_backend_never_runs_fewer_rows_than_min_rows(text_lm):
     assert min(head.rows) >= MIN_ROWS
     assert sum(head.rows[2:]) == 36 * 32
     assert backend.pool.seen[backend.pad_slot] == 0  # the pad slot is reset after every step
+
+
+@pytest.mark.skipif(not cpu_bf16_flags(), reason="this CPU has none of amx_bf16, avx512_bf16 (auto stays float32)")
+def test_a_row_stable_bf16_model_steps_unpadded_and_stays_batch_invariant(one_thread):
+    """bf16 with row-stable linears needs no padding: a one-token step is one row (16 before), and a stream fed
+    alone in such steps gets bit-identical NLLs and logits to the same stream packed with 39 others (over 32
+    rows a forward, so the row blocks split it)."""
+    from model.row_stable import make_rows_stable, rows_stable
+    from tests.helpers.models import build_text_lm
+
+    lm = build_text_lm(seed=3)
+    lm.model.to(torch.bfloat16)
+    lm.dtype = torch.bfloat16
+    assert not rows_stable(lm.model)
+    make_rows_stable(lm.model)
+    assert rows_stable(lm.model)
+    prefix = [11 + (7 * i) % 300 for i in range(24)]
+    decode = [400 + i for i in range(6)]
+
+    def run(others: int) -> tuple[list[torch.Tensor], list[int]]:
+        backend = PoolBackend(lm, sinks=4, window=16, chunk=8, resident=others + 1)
+        assert backend.min_rows == 1
+        mlp = lm.model.model.layers[0].mlp
+        counter = _RowCounter(mlp.down_proj)
+        mlp.down_proj = counter
+        try:
+            slots = [backend.new() for _ in range(others + 1)]
+            prev = [None] * len(slots)
+            got = []
+            for a in range(0, len(prefix), 8):  # chunks of 8, then one token a step
+                out = backend.step(slots, [prefix[a : a + 8]] * len(slots), prev)
+                prev = [r.last_logits for r in out]
+                got += [out[0].nll, out[0].last_logits]
+            for t in decode:
+                out = backend.step(slots, [[t]] * len(slots), prev)
+                prev = [r.last_logits for r in out]
+                got += [out[0].nll, out[0].last_logits]
+        finally:
+            mlp.down_proj = counter.inner
+        return got, counter.rows
+
+    alone, rows_alone = run(0)
+    packed, rows_packed = run(39)
+    assert rows_alone == [8, 8, 8, 1, 1, 1, 1, 1, 1]  # nothing padded
+    assert rows_packed[:3] == [320, 320, 320] and rows_packed[3:] == [40] * 6
+    for a, b in zip(alone, packed, strict=True):  # bit-identical (the stream's first token has no NLL: NaN)
+        assert a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())

@@ -58,7 +58,7 @@ def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
                                   kafka_stack.group("svc"), redis_server.unique_prefix("svc"), dtype=dtype)
         if templates:  # issue 18 with everything on: a reference of normal, both memories bounded (evicting)
             config["templates"] = {"reference": str(_reference(tmp_path)), "partition_max_clusters": 2,
-                                   "stream_max_clusters": 4}
+                                   "stream_max_clusters": 4, "reference_session": r"blk_-?\d+"}
         records = input_records(partitions, per_partition)
         for p, items in records.items():
             produce(kafka_stack.bootstrap, topic, items, partition=p)
@@ -86,10 +86,14 @@ def _check_templates(messages, manifests):
     lines = [x for m in messages if m["value"]["kind"] == "score" for x in m["value"]["score"]["lines"]]
     assert lines and all(x["template"] is not None and x["score"] is not None for x in lines)
     assert {x["template"]["seen_reference"] > 0 for x in lines} == {True, False}
-    assert all(m["value"]["score"]["verdict"]["lines"] > 0 for m in messages
-               if m["value"]["kind"] == "score" and m["value"]["score"]["lines"])
+    verdicts = [m["value"]["score"]["verdict"] for m in messages
+                if m["value"]["kind"] == "score" and m["value"]["score"]["lines"]]
+    assert all(v["lines"] > 0 and v["key_score"] is not None for v in verdicts)
+    # the reference's HDFS lines are sessions (templates.reference_session): every verdict has a distance
+    assert all(0.0 <= v["profile_distance"] <= 1.0 for v in verdicts)
     for doc in manifests:
         assert doc["manifest"]["templates"]["ref_lines"] == 160 and doc["manifest"]["templates"]["lines"] > 0
+        assert doc["manifest"]["templates"]["profiles"]  # the normal sessions' profiles are saved with it
 
 
 def _have_all(expected):
