@@ -172,9 +172,10 @@ def cpu_bf16_flags() -> list[str]:
 def pick_dtype_with_reason(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     """The dtype for `requested` ("auto" or a torch dtype name) on `device`, and why, in a few words.
 
-    `auto`: bf16 on CUDA (fp16 where bf16 is unsupported); on a CPU bf16 where it has native bf16 matrix
-    units (`CPU_BF16_FLAGS`; about 3.4x the fp32 forward on an AMX Xeon), fp32 elsewhere (emulated bf16 is
-    slower than fp32)."""
+    `auto`: bf16 on CUDA (fp16 where bf16 is unsupported); on a CPU bf16 where it has AMX tiles for bf16
+    (`amx_bf16`: the row-stable bf16 forward is about 1.3x fp32 there, docs/results.md 4.8), fp32 elsewhere:
+    emulated bf16 is slower than fp32, and so is bf16 on AVX512-BF16 alone in the row blocks exact resume
+    needs (measured with oneDNN held to AVX512_CORE_BF16 on the same Xeon; docs/results.md 4.8)."""
     if requested != "auto":
         return getattr(torch, requested), "requested"
     if device.type == "cuda":
@@ -182,8 +183,10 @@ def pick_dtype_with_reason(requested: str, device: torch.device) -> tuple[torch.
             return torch.bfloat16, "auto: cuda supports bf16"
         return torch.float16, "auto: cuda without bf16"
     flags = cpu_bf16_flags()
-    if flags:
+    if "amx_bf16" in flags:
         return torch.bfloat16, f"auto: cpu has {', '.join(flags)}"
+    if flags:
+        return torch.float32, f"auto: cpu has {', '.join(flags)} but not amx_bf16 (bf16 is slower than fp32 there)"
     return torch.float32, f"auto: cpu has none of {', '.join(CPU_BF16_FLAGS)}"
 
 

@@ -48,8 +48,9 @@ class ModelSettings(_Section):
     name: str = "smollm2-135m"
     # `auto` picks CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # `auto`: bfloat16 on CUDA (float16 where bf16 is unsupported); on a CPU bfloat16 where it has native bf16
-    # matrix units (amx_bf16 or avx512_bf16), else float32. The choice and why go to the start-up log,
+    # `auto`: bfloat16 on CUDA (float16 where bf16 is unsupported); on a CPU bfloat16 where it has AMX bf16
+    # tiles (amx_bf16), else float32 (AVX512-BF16 alone is slower than fp32 in the row blocks exact resume
+    # needs, docs/results.md 4.8). The choice and why go to the start-up log,
     # /status.json and sinkstream_build_info. Converted weights stay float32 on disk; the cast is at load.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU threads for torch; 0 keeps torch's default.
