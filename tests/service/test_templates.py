@@ -136,8 +136,8 @@ SESSIONS = [  # three reference sessions (blocks), interleaved; blk_1 and blk_3 
 def test_reference_sessions_become_distinct_profiles_and_a_distance():
     settings = TemplateSettings(reference_session=r"(blk_\d+)")
     reference = build_reference(SESSIONS, settings)
-    alloc, recv, delete = (reference.observe(x).id for x in ("INFO allocate blk_9",
-                                                             "INFO receive blk_9 from 10.1.1.1 ok", "INFO delete blk_9 now"))
+    probes = ("INFO allocate blk_9", "INFO receive blk_9 from 10.1.1.1 ok", "INFO delete blk_9 now")
+    alloc, recv, delete = (reference.observe(x).id for x in probes)
     # blk_1 and blk_3: allocate once, receive twice (one profile); blk_2: allocate, delete
     assert reference.profiles == [((alloc, 1), (recv, 2)), ((alloc, 1), (delete, 1))]
     assert reference.profile_distance({alloc: 1, recv: 2}) == 0.0
