@@ -178,7 +178,7 @@ def test_status_page_lists_recent_alerts_with_template_and_verdict(monkeypatch):
     and the key's verdict, the text escaped (no model needed: the board is fed an annotation directly)."""
     board = metrics.StatusBoard()
     monkeypatch.setattr(metrics, "STATUS", board)
-    verdict = {"lines": 40, "alerts": 2, "max_score": 7.25, "new_in_stream": 3}
+    verdict = {"lines": 40, "alerts": 2, "max_score": 7.25, "new_in_stream": 3, "key_score": 1.0879}
     line = {"line_no": 39, "text": ANOMALY, "z": 4.0, "anomaly": True, "alert": True, "score": 7.25,
             "template": {"id": 12, "text": "kernel: BUG: <*>", "seen_stream": 0, "seen_partition": 0,
                          "seen_reference": 0}}
@@ -194,7 +194,8 @@ def test_status_page_lists_recent_alerts_with_template_and_verdict(monkeypatch):
         page = _Page()
         page.feed(dump.stdout)
         rows = [cells for cls, cells in page.rows if cls == "anomaly" and cells and cells[0] == STREAM]
-        assert rows == [[STREAM, "logs:1:77", "39", "7.25", "#12 kernel: BUG: <*>", "2 / 7.25 / 3", ANOMALY]], rows
+        verdict_cell = "2 / 7.25 / 3 / 1.09"  # alerts / max score / new templates / key score
+        assert rows == [[STREAM, "logs:1:77", "39", "7.25", "#12 kernel: BUG: <*>", verdict_cell, ANOMALY]], rows
         assert page.elements.count("script") == 1  # the alert's <script> text stayed text
     finally:
         server.shutdown()
