@@ -103,3 +103,46 @@ def test_a_failed_spill_is_written_again_and_nothing_is_lost(text_lm, one_thread
     # The final checkpoint covers every record: a restart replays nothing.
     again, _ = _run(text_lm, store, _topic())
     assert again == []
+
+
+class _Capture:
+    def serialize(self) -> bytes:
+        return b"blob"
+
+
+class _Part:
+    """What `Checkpointer.spill` reads of a partition: its id, epoch and unconfirmed spills."""
+
+    def __init__(self, name: str):
+        self.id, self.epoch, self.spilling = name, 1, {}
+
+
+def test_at_most_max_inflight_snapshots_spills_are_unconfirmed():
+    """Unconfirmed spills hold their captures in host memory: past `checkpoint.max_inflight_snapshots` of them
+    (over all partitions) a spill is refused and the session stays resident; one taken back frees its place."""
+    from pipeline.service.checkpoint import Checkpointer
+    from pipeline.service.partition import PendingSpill
+    from pipeline.settings import CheckpointSettings
+
+    store = _GatedStore()
+    store.gate.clear()  # the writer holds the first write: nothing is confirmed
+    checkpointer = Checkpointer(None, MemorySink(), store,  # type: ignore[arg-type]  # spills read no source
+                                CheckpointSettings(max_inflight_snapshots=2))
+    a, b = _Part("in:0"), _Part("in:1")
+
+    def spill(part: _Part, key: str) -> bool:
+        pending = PendingSpill(key, _Capture(), None)  # type: ignore[arg-type]
+        ok = checkpointer.spill(part, pending)  # type: ignore[arg-type]
+        if ok:  # as PartitionState.spill does
+            part.spilling[key] = pending
+        return ok
+
+    try:
+        assert spill(a, "k1") and spill(b, "k2")
+        assert not spill(a, "k3")  # two unconfirmed, over both partitions
+        a.spilling.pop("k1").cancelled = True  # the stream came back (PartitionState._take_back)
+        assert spill(a, "k3")
+        assert not spill(b, "k4")
+    finally:
+        store.gate.set()
+        checkpointer.close()
