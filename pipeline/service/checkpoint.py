@@ -38,6 +38,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +89,8 @@ class Checkpointer:
     confirms it to its partition. A checkpoint of a partition starts only once its spills are confirmed (its
     manifest must know where every stream is); a spill that failed stays pending (the capture in host memory)
     and is written again after the checkpoint backoff. At most `checkpoint.max_inflight_snapshots` spills are
-    unconfirmed at once (queued, being written, or failed and waiting): beyond that a session stays resident, as when
-the store is down.
+    unconfirmed at once (queued, being written, or failed and waiting): beyond that a session stays resident, as
+    when the store is down.
     """
 
     def __init__(self, source: Source, sink: Sink, store: CheckpointStore, settings: CheckpointSettings,
@@ -100,7 +101,8 @@ the store is down.
         self._jobs: queue.Queue[_Job | _SpillJob | None] = queue.Queue()
         self._finished: queue.Queue[_Job | _SpillJob] = queue.Queue()
         self._spills: dict[int, _SpillJob] = {}  # id(pending) -> its job, written or being written
-        self._pending: list[tuple[PartitionState, PendingSpill]] = []  # spills not confirmed yet (some may be done)
+        # Partitions that spilled through this writer: their `spilling` are the unconfirmed spills.
+        self._spill_parts: weakref.WeakSet[PartitionState] = weakref.WeakSet()
         self._backoff: dict[str, tuple[float, float]] = {}  # partition -> (retry at, current delay)
         self.store_down_since: float | None = None
         self._probes: queue.Queue[BaseException | None] = queue.Queue()
@@ -144,10 +146,9 @@ the store is down.
         """Queue a spilled session for the writer thread (`PartitionState.spill`); False when
         `checkpoint.max_inflight_snapshots` spills are unconfirmed (the session then stays resident)."""
         # Unconfirmed spills hold their captures in host memory (also while a failed one waits to be written again).
-        self._pending = [(q, x) for q, x in self._pending if not x.cancelled and q.spilling.get(x.key) is x]
-        if len(self._pending) >= self.settings.max_inflight_snapshots:
+        if sum(len(p.spilling) for p in self._spill_parts) >= self.settings.max_inflight_snapshots:
             return False
-        self._pending.append((part, pending))
+        self._spill_parts.add(part)
         job = _SpillJob(part, pending, part.epoch)
         self._spills[id(pending)] = job
         self._jobs.put(job)
