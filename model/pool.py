@@ -212,6 +212,19 @@ class KVPool:
         S = self.sinks
         return torch.where(t < S, t, S + (t - S).remainder(self.ring))
 
+    def frame_base(self, t0: int, base: int, n: int) -> int:
+        """The position base of a forward of `n` tokens from stream index `t0` of a slot whose base is `base`:
+        `base`, or a new one when its last position would pass the bound (a frame move: the kept window is then
+        re-rotated to the new base). `SinkCache.begin`'s rule, for the pool's rope models."""
+        S, W = self.sinks, self.window
+        if self.rope and t0 >= S:
+            last = t0 + n - 1 - base
+            natural = S + W - 1 + max(W, n)
+            bound = min(natural, self.position_limit) if self.position_limit is not None else natural
+            if last > bound:
+                return t0 - min(max(0, t0 - S), W - 1) - S
+        return base
+
     def kept(self, slot: int) -> int:
         """Window tokens the slot's next single-token step keeps (what a snapshot holds)."""
         return min(max(0, self.seen[slot] - self.sinks), self.window - 1)

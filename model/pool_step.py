@@ -333,13 +333,7 @@ class PoolStepper:
         for slot, n in zip(slots, lengths):
             t0, base = pool.seen[slot], pool.base[slot]
             keep = min(max(0, t0 - S), W - 1)
-            new_base = base
-            if pool.rope and t0 >= S:  # SinkCache.begin's frame-move rule, unchanged
-                last = t0 + n - 1 - base
-                natural = S + W - 1 + max(W, n)
-                bound = min(natural, pool.position_limit) if pool.position_limit is not None else natural
-                if last > bound:
-                    new_base = t0 - keep - S
+            new_base = pool.frame_base(t0, base, n)  # SinkCache.begin's frame-move rule, unchanged
             if pool.rope and new_base != base and keep:
                 assert pool.rotation is not None  # pool.rope
                 cos, sin = pool.rotation.cos_sin(torch.tensor([base - new_base], device=dev))

@@ -306,15 +306,11 @@ class PoolBackend:
         keep = min(max(0, t0 - S), W - 1)
         whole = tokens >= R
         u = t0
-        while u < t0 + tokens and not whole:  # SinkCache.begin's frame-move rule, forward by forward
+        while u < t0 + tokens and not whole:  # the stepper's frame moves, forward by forward
             n = min(self.chunk, t0 + tokens - u)
-            if pool.rope and u >= S:
-                natural = S + W - 1 + max(W, n)
-                bound = min(natural, pool.position_limit) if pool.position_limit is not None else natural
-                if u + n - 1 - base > bound:
-                    whole = whole or min(max(0, u - S), W - 1) > 0
-                    base = u - min(max(0, u - S), W - 1) - S
-            u += n
+            moved = pool.frame_base(u, base, n)
+            whole = moved != base and min(max(0, u - S), W - 1) > 0  # a move with a kept window to re-rotate
+            base, u = moved, u + n
         if whole:
             slot = self.slots.take("backup")
             if slot is None:
