@@ -160,6 +160,7 @@ def templates_only(settings: Settings, reference_lines: Sequence[str], test_pair
     for block, line in test_pairs:
         judge = judges.setdefault(block, StreamJudge(settings.score, settings.templates))
         judge.judge(LineScore(judge.verdict.lines, line, [], torch.empty(0)), memory)
+        judge.settle(memory)  # a record per line, as the HDFS run streams them
     verdicts = [judges[s.block].verdict.model_dump() for s in split.test]
     return verdict_rankers(verdicts, [s.abnormal for s in split.test])
 

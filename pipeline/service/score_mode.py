@@ -100,6 +100,8 @@ class ScoreMode:
             session.judge.judge(score, session.partition_templates)
             session.counters.lines_seen += 1
             pos += len(ids)
+        if scores:
+            session.judge.settle(session.partition_templates)
         seen = step.tokens_seen if step.tokens_seen is not None else session.tokens_seen
         out = [ann.score_annotation(rid, session.key, scores, seen, self.meta, session.judge.verdict)]
         if step.note is not None:

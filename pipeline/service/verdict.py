@@ -133,7 +133,11 @@ class Verdict(BaseModel):
         self.new_in_stream += new_stream
         self.new_in_partition += new_partition
         self.not_in_reference += new_reference
-        self.key_score = key_score(self.profile_distance, self.not_in_reference, self.max_score)
+
+    def settle(self, profile_distance: float | None) -> None:
+        """After a record's lines (`StreamJudge.settle`): the per-key terms, from the stream's state after them."""
+        self.profile_distance = profile_distance
+        self.key_score = key_score(profile_distance, self.not_in_reference, self.max_score)
 
 
 def key_score(profile_distance: float | None, not_in_reference: int, max_score: float | None) -> float:
@@ -170,7 +174,6 @@ class StreamJudge:
             line.score = combined_score(sc, line.z, new_stream=new_stream, new_partition=new_partition,
                                         new_reference=new_reference, seen=match.seen_partition + match.seen_reference,
                                         lines=match.partition_lines + partition.ref_lines)
-            self.verdict.profile_distance = partition.profile_distance(self.templates.counts)
         else:
             line.score = combined_score(sc, line.z)
         if line.line_no >= sc.alert_warmup_lines:
@@ -183,6 +186,15 @@ class StreamJudge:
         if partition is not None:
             partition.threshold.add(line.score, sc.alert_rate)
         self.verdict.line(line, new_stream, new_partition, new_reference)
+
+    def settle(self, partition: TemplateMemory | None) -> None:
+        """After the lines of a record: the verdict's profile distance and key score. Once a record, not once a
+        line: only the record's verdict is published, and the distance costs a pass over the reference's
+        profiles."""
+        distance = None
+        if partition is not None and self.templates is not None:
+            distance = partition.profile_distance(self.templates.counts)
+        self.verdict.settle(distance)
 
     def to_json(self) -> dict[str, Any]:
         return {"templates": None if self.templates is None else self.templates.to_json(),

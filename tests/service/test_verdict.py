@@ -75,6 +75,7 @@ def test_verdict_aggregates_the_stream():
     v.record(9)
     v.line(line(1, 2.5, 2.0, 7.5, True, anomaly=True), True, False, True)
     v.line(line(2, -1.0, 0.5, 7.5, False), False, False, True)
+    v.settle(None)  # the record's end: its per-key terms
     assert v.model_dump() == {
         "records": 2, "lines": 3, "tokens": 6, "anomalous_lines": 1, "max_z": 2.5, "max_line_nll": 2.0,
         "first_offset": 7, "last_offset": 9, "alerts": 1, "max_score": 7.5, "max_score_line": 1,
