@@ -82,11 +82,6 @@ def scored_lines(published: Sequence[dict[str, Any]]) -> dict[str, list[dict[str
     return out
 
 
-def template_id(line: dict[str, Any]) -> int | None:
-    t = line.get("template")
-    return None if t is None else int(t["id"])
-
-
 # ---- HDFS: sessions ------------------------------------------------------------------------------------------
 
 
