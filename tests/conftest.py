@@ -19,12 +19,19 @@ Subfolders may add their own conftest.py; keep this one generic. Helper classes 
 from __future__ import annotations
 
 import atexit
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import fakeredis
 import pytest
+
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker and every process it starts computes on one
+# torch thread: two processes with two threads each on two cores collapse (OpenMP spin-waits). Set before torch is
+# imported anywhere in the worker, so its default thread count is already 1.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # kafka-python 3.0 loads its protocol schemas with the deprecated importlib.resources.read_text/open_text,
 # at import time (here) and lazily later (filtered in pytest_configure).

@@ -20,7 +20,9 @@ import threading
 import time
 
 import pytest
+import torch
 
+from model.loader import pick_dtype_with_reason
 from pipeline.devstack.processes import free_port
 from tests.helpers.service import ServiceProcess, input_records, service_settings
 from tests.ops.probe import get, labelled, scrape, value
@@ -128,9 +130,12 @@ def test_metrics_readiness_and_redis_pause_seen_from_outside(kafka_stack, redis_
         build = {dict(labels)["fingerprint"]: dict(labels) for labels in labelled(s1, "sinkstream_build_info")}
         assert list(build) == [started["fingerprint"]], build
         info = build[started["fingerprint"]]
+        # the suite's services run `dtype: auto` (tests.helpers.service.SUITE_DTYPE): the metric says what it chose
+        # and why, as the start-up log does
+        dtype, reason = pick_dtype_with_reason("auto", torch.device("cpu"))
         assert (info["model"], info["device"], info["dtype"], info["sinks"], info["window"]) == (
-            "smollm2-135m", "cpu", "float32", "4", "252"), info
-        assert info["dtype_reason"] == "requested" and started["dtype_reason"] == "requested", info  # dtype: float32
+            "smollm2-135m", "cpu", str(dtype).removeprefix("torch."), "4", "252"), info
+        assert info["dtype_reason"] == reason == started["dtype_reason"] and reason.startswith("auto: "), info
         assert info["version"]
         phases["drained"] = time.monotonic() - t0
 

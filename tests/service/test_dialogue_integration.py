@@ -16,7 +16,7 @@ import signal
 import pytest
 
 from model.loader import load_model
-from tests.helpers.service import ServiceProcess, baseline, check_output, load, service_settings
+from tests.helpers.service import SUITE_DTYPE, ServiceProcess, baseline, check_output, load, service_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,7 +32,7 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def real_model():
-    return load_model("smollm2-135m", device="cpu", dtype="float32")
+    return load_model("smollm2-135m", device="cpu", dtype=SUITE_DTYPE)
 
 
 def _records() -> dict[int, list[tuple[bytes, bytes, dict]]]:

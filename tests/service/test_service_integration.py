@@ -18,6 +18,7 @@ import pytest
 
 from model.loader import cpu_bf16_flags, load_model
 from tests.helpers.service import (
+    SUITE_DTYPE,
     BaselineInBackground,
     ServiceProcess,
     check_output,
@@ -51,7 +52,7 @@ def scenario(kafka_stack, redis_server, produce, real_model, tmp_path):
     """Factory: a fresh input topic filled with keyed log streams, its output topic and the expected output.
     Service and baseline model get the same explicit `dtype`."""
 
-    def make(partitions: int, per_partition: int, templates: bool = False, dtype: str = "float32"):
+    def make(partitions: int, per_partition: int, templates: bool = False, dtype: str = SUITE_DTYPE):
         topic = kafka_stack.make_topic("in", partitions)
         out_topic = kafka_stack.make_topic("out", 1)
         config = service_settings(kafka_stack.bootstrap, redis_server.url, topic, out_topic,

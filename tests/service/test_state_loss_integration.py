@@ -22,7 +22,15 @@ import redis as redis_lib
 
 from model.loader import load_model
 from pipeline.devstack.processes import free_port, start_redis
-from tests.helpers.service import ServiceProcess, baseline, check_output, input_records, load, service_settings
+from tests.helpers.service import (
+    SUITE_DTYPE,
+    ServiceProcess,
+    baseline,
+    check_output,
+    input_records,
+    load,
+    service_settings,
+)
 from tests.ops.probe import get, scrape, value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,7 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def real_model():
-    return load_model("smollm2-135m", device="cpu", dtype="float32")
+    return load_model("smollm2-135m", device="cpu", dtype=SUITE_DTYPE)
 
 
 @pytest.fixture
