@@ -23,7 +23,7 @@ import torch
 from model.arch import Architecture, architecture_of
 from model.attention import ATTENTION_NAME, register_attention
 from model.rotary import Rotation
-from model.row_stable import make_rows_stable, needs_row_blocks
+from model.row_stable import make_rows_plain, make_rows_stable, needs_row_blocks, rows_stable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -301,6 +301,8 @@ def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
     batched, one cache per stream) runs exactly as fast as without an adapter. The model fingerprint becomes
     sha256(base fingerprint, adapter fingerprint): a snapshot taken without this adapter, or with another one,
     is refused (`model.snapshot.load_cache`). `lm` itself must not be used afterwards (its weights changed).
+    A row-stable model (bf16 on a CPU, `model.row_stable`) is merged on plain linear layers, which peft adapts,
+    and made row-stable again on the merged weights.
     """
     if lm.adapter is not None:
         raise AdapterError(f"model.adapter: this model already has adapter {lm.adapter} merged in")
@@ -309,10 +311,15 @@ def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
         from peft import PeftModel
     except ImportError as exc:  # peft is in the [adapt] / [eval] extras, not needed without an adapter
         raise AdapterError("model.adapter needs the peft package: pip install 'sinkstream[adapt]'") from exc
+    stable = rows_stable(lm.model)
+    if stable:  # peft adapts nn.Linear, and the row blocks hold a reordered copy of the weights the merge changes
+        make_rows_plain(lm.model)
     try:
         merged = PeftModel.from_pretrained(lm.model, str(folder)).merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as exc:  # shapes or module names of another base model
         raise AdapterError(f"model.adapter: {folder} does not fit this model ({type(exc).__name__}: {exc})") from exc
+    if stable:
+        make_rows_stable(merged)
     merged.eval()
     combined = hashlib.sha256(f"{lm.fingerprint}+lora:{digest}".encode()).hexdigest()[:16]
     log.info("model.adapter_merged", adapter=str(folder), adapter_fingerprint=digest, fingerprint=combined)

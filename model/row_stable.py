@@ -90,10 +90,9 @@ def rows_stable(model: nn.Module) -> bool:
     return bool(linears) and all(isinstance(m, RowStableLinear) for m in linears)
 
 
-@contextmanager
-def plain_linears(model: nn.Module) -> Iterator[None]:
-    """Inside: every `RowStableLinear` of `model` is a plain `nn.Linear` again (one oneDNN call per forward, no
-    row blocks), e.g. for the raw transformers baseline of a benchmark; restored after."""
+def _swap_to_plain(model: nn.Module) -> list[tuple[nn.Module, str, RowStableLinear]]:
+    """Replace every `RowStableLinear` of `model` by a plain `nn.Linear` on the same Parameters; returns
+    (parent, attribute, the RowStableLinear) for each."""
     swapped = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, RowStableLinear):
@@ -104,6 +103,20 @@ def plain_linears(model: nn.Module) -> Iterator[None]:
             plain.weight, plain.bias = mod.weight, mod.bias
             setattr(parent, child, plain)
             swapped.append((parent, child, mod))
+    return swapped
+
+
+def make_rows_plain(model: nn.Module) -> int:
+    """Undo `make_rows_stable` for good (same Parameters, the reordered copies dropped), e.g. before the weights
+    change (an adapter merged in); returns how many layers."""
+    return len(_swap_to_plain(model))
+
+
+@contextmanager
+def plain_linears(model: nn.Module) -> Iterator[None]:
+    """Inside: every `RowStableLinear` of `model` is a plain `nn.Linear` again (one oneDNN call per forward, no
+    row blocks), e.g. for the raw transformers baseline of a benchmark; restored after."""
+    swapped = _swap_to_plain(model)
     try:
         yield
     finally:

@@ -173,3 +173,24 @@ def test_merging_twice_is_refused(adapter, model_dir):
     with pytest.raises(AdapterError, match="already has adapter"):
         merge_adapter(merged, out)
     assert torch.is_tensor(next(merged.model.parameters()))
+
+
+def test_an_adapter_merges_into_a_loaded_bf16_model_and_stays_row_stable(adapter, model_dir):
+    """bf16 on a CPU loads row-stable (`model.row_stable`): merging into that model (as `sinkstream eval anomaly`
+    does after training) gives what loading with `adapter=` gives, and the merged model is row-stable again."""
+    from model.row_stable import rows_stable
+
+    out, _ = adapter
+    loaded = load_model(str(model_dir), device="cpu", dtype="bfloat16")
+    assert rows_stable(loaded.model)
+    merged = merge_adapter(loaded, out)
+    at_load = load_model(str(model_dir), device="cpu", dtype="bfloat16", adapter=out)
+    assert rows_stable(merged.model) and rows_stable(at_load.model)
+    assert merged.fingerprint == at_load.fingerprint
+    ids = torch.tensor([at_load.tokenizer.encode(" ".join(NORMAL[:6]))[:48]])
+    with torch.no_grad():
+        a, b = merged.model(ids).logits, at_load.model(ids).logits
+    assert torch.equal(a, b)
+    base = load_model(str(model_dir), device="cpu", dtype="bfloat16")
+    with torch.no_grad():
+        assert not torch.equal(base.model(ids).logits, a)  # the adapter is in the weights
