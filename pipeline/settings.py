@@ -10,6 +10,7 @@ Precedence (highest first): explicit keyword arguments, environment variables, t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -177,6 +178,17 @@ class CheckpointSettings(_Section):
     max_inflight_snapshots: int = Field(4, ge=1)
 
 
+# `score.severity`'s default: the level names of syslog (RFC 5424), log4j/logback, Python logging and
+# java.util.logging as they appear in lines, and Apache httpd's bracketed lowercase ones.
+DEFAULT_SEVERITY: dict[str, float] = {
+    **dict.fromkeys(("TRACE", "DEBUG", "INFO", "NOTICE", "[debug]", "[info]", "[notice]"), 0.0),
+    **dict.fromkeys(("WARN", "WARNING", "[warn]"), 1.0),
+    **dict.fromkeys(("ERROR", "ERR", "SEVERE", "[error]"), 4.0),
+    **dict.fromkeys(("FATAL", "CRITICAL", "CRIT", "ALERT", "EMERG", "EMERGENCY", "PANIC", "[crit]", "[alert]",
+                     "[emerg]"), 8.0),
+}
+
+
 class ScoreSettings(_Section):
     # Number of most surprising tokens reported per line.
     top_tokens: int = Field(3, ge=0)
@@ -203,6 +215,22 @@ class ScoreSettings(_Section):
     weight_new_reference: float = Field(4.0, ge=0.0)
     # ... and rarity in the long-term memory (partition and reference), -log2((seen + 1) / (lines + 1)), in bits.
     weight_rarity: float = Field(0.25, ge=0.0)
+    # The line's declared severity: the first of the line's first 16 whitespace-separated tokens that is a key
+    # here (as is, or without surrounding punctuation such as `[]():,`; case-sensitive) adds its value to the
+    # score. Levels that add 0 are keys too, so that a later word of the message ("... parity error corrected"
+    # after `INFO`) is not taken for the level. Fatal levels add 8, more than the three novelty flags together
+    # (7): a line that declares itself fatal outranks a merely new routine line. {} turns the term off.
+    severity: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+
+    @field_validator("severity")
+    @classmethod
+    def _severity_words(cls, v: dict[str, float]) -> dict[str, float]:
+        for word, weight in v.items():
+            if not word or word != word.strip() or len(word.split()) != 1:
+                raise ValueError(f"expected severity keys that are single words without spaces, got {word!r}")
+            if not (weight >= 0.0 and math.isfinite(weight)):
+                raise ValueError(f"expected a finite severity weight >= 0 for {word!r}, got {weight!r}")
+        return v
 
 
 class TemplateSettings(_Section):

@@ -179,7 +179,9 @@ def _bgl(args: argparse.Namespace, lm: Any, base: Settings) -> dict[str, Any]:
     first = max(half, len(labelled) - args.bgl_test_lines)
     test = [t for t, _ in labelled[first:]]
     labels = [y for _, y in labelled[first:]]
-    passes: dict[str, list[dict[str, Any]]] = {}
+    # the template memory alone first: no model, so it also shows what the LM adds
+    passes: dict[str, list[dict[str, Any]]] = {
+        "template memory, no LM, semi-supervised reference": ae.bgl_templates_only(base, reference_semi, test)}
     timing: dict[str, Any] = {}
     chosen = {x.strip() for x in args.bgl_passes.split(",") if x.strip()}
     if not chosen or chosen - {"generic", "unsupervised", "adapted"}:

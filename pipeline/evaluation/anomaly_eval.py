@@ -163,6 +163,9 @@ def templates_only(settings: Settings, reference_lines: Sequence[str], test_pair
 # ---- BGL: lines ---------------------------------------------------------------------------------------------
 
 
+BASELINES = ("keyword FATAL", "declared severity (default levels)", "line length (chars)")  # no model, once
+
+
 def line_rankers(texts: Sequence[str], lines: Sequence[dict[str, Any]]) -> dict[str, list[float | None]]:
     """Per-line rankers from the annotations (and the two baselines that need no model)."""
     def seen_ref(x: dict[str, Any]) -> float | None:
@@ -171,8 +174,13 @@ def line_rankers(texts: Sequence[str], lines: Sequence[dict[str, Any]]) -> dict[
             return None
         return 1.0 if t["seen_reference"] == 0 else 0.0
 
+    from pipeline.service.verdict import line_severity
+    from pipeline.settings import DEFAULT_SEVERITY
+
     return {
         "keyword FATAL": [1.0 if " FATAL " in f" {t} " else 0.0 for t in texts],
+        "declared severity (default levels)": [DEFAULT_SEVERITY.get(line_severity(t, DEFAULT_SEVERITY) or "", 0.0)
+                                               for t in texts],
         "line length (chars)": [float(len(t)) for t in texts],
         "new template (not in reference)": [seen_ref(x) for x in lines],
         "LM surprisal (mean NLL)": [x.get("mean_nll") for x in lines],
@@ -197,6 +205,28 @@ def bgl_pass(lm: LoadedModel, base: Settings | None, reference_lines: Sequence[s
     return got, elapsed, tokens
 
 
+def bgl_templates_only(base: Settings | None, reference_lines: Sequence[str], test: Sequence[str]
+                       ) -> list[dict[str, Any]]:
+    """The test lines' annotations without the LM: one stream through the service's own `StreamJudge` and a
+    partition memory seeded from `reference_lines` as the service seeds it (z is None without a model, so each
+    score is the novelty and severity terms)."""
+    import torch
+
+    from pipeline.service.scoring import LineScore
+    from pipeline.service.templates import build_reference
+    from pipeline.service.verdict import StreamJudge
+
+    settings = eval_settings(base, None)
+    memory = build_reference(list(reference_lines), settings.templates)
+    judge = StreamJudge(settings.score, settings.templates)
+    out = []
+    for i, text in enumerate(test):
+        line = LineScore(i, text, [], torch.empty(0))
+        judge.judge(line, memory)
+        out.append(line.to_json())
+    return out
+
+
 def onset_indices(labels: Sequence[bool]) -> list[int]:
     """All normal lines and the first line of each run of anomalous lines."""
     return [i for i, y in enumerate(labels) if not y or i == 0 or not labels[i - 1]]
@@ -211,7 +241,7 @@ def bgl_metrics(texts: Sequence[str], labels: Sequence[bool], passes: dict[str, 
         rankers = line_rankers(texts, lines)
         alerts = [bool(x.get("alert")) for x in lines]
         for ranker, scores in rankers.items():
-            if ranker in ("keyword FATAL", "line length (chars)") and name != next(iter(passes)):
+            if ranker in BASELINES and name != next(iter(passes)):
                 continue
             if all(s is None for s in scores):
                 continue
@@ -219,7 +249,7 @@ def bgl_metrics(texts: Sequence[str], labels: Sequence[bool], passes: dict[str, 
             for subset, idx in (("all", list(range(len(labels)))), ("onsets", onsets)):
                 m = rank_metrics([scores[i] for i in idx], [labels[i] for i in idx],
                                  None if flags is None else [flags[i] for i in idx])
-                rows.append({"pass": "-" if ranker in ("keyword FATAL", "line length (chars)") else name,
+                rows.append({"pass": "-" if ranker in BASELINES else name,
                              "ranker": ranker, "subset": subset, **m})
     return rows
 

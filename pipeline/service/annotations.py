@@ -86,8 +86,10 @@ class Line(_Doc):
     anomaly: bool = Field(description="z above the configured threshold after the warm-up lines")
     top: list[TopToken]
     template: LineTemplate | None = Field(None, description="Null when `templates.enabled` is false")
-    score: float | None = Field(None, description="Combined anomaly score: surprise given the window plus "
-                                                  "template novelty (formula in docs/anomaly.md)")
+    severity: str | None = Field(None, max_length=64, description="The line's declared level, as found among "
+                                 "its first tokens (a key of `score.severity`, e.g. `ERROR`); null if none")
+    score: float | None = Field(None, description="Combined anomaly score: surprise given the window, template "
+                                                  "novelty and declared severity (formula in docs/anomaly.md)")
     alert: bool = Field(False, description="`score` above the stream's running (1 - score.alert_rate) quantile, "
                                            "after score.alert_warmup_lines lines")
 

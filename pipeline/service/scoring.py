@@ -51,6 +51,7 @@ class LineScore:
     # Set by `pipeline.service.verdict.StreamJudge` (issue 18): the line's template in the long-term memory,
     # its combined score and whether it alerts.
     template: dict[str, Any] | None = None
+    severity: str | None = None
     score: float | None = None
     alert: bool = False
 
@@ -75,6 +76,7 @@ class LineScore:
             "anomaly": self.anomaly,
             "top": self.top,
             "template": self.template,
+            "severity": self.severity,
             "score": self.score,
             "alert": self.alert,
         }

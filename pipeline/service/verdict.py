@@ -10,12 +10,17 @@
           + w_rarity         * -log2((seen + 1) / (lines + 1))   rarity in the long-term memory, in bits:
                                    seen = lines of the partition and of the reference with this template
                                    before this line, lines = all lines of the partition and the reference
+          + severity[level]                                 the line's declared level (`line_severity`): by
+                                                            default 0 up to INFO, WARN 1, ERROR 4, FATAL 8
 
-with the weights `score.weight_*`. z is None on a stream's first two lines (counted 0). Without templates
-(`templates.enabled: false`) only the surprise term is left. The novelty terms fix what the LM alone gets wrong
-on real alerts: a burst of one alert becomes unsurprising to the LM once it is in the window, but its template
-stays "not in the reference" and rare in the long-term memory; and generic surprise (a rare word in a routine
-line) is one term among several.
+with the weights `score.weight_*` and `score.severity`. z is None on a stream's first two lines (counted 0).
+Without templates (`templates.enabled: false`) only the surprise and severity terms are left. The novelty terms
+fix what the LM alone gets wrong on real alerts: a burst of one alert becomes unsurprising to the LM once it is in
+the window, but its template stays "not in the reference" and rare in the long-term memory; and generic surprise
+(a rare word in a routine line) is one term among several. The severity term is what the application itself says
+about the line: a fatal level outweighs the three novelty flags together, and among lines of one level the other
+terms decide (on BGL, whose labels are largely a severity taxonomy, novelty orders the FATAL lines:
+docs/anomaly.md).
 
 **The alert.** `alert: true` when the line's score exceeds the stream's running (1 - `score.alert_rate`)
 quantile of its earlier scores, after `score.alert_warmup_lines` lines. The quantile learns from the lines
@@ -56,13 +61,32 @@ from pipeline.service.templates import StreamTemplates, TemplateMemory
 from pipeline.service.threshold import AlertThreshold
 from pipeline.settings import ScoreSettings, TemplateSettings
 
+SEVERITY_SCAN_TOKENS = 16  # a level is looked for among a line's first tokens (after them it is message text)
+_PUNCTUATION = "[](){}<>:,;|\"'"
+
+
+def line_severity(text: str, levels: dict[str, float]) -> str | None:
+    """The line's declared level: the first of its first `SEVERITY_SCAN_TOKENS` whitespace-separated tokens that
+    is a key of `levels`, as is or without surrounding punctuation (case-sensitive); None if none is."""
+    if not levels:
+        return None
+    for token in text.split(maxsplit=SEVERITY_SCAN_TOKENS)[:SEVERITY_SCAN_TOKENS]:
+        if token in levels:
+            return token
+        bare = token.strip(_PUNCTUATION)
+        if bare in levels:
+            return bare
+    return None
+
 
 def combined_score(
     settings: ScoreSettings, z: float | None, *, new_stream: bool | None = None, new_partition: bool | None = None,
-    new_reference: bool | None = None, seen: int = 0, lines: int = 0,
+    new_reference: bool | None = None, seen: int = 0, lines: int = 0, severity: str | None = None,
 ) -> float:
     """The documented formula (module docstring); None novelty flags (no templates, no reference) count 0."""
     score = settings.weight_surprise * max(z or 0.0, 0.0)
+    if severity is not None:
+        score += settings.severity.get(severity, 0.0)
     if new_stream:
         score += settings.weight_new_stream
     if new_partition:
@@ -161,6 +185,7 @@ class StreamJudge:
         """Fill `line`'s template, score and alert from the memories, then fold the line into them."""
         sc = self.score_settings
         new_stream = new_partition = new_reference = False
+        line.severity = line_severity(line.text, sc.severity)
         if partition is not None and self.templates is not None:
             match = partition.observe(line.text)
             seen_stream = self.templates.observe(match.id)
@@ -173,9 +198,9 @@ class StreamJudge:
             }
             line.score = combined_score(sc, line.z, new_stream=new_stream, new_partition=new_partition,
                                         new_reference=new_reference, seen=match.seen_partition + match.seen_reference,
-                                        lines=match.partition_lines + partition.ref_lines)
+                                        lines=match.partition_lines + partition.ref_lines, severity=line.severity)
         else:
-            line.score = combined_score(sc, line.z)
+            line.score = combined_score(sc, line.z, severity=line.severity)
         if line.line_no >= sc.alert_warmup_lines:
             line.alert = self.threshold.exceeds(line.score)
         else:  # a young (or short) stream: against its partition's scores (module docstring)

@@ -175,3 +175,24 @@ def test_hdfs_and_lines_through_the_service_with_a_tiny_model(data_dir, text_lm)
     rows = bgl_metrics(test, [i == 20 for i in range(40)], {"p": got})
     by = {(r["ranker"], r["subset"]): r for r in rows}
     assert by[("keyword FATAL", "all")]["auc"] == 1.0 and by[("new template (not in reference)", "all")]["auc"] == 1.0
+
+
+def test_bgl_without_the_model_is_the_services_judge_on_the_same_lines():
+    """`bgl_templates_only`: the lines' scores are the novelty and severity terms of the service's formula."""
+    from pipeline.evaluation.anomaly_eval import bgl_metrics, bgl_templates_only
+    from pipeline.service.verdict import combined_score
+    from pipeline.settings import load_settings
+
+    reference = [f"node{i % 3} RAS KERNEL INFO generating core.{i}" for i in range(30)]
+    test = reference[:5] + ["node1 RAS KERNEL FATAL data TLB error interrupt", "node2 RAS APP ERROR ciod: failed"]
+    got = bgl_templates_only(None, reference, test)
+    assert [x["severity"] for x in got] == ["INFO"] * 5 + ["FATAL", "ERROR"]
+    assert all(x["mean_nll"] is None and x["z"] is None for x in got)
+    sc = load_settings(None).score
+    fatal = got[5]
+    assert fatal["template"]["seen_reference"] == 0 and fatal["score"] == combined_score(
+        sc, None, new_stream=True, new_partition=True, new_reference=True, seen=0, lines=30 + 5, severity="FATAL")
+    rows = bgl_metrics(test, [False] * 5 + [True, False], {"no LM": got})
+    by = {(r["ranker"], r["subset"]): r for r in rows}
+    assert by[("combined score", "all")]["auc"] == 1.0  # FATAL (8) above ERROR (4) above the INFO lines
+    assert by[("declared severity (default levels)", "all")]["auc"] == 1.0

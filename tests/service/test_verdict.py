@@ -7,13 +7,14 @@ import math
 import random
 
 import pytest
+from pydantic import ValidationError
 
 from connectors.protocols import Record
 from pipeline.service.engine import Engine
 from pipeline.service.session import StreamSession
 from pipeline.service.threshold import THRESHOLD_BATCH, AlertThreshold
-from pipeline.service.verdict import Verdict, combined_score, key_score
-from pipeline.settings import ScoreSettings, load_settings
+from pipeline.service.verdict import Verdict, combined_score, key_score, line_severity
+from pipeline.settings import DEFAULT_SEVERITY, ScoreSettings, load_settings
 
 
 def test_combined_score_is_the_documented_formula():
@@ -26,6 +27,35 @@ def test_combined_score_is_the_documented_formula():
     assert got == pytest.approx(2.0 + 1 + 2 + 4 + 0.25 * 3.0)  # -log2(1/8) = 3 bits
     got = combined_score(sc, 0.5, new_stream=False, new_partition=False, new_reference=False, seen=3, lines=15)
     assert got == pytest.approx(0.5 + 0.25 * 2.0)  # -log2(4/16) = 2 bits
+    assert combined_score(sc, 0.5, severity="FATAL") == 0.5 + 8.0  # the default levels
+    assert combined_score(sc, 0.5, severity="INFO") == combined_score(sc, 0.5, severity=None) == 0.5
+    assert combined_score(sc.model_copy(update={"severity": {"oops": 3.0}}), None, severity="oops") == 3.0
+
+
+@pytest.mark.parametrize(("line", "level"), [
+    # BGL: the level after the header; "error" later in the message is text, not the level
+    ("- 1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO "
+     "instruction cache parity error corrected", "INFO"),
+    ("KERNDTLB 1118536327 2005.06.11 R30-M0-N9-C:J16-U01 2005-06-11-17.32.07.581048 R30-M0-N9-C:J16-U01 RAS "
+     "KERNEL FATAL data TLB error interrupt", "FATAL"),
+    ("081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38865049064139660", "INFO"),
+    ("081109 213234 2706 WARN dfs.DataNode$DataXceiver: Got exception while serving blk_-1", "WARN"),
+    ("[Sun Dec 04 04:51:18 2005] [error] mod_jk child workerEnv in error state 6", "[error]"),
+    ("2015-07-29 17:41:44,747 - ERROR [QuorumPeer[myid=1]/0:0:0:0:0:0:0:0:2181:FastLeaderElection@542]", "ERROR"),
+    ("2024-01-01T00:00:00Z api[12]: <CRITICAL> pool exhausted", "CRITICAL"),
+    ("Of Man's first disobedience, and the fruit of that forbidden tree, whose mortal taste brought death", None),
+    ("the seventeenth token is a level here: " + "x " * 13 + "FATAL", None),
+])
+def test_a_lines_severity_is_its_first_level_word(line, level):
+    assert line_severity(line, DEFAULT_SEVERITY) == level
+    assert line_severity(line, {}) is None  # the term is off
+
+
+def test_severity_settings_are_checked():
+    assert load_settings(None, score={"severity": {"E": 2, "W": 0.5}}).score.severity == {"E": 2.0, "W": 0.5}
+    for bad in ({"TWO WORDS": 1.0}, {"": 1.0}, {"ERROR": -1.0}, {"ERROR": float("inf")}):
+        with pytest.raises(ValidationError, match="severity"):
+            load_settings(None, score={"severity": bad})
 
 
 def test_threshold_restored_anywhere_behaves_as_one_that_never_stopped():
@@ -185,8 +215,10 @@ def test_annotations_carry_templates_score_alert_and_verdict(text_lm, tmp_path):
     assert [x["template"]["seen_stream"] for x in lines] == [0, 0, 1]
     assert lines[1]["template"]["id"] == lines[2]["template"]["id"] == 3  # after the reference's two
     sc = settings.score
+    assert [x["severity"] for x in lines] == ["INFO", "ERROR", "ERROR"]
     assert lines[1]["score"] == pytest.approx(  # z is still None (needs 2 lines); rarity -log2(1 / 4)
-        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 2.0)
+        sc.weight_new_stream + sc.weight_new_partition + sc.weight_new_reference + sc.weight_rarity * 2.0
+        + sc.severity["ERROR"])
     verdict = a["score"]["verdict"]
     assert {k: verdict[k] for k in ("records", "lines", "tokens", "first_offset", "last_offset")} == {
         "records": 1, "lines": 3, "tokens": a["score"]["tokens"], "first_offset": 0, "last_offset": 0}
