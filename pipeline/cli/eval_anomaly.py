@@ -46,7 +46,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
                         "always the first half")
     g.add_argument("--bgl-passes", default="generic,unsupervised,adapted",
                    help="anomaly: BGL passes, a subset of generic (semi-supervised reference), unsupervised "
-                        "(reference keeps its alerts), adapted (LoRA on the reference); default all three")
+                        "(reference keeps its alerts), adapted (LoRA on the reference); default all three. The "
+                        "template memory without the LM (semi-supervised) always runs too: it needs no model")
     g.add_argument("--docs", type=positive_int, default=24, help="anomaly: documents in the document stream")
     g.add_argument("--doc-lines", type=positive_int, default=30, help="anomaly: lines per document (default 30)")
     g.add_argument("--config", type=Path, default=None, help="anomaly: settings YAML (model, cache, score)")
