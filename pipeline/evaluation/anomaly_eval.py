@@ -139,23 +139,34 @@ def verdict_rankers(verdicts: Sequence[dict[str, Any]], labels: Sequence[bool],
     }
 
 
-def templates_only(settings: Settings, reference_lines: Sequence[str], test_pairs: Sequence[tuple[str, str]],
-                   split: HdfsSplit) -> dict[str, dict[str, Any]]:
-    """The per-key verdicts without the LM, at full size and cheaply: the test lines, in the service's order,
-    through the service's own `StreamJudge` per key and a partition memory seeded from the reference exactly as
-    the service seeds it (no surprise term: z is None without a model, so line scores are novelty only)."""
+def judge_without_model(settings: Settings, reference_lines: Sequence[str], keyed_lines: Sequence[tuple[str, str]]
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(key, line) pairs, in order, through the service's own `StreamJudge` per key and a partition memory seeded
+    from `reference_lines` exactly as the service seeds it, each line a record (settled after it). No model: z is
+    None, so a line's score is its novelty and severity terms. Returns the judges by key and the lines' JSON."""
     import torch
 
     from pipeline.service.scoring import LineScore
     from pipeline.service.templates import build_reference
     from pipeline.service.verdict import StreamJudge
 
-    memory = build_reference(reference_lines, settings.templates)
+    memory = build_reference(list(reference_lines), settings.templates)
     judges: dict[str, StreamJudge] = {}
-    for block, line in test_pairs:
-        judge = judges.setdefault(block, StreamJudge(settings.score, settings.templates))
-        judge.judge(LineScore(judge.verdict.lines, line, [], torch.empty(0)), memory)
-        judge.settle(memory)  # a record per line, as the HDFS run streams them
+    lines = []
+    for key, text in keyed_lines:
+        judge = judges.setdefault(key, StreamJudge(settings.score, settings.templates))
+        line = LineScore(judge.verdict.lines, text, [], torch.empty(0))
+        judge.judge(line, memory)
+        judge.settle(memory)
+        lines.append(line.to_json())
+    return judges, lines
+
+
+def templates_only(settings: Settings, reference_lines: Sequence[str], test_pairs: Sequence[tuple[str, str]],
+                   split: HdfsSplit) -> dict[str, dict[str, Any]]:
+    """The per-key verdicts without the LM, at full size and cheaply: the test lines, in the service's order,
+    through `judge_without_model` (line scores are novelty and severity only)."""
+    judges, _ = judge_without_model(settings, reference_lines, test_pairs)
     verdicts = [judges[s.block].verdict.model_dump() for s in split.test]
     return verdict_rankers(verdicts, [s.abnormal for s in split.test])
 
@@ -207,24 +218,9 @@ def bgl_pass(lm: LoadedModel, base: Settings | None, reference_lines: Sequence[s
 
 def bgl_templates_only(base: Settings | None, reference_lines: Sequence[str], test: Sequence[str]
                        ) -> list[dict[str, Any]]:
-    """The test lines' annotations without the LM: one stream through the service's own `StreamJudge` and a
-    partition memory seeded from `reference_lines` as the service seeds it (z is None without a model, so each
-    score is the novelty and severity terms)."""
-    import torch
-
-    from pipeline.service.scoring import LineScore
-    from pipeline.service.templates import build_reference
-    from pipeline.service.verdict import StreamJudge
-
-    settings = eval_settings(base, None)
-    memory = build_reference(list(reference_lines), settings.templates)
-    judge = StreamJudge(settings.score, settings.templates)
-    out = []
-    for i, text in enumerate(test):
-        line = LineScore(i, text, [], torch.empty(0))
-        judge.judge(line, memory)
-        out.append(line.to_json())
-    return out
+    """The test lines' annotations without the LM: one stream through `judge_without_model`, with
+    `reference_lines` as the reference (each score is the novelty and severity terms)."""
+    return judge_without_model(eval_settings(base, None), reference_lines, [("bgl", text) for text in test])[1]
 
 
 def onset_indices(labels: Sequence[bool]) -> list[int]:
