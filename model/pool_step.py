@@ -23,7 +23,11 @@ next one. Exact StreamingLLM attention per stream (see `model.pool` for the posi
     `score_mod`, so no dense per-head mask exists (compiled on CUDA). Opt-in: on CPU it runs eagerly (a slow
     reference, used by the tests to check its semantics); it has not yet run on a GPU.
 - Logits are computed from the last hidden states in slices of `slice_rows` (a slice that would leave fewer
-  than `min_rows` rows after it takes them too), so memory stays bounded for any N.
+  than `min_rows` rows after it takes them too), so memory stays bounded for any N. A slice is scored (float32
+  log-softmax, the target's log-probability) in pieces of `score_rows` = 32 rows: the same bits as one piece
+  per slice (log-softmax is computed row by row), but a 6 MB float32 piece stays in cache and reuses freed
+  memory, where a 1,024 x 49,152 float32 slice is 200 MB of fresh pages twice (the upcast, then the
+  log-softmax): 292 -> 75 ms per 1,024 rows of SmolLM2 logits on one thread (2026-12-06).
 
 Failures keep no undo log. A step that raises leaves every slot's stream where it was: `seen` moves only
 after a step's results exist, and the columns it wrote are, by the ring's size (R = W + max_chunk - 1), the
@@ -53,6 +57,7 @@ from model.pool import KVPool
 from model.rotary import Rotation
 
 Mode = Literal["auto", "loop", "batched", "flex"]
+SCORE_ROWS = 32  # rows of a logits slice scored (upcast, log-softmax) at once; see the module docstring
 
 
 @dataclass
@@ -310,9 +315,11 @@ class PoolCache(Cache):
 class PoolStepper:
     """Runs a LoadedModel over a `KVPool`: batched ragged steps, scoring and generation with rollback."""
 
-    def __init__(self, pool: KVPool, mode: Mode = "auto", slice_rows: int = 256, min_rows: int = 1):
-        if slice_rows < 1 or min_rows < 1:
-            raise ValueError(f"expected slice_rows >= 1 and min_rows >= 1, got {slice_rows} and {min_rows}")
+    def __init__(self, pool: KVPool, mode: Mode = "auto", slice_rows: int = 256, min_rows: int = 1,
+                 score_rows: int = SCORE_ROWS):
+        if slice_rows < 1 or min_rows < 1 or score_rows < 1:
+            raise ValueError(f"expected slice_rows, min_rows and score_rows >= 1, got {slice_rows}, {min_rows} and "
+                             f"{score_rows}")
         self.pool = pool
         self.lm = pool.lm
         self.base_model = self.lm.model.base_model
@@ -322,6 +329,7 @@ class PoolStepper:
         # No logits slice is cut shorter than this unless the whole forward is (see `pipeline.service.backend`:
         # a matrix product's rows are bit-identical whatever its row count only from some row count on).
         self.min_rows = min_rows
+        self.score_rows = score_rows  # rows per float32 log-softmax while scoring a logits slice
 
     # ---- planning -------------------------------------------------------------------------------------------
     def plan(self, slots: Sequence[int], lengths: Sequence[int]) -> tuple[PoolPlan, torch.Tensor]:
@@ -451,17 +459,19 @@ class PoolStepper:
             b = min(total, a + self.slice_rows)
             if total - b < self.min_rows:  # no short tail slice
                 b = total
-            logits = self.lm_head(hidden[a:b]).float()  # (rows, vocab)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            picked = -logprobs.gather(1, target[a:b, None])[:, 0]  # (rows,)
+            logits = self.lm_head(hidden[a:b])  # (rows, vocab), the model's dtype
+            picked = torch.empty(b - a, device=packed.device)  # (rows,)
+            for c in range(0, b - a, self.score_rows):  # small float32 pieces stay in cache (module docstring)
+                part = torch.log_softmax(logits[c : c + self.score_rows].float(), dim=-1)  # (<= score_rows, vocab)
+                picked[c : c + self.score_rows] = -part.gather(1, target[a + c : a + c + part.shape[0], None])[:, 0]
             keep = has_next[a:b]
             idx = torch.arange(a, b, device=packed.device)[keep] + 1
             nll[idx] = picked[keep]
             in_slice = (last_rows >= a) & (last_rows < b)
             if bool(in_slice.any()):
-                last[in_slice] = logits[last_rows[in_slice] - a]
+                last[in_slice] = logits[last_rows[in_slice] - a].float()
             if rows_all is not None:
-                rows_all.append(logits)
+                rows_all.append(logits.float())
             a = b
         logits_all = torch.cat(rows_all) if rows_all is not None else None
         carried = [(k, p) for k, b in enumerate(order) if prev_logits is not None and (p := prev_logits[b]) is not None]

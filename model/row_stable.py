@@ -3,28 +3,46 @@
 The pooled step packs many streams into one forward, so a stream's results are exact only if each row of a
 linear layer comes out bit-identical whatever else shares the call (`pipeline/service/backend.py`, "Batch
 invariance"). In float32 that holds from 16 rows on (the backend pads). In bfloat16 on a CPU with AMX it does
-not hold for any padding: measured on one torch thread (torch 2.13, oneDNN 3.12 `brg_matmul:avx10_1_512_amx`,
-the five SmolLM2 shapes), calls of 1-32 rows give every row the same bits, while calls of 33 to some hundreds of
-rows (a range that depends on the shape: 33-575 for 576x576, up to 1,500 for 576x1536, 33-256 for the 49,152-wide
-head) round a few rows differently; which rows is data dependent (about one row in 25).
+not hold for every row count: measured with torch 2.13, oneDNN 3.12 (`brg_matmul:avx10_1_512_amx`) and the five
+SmolLM2 shapes, a call of 1-32 rows gives every row the bits it gets alone (the *canonical* bits), and so does a
+call of many rows, but calls in between round some elements differently (oneDNN blocks the reduction another
+way). Which row counts are canonical depends on the shape and the thread count: on one thread every call of at
+least `out_features` rows (the 49,152-wide head: at least 353 rows); on two threads an irregular set
+(576x576: 288, 317-320, 576-800, 829-832, 1,151 on, ...). So nothing here assumes a rule:
 
-So on such a CPU every bf16 linear layer runs its rows in calls of at most `BLOCK_ROWS` = 32 rows
-(`RowStableLinear`), on weights reordered once for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), so the
-split costs the per-call overhead only, not a weight reorder per call. Measured beside it (1,024 rows, one
-thread, loaded 2-core machine): the five shapes in 32-row blocks take about 2x the time of one plain bf16 call
-and about 0.4x of float32. `tests/service/test_backend_invariance.py` checks the property on the machine that
-runs the suite. Converted weights stay float32 on disk; the cast happens at load.
+- every call of at most `BLOCK_ROWS` = 32 rows is canonical on every CPU and thread count measured
+  (`tests/service/test_backend_invariance.py` checks it on the machine that runs the suite);
+- `calibrate` finds, per layer shape and thread count, the smallest multiple of 32 rows (up to `MAX_BIG_ROWS`)
+  whose calls give the canonical bits, by probing: inputs built so that any other reduction order shows
+  (`probe_inputs`: a large value and its negation in two columns with equal weights, so the running sums pass
+  through a large magnitude and the order of the additions decides the low bits; about 0.5% of the output
+  elements differ under a non-canonical call, against 0.01% for Gaussian inputs), two probes per candidate;
+- `RowStableLinear` runs a call of `m` rows as calls of exactly `big` rows (the last one padded with zero rows
+  when that is cheaper than blocks, `pad_from`), then blocks of at most 32 rows. Only the two verified row counts
+  ever reach the kernel, so any row count, any position and any other rows give the canonical bits. Under a
+  thread count other than the calibrated one, a layer runs in 32-row blocks only (canonical too, just slower).
+
+Measured on one thread (4,096 rows, the five shapes, 2026-12-06): 32-row blocks cost about 2.5x the time per
+row of one large call on the transformer layers' shapes and 1.3x on the head. The weights are reordered once for
+oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), so a split costs the per-call overhead only. Converted weights
+stay float32 on disk; the cast happens at load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import structlog
 import torch
 from torch import nn
 
-BLOCK_ROWS = 32  # rows per oneDNN call; 1..32 rows are row-invariant (module docstring)
+log = structlog.get_logger(__name__)
+
+BLOCK_ROWS = 32  # rows per small oneDNN call; 1..32 rows are canonical (module docstring)
+MAX_BIG_ROWS = 4096  # the largest row count `calibrate` tries
 
 
 def _packed_ops_available() -> bool:
@@ -37,14 +55,25 @@ def _packed_ops_available() -> bool:
         return False
 
 
-class RowStableLinear(nn.Module):
-    """A bf16 `nn.Linear` (same weight and bias objects) that computes in calls of at most `block` rows."""
+@dataclass(frozen=True)
+class BlockPlan:
+    """How a layer shape splits its rows under `threads` torch threads (`calibrate`)."""
 
-    def __init__(self, inner: nn.Linear, block: int = BLOCK_ROWS):
+    big: int | None  # a row count whose calls are canonical (a multiple of BLOCK_ROWS), None: 32-row blocks only
+    pad_from: int  # a remainder of at least this many rows is padded to `big` (cheaper than its blocks)
+    threads: int  # the torch thread count the plan was measured under
+
+
+class RowStableLinear(nn.Module):
+    """A bf16 `nn.Linear` (same weight and bias objects) whose rows come out canonical: it computes in calls of
+    exactly `plan.big` rows and of at most `block` rows (module docstring)."""
+
+    def __init__(self, inner: nn.Linear, block: int = BLOCK_ROWS, plan: BlockPlan | None = None):
         super().__init__()
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.weight, self.bias = inner.weight, inner.bias  # shared Parameters: tied weights stay tied
         self.block = block
+        self.plan = plan
         self.packed: torch.Tensor | None = None
         if inner.weight.dtype == torch.bfloat16 and _packed_ops_available():
             with torch.no_grad():
@@ -55,34 +84,127 @@ class RowStableLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return nn.functional.linear(rows, self.weight, self.bias)
 
+    def _pieces(self, flat: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`flat` (M, in) as the calls to make, in order: `big`-row calls, then the rest padded to `big` or in
+        blocks; the outputs concatenated and cut to M rows are the canonical rows."""
+        m = flat.shape[0]
+        a = 0
+        plan = self.plan
+        if plan is not None and plan.big is not None and plan.threads == torch.get_num_threads():
+            big = plan.big
+            while m - a >= big:
+                yield flat[a : a + big]
+                a += big
+            rest = m - a
+            if rest > self.block and rest >= plan.pad_from:
+                yield torch.cat([flat[a:], flat.new_zeros(big - rest, flat.shape[1])])  # (big, in)
+                return
+        for i in range(a, m, self.block):
+            yield flat[i : i + self.block]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])  # (M, in)
         m = flat.shape[0]
         if m <= self.block:
             out = self._call(flat)
         else:
-            out = torch.cat([self._call(flat[i : i + self.block]) for i in range(0, m, self.block)])
+            out = torch.cat([self._call(piece) for piece in self._pieces(flat)])[:m]  # (M, out)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"
+        big = self.plan.big if self.plan else None
+        return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, big={big}"
+
+
+def probe_inputs(rows: int, in_features: int, out_features: int, seed: int,
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (rows, in) and weights (out, in) on which a reduction in another order changes output bits: 16
+    pairs of weight columns are equal, and each row holds +4096 and -4096 in one such pair, so the running sums
+    carry a large value for part of the reduction and the small terms' rounding depends on the order."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = min(16, in_features // 2)
+    weight = torch.randn(out_features, in_features, generator=g)
+    pos = torch.randperm(in_features, generator=g)[: 2 * pairs].view(pairs, 2)  # (pairs, 2) column indices
+    weight[:, pos[:, 1]] = weight[:, pos[:, 0]]
+    x = torch.randn(rows, in_features, generator=g)
+    pick = torch.randint(0, pairs, (rows,), generator=g)
+    r = torch.arange(rows)
+    x[r, pos[pick, 0]] = 4096.0
+    x[r, pos[pick, 1]] = -4096.0
+    return x.to(dtype), weight.to(dtype)
+
+
+_PLANS: dict[tuple, BlockPlan] = {}  # calibrations of this process, by (in, out, bias, dtype, threads)
+
+
+def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.inference_mode()
+def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16,
+              block: int = BLOCK_ROWS, max_rows: int = MAX_BIG_ROWS) -> BlockPlan:
+    """The `BlockPlan` of a layer shape under the current thread count: the smallest multiple of `block` rows
+    (from 2 * block to `max_rows`) whose calls give the canonical bits on two probes (`probe_inputs`), and the
+    remainder from which padding to it is cheaper than blocks (timed here; it changes speed, never bits)."""
+    threads = torch.get_num_threads()
+    key = (in_features, out_features, bias, dtype, threads, block, max_rows)
+    if key in _PLANS:
+        return _PLANS[key]
+    started = time.perf_counter()
+    x, weight = probe_inputs(2 * max_rows, in_features, out_features, seed=0, dtype=dtype)
+    inner = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+    inner.weight = nn.Parameter(weight, requires_grad=False)
+    if bias:
+        inner.bias = nn.Parameter(torch.randn(out_features, generator=torch.Generator().manual_seed(1)).to(dtype),
+                                  requires_grad=False)
+    lin = RowStableLinear(inner, block)
+    probes = [x[:max_rows], x[max_rows:]]  # two probes on the same weights
+    canonical: list[list[torch.Tensor]] = [[], []]  # per probe, its canonical rows in blocks, grown as needed
+
+    def is_canonical(rows: int) -> bool:
+        for probe, blocks in zip(probes, canonical):
+            while len(blocks) * block < rows:
+                blocks.append(lin._call(probe[len(blocks) * block : (len(blocks) + 1) * block]))
+            if not torch.equal(lin._call(probe[:rows]), torch.cat(blocks)[:rows]):
+                return False
+        return True
+
+    big = next((rows for rows in range(2 * block, max_rows + 1, block) if is_canonical(rows)), None)
+    pad_from = max_rows + 1
+    if big is not None:
+        t_big = _best_of(lambda: lin._call(x[:big]))
+        t_blocks = _best_of(lambda: [lin._call(x[i : i + block]) for i in range(0, big, block)])
+        per_block = t_blocks / (big // block)
+        pad_from = block * int(t_big / per_block) + 1  # from here, ceil(rest / block) blocks cost more than a big call
+    plan = BlockPlan(big, pad_from, threads)
+    _PLANS[key] = plan
+    log.info("row blocks calibrated", shape=f"{in_features}x{out_features}", big=big, pad_from=pad_from,
+             threads=threads, ms=round((time.perf_counter() - started) * 1e3, 1))
+    return plan
 
 
 def needs_row_blocks(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on a CPU: the oneDNN kernels are row-invariant only in calls of at most BLOCK_ROWS rows."""
+    """bf16 on a CPU: the oneDNN kernels are canonical only for some row counts (module docstring)."""
     return device.type == "cpu" and dtype == torch.bfloat16
 
 
-def make_rows_stable(model: nn.Module, block: int = BLOCK_ROWS) -> int:
-    """Replace every `nn.Linear` in `model` (the output head included) by a `RowStableLinear`; returns how many."""
+def make_rows_stable(model: nn.Module, block: int = BLOCK_ROWS, big_calls: bool = True) -> int:
+    """Replace every `nn.Linear` in `model` (the output head included) by a `RowStableLinear`, with a calibrated
+    `BlockPlan` per shape unless `big_calls` is False (then 32-row blocks only); returns how many layers."""
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
     for name, mod in targets:
+        plan = (calibrate(mod.in_features, mod.out_features, mod.bias is not None, mod.weight.dtype, block)
+                if big_calls else None)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RowStableLinear(mod, block))
+        setattr(parent, child, RowStableLinear(mod, block, plan))
     return len(targets)
-
-
 def rows_stable(model: nn.Module) -> bool:
     """Every linear layer of `model` is a `RowStableLinear` (and there is one): its rows come out the same in a
     call of any row count, one row included, so a forward needs no padding for batch invariance."""

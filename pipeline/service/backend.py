@@ -19,11 +19,11 @@ the extra tokens and is reset after), no logits slice is shorter than that, and 
 "loop" mode on CPU: on one thread the service's output is then bit-identical to feeding each stream alone, and
 the crash/restart tests compare bytes (with `cache.chunk` below 16 the single pad chunk cannot fill a forward up
 to 16 rows, so that guarantee needs `cache.chunk` >= 16 on such CPUs; the default is 64).
-In bfloat16 on a CPU no padding is enough (AMX kernels round some rows of 33+-row calls differently): there the
-model's linear layers compute in calls of at most 32 rows (`model.row_stable`, installed at load), and since a
-call of 1 to 32 rows gives every row the same bits, such a model needs no padding at all: `PoolBackend` pads
-only a model whose linear layers are not all row-stable (`min_rows`; a one-token decode step of a bf16 model is
-then one row, not 16).
+In bfloat16 on a CPU no padding is enough (AMX kernels round some elements of calls of 33 to some hundreds of
+rows differently): there the model's linear layers call the kernel only with row counts that give every row the
+bits it gets alone, at most 32 rows or a row count calibrated per shape at load (`model.row_stable`), so such a
+model needs no padding at all: `PoolBackend` pads only a model whose linear layers are not all row-stable
+(`min_rows`; a one-token decode step of a bf16 model is then one row, not 16).
 `tests/service/test_backend_invariance.py` checks the row property on the machine that runs the suite, so a CPU
 that needs more rows fails there first, by name. With more threads the BLAS splits rows across threads by row
 count and results differ by float rounding (about 1e-5 in NLL; equivalence for that case: ids, keys, lines,

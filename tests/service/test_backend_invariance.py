@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.loader import cpu_bf16_flags
-from model.row_stable import BLOCK_ROWS, RowStableLinear
+from model.row_stable import BLOCK_ROWS, RowStableLinear, calibrate, probe_inputs
 from pipeline.service.backend import MIN_ROWS, PoolBackend
 
 # (in_features, out_features) of SmolLM2-135M's linear layers: q/o, k/v, gate/up, down, lm_head
@@ -39,27 +39,45 @@ def test_rows_of_a_matrix_product_do_not_depend_on_the_call_from_min_rows_on(sha
 
 
 @pytest.mark.skipif(not cpu_bf16_flags(), reason="this CPU has none of amx_bf16, avx512_bf16 (auto stays float32)")
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", SMOLLM2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_bf16_rows_do_not_depend_on_the_call_in_row_blocks(shape, one_thread):
-    """bf16 (model.row_stable): a plain oneDNN call of 33+ rows rounds some rows differently on an AMX CPU, so
-    every bf16 linear runs in blocks of at most BLOCK_ROWS rows; then any row count, any position, any other
-    rows give the same bits."""
-    gen = torch.Generator().manual_seed(sum(shape))
-    rng = random.Random(sum(shape))
-    linear = torch.nn.Linear(shape[0], shape[1], bias=False).to(torch.bfloat16)
+def test_bf16_rows_do_not_depend_on_the_call_in_calibrated_calls(shape, threads, one_thread):
+    """bf16 (model.row_stable): a plain oneDNN call of some row counts rounds some elements differently on an AMX
+    CPU, so every bf16 linear calls the kernel only with row counts verified canonical (at most BLOCK_ROWS, or the
+    calibrated `big`); then any row count, any position, any other rows give the bits a row gets alone. Probed
+    with inputs under which another reduction order shows (`probe_inputs`), on one and on two threads, with row
+    counts that need big calls, padded big calls and blocks."""
+    torch.set_num_threads(threads)
+    linear = torch.nn.Linear(shape[0], shape[1], bias=False)
+    x, weight = probe_inputs(3200, shape[0], shape[1], seed=7)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    stable = RowStableLinear(linear, plan=calibrate(shape[0], shape[1], bias=False))
+    assert stable.plan is not None and stable.plan.big is not None, (
+        f"no row count from {2 * BLOCK_ROWS} to 4096 is canonical for {shape} on {threads} thread(s) here: every "
+        "bf16 call runs in 32-row blocks (correct, but slower than it needs to be)")
+    big = stable.plan.big
+    rng = random.Random(sum(shape) + threads)
+    calls: list[int] = []
+    plain_call = stable._call
+
+    def counted(rows: torch.Tensor) -> torch.Tensor:
+        calls.append(rows.shape[0])
+        return plain_call(rows)
+
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(shape[1], shape[0], generator=gen))
-    stable = RowStableLinear(linear)
-    x = torch.randn(1400, shape[0], generator=gen).to(torch.bfloat16)
-    with torch.no_grad():
-        reference = stable(x[:1344])
-        counts = [*range(1, 70), 100, 128, 255, 256, 300, 512, 700, 1024]
+        alone = torch.cat([plain_call(x[i : i + 1]) for i in range(len(x))])  # every row in a call of its own
+        stable._call = counted  # type: ignore[method-assign]
+        counts = sorted({*range(1, 40), 63, 64, 65, 100, big - 1, big, big + 1, big + BLOCK_ROWS + 1,
+                         2 * big - 1, 2 * big + 7, 1024, 3200 - 1})
         differ = []
         for m in counts:
-            start = rng.randrange(0, 1344 - m)
-            if not torch.equal(stable(x[start : start + m]), reference[start : start + m]):
+            if m > len(x):
+                continue
+            start = rng.randrange(0, len(x) - m + 1)
+            if not torch.equal(stable(x[start : start + m]), alone[start : start + m]):
                 differ.append(m)
-        assert not differ, f"bf16 calls of {differ} rows in blocks of {BLOCK_ROWS} differ from the same rows elsewhere"
+    assert not differ, f"bf16 calls of {differ} rows through {stable} differ from the same rows computed alone"
+    assert set(calls) - set(range(1, BLOCK_ROWS + 1)) == {big}, "only canonical row counts reach the kernel"
 
 
 class _RowCounter(torch.nn.Module):
