@@ -92,3 +92,40 @@ def test_bench_memory_cli(tiny_cli, tmp_path, capsys, monkeypatch):
     assert [x["tokens"] for x in result["runs"]["tiny"]["readings"]] == [0, 200, 500]
     _png_ok(out / "bench_memory.png")
     assert "peak ratio last/first" in capsys.readouterr().out
+
+
+def test_bench_streams_by_dtype_alternates_rounds_and_keeps_each_dtypes_best(text_lm, tmp_path, capsys, monkeypatch):
+    """`bench streams --dtype float32,bfloat16 --rounds 2`: each model loaded once, the dtypes run alternately,
+    each dtype's kept run is its best round at the largest stream count, every round's figures are in the JSON."""
+    from model.row_stable import make_rows_stable
+    from tests.helpers.models import build_text_lm
+
+    bf16 = build_text_lm()
+    bf16.model.to(torch.bfloat16)
+    bf16.dtype = torch.bfloat16
+    make_rows_stable(bf16.model)
+    loaded = []
+
+    def load(model, device, dtype, threads):
+        loaded.append(dtype)
+        return text_lm if dtype == "float32" else bf16
+
+    monkeypatch.setattr(bench_command, "load_model_for_cli", load)
+    out = tmp_path / "bench"
+    argv = ["bench", "streams", "--dtype", "float32,bfloat16", "--rounds", "2", "--streams", "1,2", "--window", "28",
+            "--quick", "--repeats", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert loaded == ["float32", "bfloat16"]
+    result = json.loads((out / "bench_streams_dtypes.json").read_text())
+    assert result["dtypes"] == ["float32", "bfloat16"]
+    for name in ("float32", "bfloat16"):
+        rounds = result["rounds"][name]
+        assert len(rounds) == 2 and all(len(r) == 2 for r in rounds)
+        kept = result["runs"][name]
+        assert kept["rows"][-1]["service_pool"]["tokens_per_s"] == max(r[-1] for r in rounds)
+        assert rounds[kept["round"] - 1] == [row["service_pool"]["tokens_per_s"] for row in kept["rows"]]
+    (ratio,) = [r for r in result["ratios"]["bfloat16_over_float32"] if r["streams"] == 2]
+    assert ratio["service_pool"] == (result["runs"]["bfloat16"]["rows"][-1]["service_pool"]["tokens_per_s"]
+                                        / result["runs"]["float32"]["rows"][-1]["service_pool"]["tokens_per_s"])
+    assert "by round" in capsys.readouterr().out
+    _png_ok(out / "bench_streams_dtypes.png")
