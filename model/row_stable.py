@@ -134,7 +134,7 @@ def probe_inputs(rows: int, in_features: int, out_features: int, seed: int,
     return x.to(dtype), weight.to(dtype)
 
 
-_PLANS: dict[tuple, BlockPlan] = {}  # calibrations of this process, by (in, out, bias, dtype, threads)
+_PLANS: dict[tuple, BlockPlan] = {}  # calibrations of this process, by `calibrate`'s arguments and thread count
 
 
 def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -205,6 +205,8 @@ def make_rows_stable(model: nn.Module, block: int = BLOCK_ROWS, big_calls: bool 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, RowStableLinear(mod, block, plan))
     return len(targets)
+
+
 def rows_stable(model: nn.Module) -> bool:
     """Every linear layer of `model` is a `RowStableLinear` (and there is one): its rows come out the same in a
     call of any row count, one row included, so a forward needs no padding for batch invariance."""
