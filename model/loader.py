@@ -22,6 +22,7 @@ import torch
 
 from model.arch import Architecture, architecture_of
 from model.attention import ATTENTION_NAME, register_attention
+from model.heap import Heap, apply_heap
 from model.rotary import Rotation
 from model.row_stable import make_rows_plain, make_rows_stable, needs_row_blocks, rows_stable
 
@@ -214,16 +215,20 @@ def load_model(
     threads: int = 0,
     cache_dir: Path | None = None,
     adapter: str | Path | None = None,
+    heap: Heap = "keep",
 ) -> LoadedModel:
     """Load a model for streaming: resolved locally (converted models cached under `cache_dir`, see
     `resolve_model_dir`), eval mode, sinkstream attention when supported; with `adapter` (a folder written by
-    `sinkstream adapt`) the LoRA adapter is merged into the weights, see `merge_adapter`."""
+    `sinkstream adapt`) the LoRA adapter is merged into the weights, see `merge_adapter`. On a CPU, `heap`
+    says whether this process keeps freed memory in its heap (`model.heap`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads > 0:
         torch.set_num_threads(threads)
     path = resolve_model_dir(name_or_path, cache_dir)
     dev = pick_device(device)
+    if dev.type == "cpu":
+        apply_heap(heap)
     dt, reason = pick_dtype_with_reason(dtype, dev)
     config_json = json.loads((path / "config.json").read_text())
     arch = architecture_of(config_json.get("model_type", "?"), config_json)

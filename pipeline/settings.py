@@ -56,6 +56,10 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU threads for torch; 0 keeps torch's default.
     threads: int = Field(0, ge=0)
+    # On a CPU, `keep`: freed memory stays in the process heap (glibc mmap/trim thresholds raised), so the large
+    # activations of every forward are not fresh zero-filled pages each time (1.3-1.6x tokens/s on one thread,
+    # docs/results.md 4.8); the process keeps its peak heap resident. `system`: glibc's defaults. See model/heap.py.
+    heap: Literal["keep", "system"] = "keep"
     # A LoRA adapter folder written by `sinkstream adapt` (null = none). Merged into the weights at start, so the
     # forward pass costs the same; it changes the model fingerprint, so snapshots taken without this adapter (or
     # with another) are refused and those streams start fresh.

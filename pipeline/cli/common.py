@@ -78,7 +78,7 @@ def add_model_options(
                        help="where the model runs (default auto: cuda when available, else cpu)")
         p.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="weights and activations (default auto: bfloat16 or float16 on CUDA; on a CPU bfloat16 "
-                            "where it has amx_bf16/avx512_bf16, else float32)")
+                            "where it has amx_bf16, else float32)")
 
 
 def load_model_for_cli(
