@@ -30,6 +30,7 @@ stay float32 on disk; the cast happens at load.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ log = structlog.get_logger(__name__)
 
 BLOCK_ROWS = 32  # rows per small oneDNN call; 1..32 rows are canonical (module docstring)
 MAX_BIG_ROWS = 4096  # the largest row count `calibrate` tries
+SIZE_STEP = 64  # step between the single-call row counts `calibrate` verifies above `big`
 
 
 def _packed_ops_available() -> bool:
@@ -62,11 +64,20 @@ class BlockPlan:
     big: int | None  # a row count whose calls are canonical (a multiple of BLOCK_ROWS), None: 32-row blocks only
     pad_from: int  # a remainder of at least this many rows is padded to `big` (cheaper than its blocks)
     threads: int  # the torch thread count the plan was measured under
+    # Every row count from `big` up to `MAX_BIG_ROWS` in steps of `SIZE_STEP` whose calls were verified canonical
+    # (ascending, `big` first): a call of m rows is padded to the next of these and made in one call. Empty for
+    # a layer calibrated with `all_sizes=False` (the output head), which calls `big` rows at a time.
+    sizes: tuple[int, ...] = ()
+
+    def size_for(self, rows: int) -> int | None:
+        """The smallest verified row count >= `rows`, None above the largest."""
+        i = bisect.bisect_left(self.sizes, rows)
+        return self.sizes[i] if i < len(self.sizes) else None
 
 
 class RowStableLinear(nn.Module):
-    """A bf16 `nn.Linear` (same weight and bias objects) whose rows come out canonical: it computes in calls of
-    exactly `plan.big` rows and of at most `block` rows (module docstring)."""
+    """A bf16 `nn.Linear` (same weight and bias objects) whose rows come out canonical: it calls the kernel only
+    with verified row counts, `plan.sizes` / `plan.big` or at most `block` rows (module docstring)."""
 
     def __init__(self, inner: nn.Linear, block: int = BLOCK_ROWS, plan: BlockPlan | None = None):
         super().__init__()
@@ -84,31 +95,39 @@ class RowStableLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return nn.functional.linear(rows, self.weight, self.bias)
 
+    def _padded(self, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """`rows` (m, in) and zero rows up to `size`, one call; the first m output rows (a view, no copy)."""
+        m = rows.shape[0]
+        if m < size:
+            rows = torch.cat([rows, rows.new_zeros(size - m, rows.shape[1])])  # (size, in)
+        return self._call(rows)[:m]
+
     def _pieces(self, flat: torch.Tensor) -> Iterator[torch.Tensor]:
-        """`flat` (M, in) as the calls to make, in order: `big`-row calls, then the rest padded to `big` or in
-        blocks; the outputs concatenated and cut to M rows are the canonical rows."""
-        m = flat.shape[0]
-        a = 0
+        """The outputs of `flat` (m, in) in order, each from a verified call: calls of the largest verified
+        size (or `big`) while more rows remain than it, then the rest padded to a verified size when that is
+        cheaper than its blocks (`pad_from`), else in blocks."""
+        m, a = flat.shape[0], 0
         plan = self.plan
         if plan is not None and plan.big is not None and plan.threads == torch.get_num_threads():
-            big = plan.big
-            while m - a >= big:
-                yield flat[a : a + big]
-                a += big
+            top = plan.sizes[-1] if plan.sizes else plan.big
+            while m - a > top:
+                yield self._call(flat[a : a + top])
+                a += top
             rest = m - a
-            if rest > self.block and rest >= plan.pad_from:
-                yield torch.cat([flat[a:], flat.new_zeros(big - rest, flat.shape[1])])  # (big, in)
+            size = plan.size_for(rest) if plan.sizes else (plan.big if rest <= plan.big else None)
+            if size is not None and rest > self.block and (rest >= plan.big or rest >= plan.pad_from):
+                yield self._padded(flat[a:], size)
                 return
         for i in range(a, m, self.block):
-            yield flat[i : i + self.block]
+            yield self._call(flat[i : i + self.block])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (M, in)
-        m = flat.shape[0]
-        if m <= self.block:
+        if flat.shape[0] <= self.block:
             out = self._call(flat)
         else:
-            out = torch.cat([self._call(piece) for piece in self._pieces(flat)])[:m]  # (M, out)
+            pieces = list(self._pieces(flat))
+            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (M, out)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -148,12 +167,13 @@ def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
 
 @torch.inference_mode()
 def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16,
-              block: int = BLOCK_ROWS, max_rows: int = MAX_BIG_ROWS) -> BlockPlan:
+              block: int = BLOCK_ROWS, max_rows: int = MAX_BIG_ROWS, all_sizes: bool = True) -> BlockPlan:
     """The `BlockPlan` of a layer shape under the current thread count: the smallest multiple of `block` rows
-    (from 2 * block to `max_rows`) whose calls give the canonical bits on two probes (`probe_inputs`), and the
-    remainder from which padding to it is cheaper than blocks (timed here; it changes speed, never bits)."""
+    (from 2 * block to `max_rows`) whose calls give the canonical bits on two probes (`probe_inputs`), the
+    remainder from which padding to it is cheaper than blocks (timed here; it changes speed, never bits), and
+    with `all_sizes` every row count from there to `max_rows` in steps of `SIZE_STEP` verified the same way."""
     threads = torch.get_num_threads()
-    key = (in_features, out_features, bias, dtype, threads, block, max_rows)
+    key = (in_features, out_features, bias, dtype, threads, block, max_rows, all_sizes)
     if key in _PLANS:
         return _PLANS[key]
     started = time.perf_counter()
@@ -177,15 +197,19 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
 
     big = next((rows for rows in range(2 * block, max_rows + 1, block) if is_canonical(rows)), None)
     pad_from = max_rows + 1
+    sizes: tuple[int, ...] = ()
     if big is not None:
         t_big = _best_of(lambda: lin._call(x[:big]))
         t_blocks = _best_of(lambda: [lin._call(x[i : i + block]) for i in range(0, big, block)])
         per_block = t_blocks / (big // block)
         pad_from = block * int(t_big / per_block) + 1  # from here, ceil(rest / block) blocks cost more than a big call
-    plan = BlockPlan(big, pad_from, threads)
+        if all_sizes:
+            sizes = (big, *(rows for rows in range(big + SIZE_STEP, max_rows + 1, SIZE_STEP) if is_canonical(rows)))
+    plan = BlockPlan(big, pad_from, threads, sizes)
     _PLANS[key] = plan
     log.info("row blocks calibrated", shape=f"{in_features}x{out_features}", big=big, pad_from=pad_from,
-             threads=threads, ms=round((time.perf_counter() - started) * 1e3, 1))
+             sizes=len(sizes), largest=sizes[-1] if sizes else big, threads=threads,
+             ms=round((time.perf_counter() - started) * 1e3, 1))
     return plan
 
 
@@ -198,13 +222,23 @@ def make_rows_stable(model: nn.Module, block: int = BLOCK_ROWS, big_calls: bool 
     """Replace every `nn.Linear` in `model` (the output head included) by a `RowStableLinear`, with a calibrated
     `BlockPlan` per shape unless `big_calls` is False (then 32-row blocks only); returns how many layers."""
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, mod in targets:
-        plan = (calibrate(mod.in_features, mod.out_features, mod.bias is not None, mod.weight.dtype, block)
-                if big_calls else None)
+        # The vocabulary-wide head is called on logits slices of its `big` rows (`head_slice_rows`): no sizes.
+        plan = (calibrate(mod.in_features, mod.out_features, mod.bias is not None, mod.weight.dtype, block,
+                          all_sizes=mod is not head) if big_calls else None)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, RowStableLinear(mod, block, plan))
     return len(targets)
+
+
+def head_slice_rows(head: nn.Module, rows: int) -> int:
+    """Rows per logits slice through `head`: its calibrated `big` for a `RowStableLinear` with one (each slice is
+    then a single verified call, no concatenation of its output), else `rows`."""
+    if isinstance(head, RowStableLinear) and head.plan is not None and head.plan.big is not None:
+        return head.plan.big
+    return rows
 
 
 def rows_stable(model: nn.Module) -> bool:

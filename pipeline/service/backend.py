@@ -43,7 +43,7 @@ import torch
 from model.loader import LoadedModel
 from model.pool import KVPool, SlotTensors, check_poolable, serialize_slot
 from model.pool_step import PoolStepper
-from model.row_stable import rows_stable
+from model.row_stable import head_slice_rows, rows_stable
 from model.sink_cache import CacheState, SinkCache
 from model.snapshot import dump_cache, load_cache
 from model.stepper import SinkModel
@@ -242,7 +242,9 @@ class PoolBackend:
         mode: Literal["loop", "auto"] = "loop" if lm.device.type == "cpu" else "auto"
         # Fewest rows a forward may have (module docstring): none to pad for a row-stable (bf16 CPU) model.
         self.min_rows = 1 if rows_stable(lm.model) else MIN_ROWS
-        self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=LOGIT_SLICE_ROWS, min_rows=self.min_rows)
+        # A row-stable head computes its logits slices in single verified calls (model.row_stable.head_slice_rows).
+        slice_rows = head_slice_rows(lm.model.get_output_embeddings(), LOGIT_SLICE_ROWS)
+        self.stepper = PoolStepper(self.pool, mode=mode, slice_rows=slice_rows, min_rows=self.min_rows)
         pad = self.slots.take("pad")  # takes the extra tokens of a forward shorter than min_rows
         assert pad is not None
         self.pad_slot = pad
