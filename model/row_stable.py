@@ -222,7 +222,8 @@ def make_rows_stable(model: nn.Module, block: int = BLOCK_ROWS, big_calls: bool 
     """Replace every `nn.Linear` in `model` (the output head included) by a `RowStableLinear`, with a calibrated
     `BlockPlan` per shape unless `big_calls` is False (then 32-row blocks only); returns how many layers."""
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     for name, mod in targets:
         # The vocabulary-wide head is called on logits slices of its `big` rows (`head_slice_rows`): no sizes.
         plan = (calibrate(mod.in_features, mod.out_features, mod.bias is not None, mod.weight.dtype, block,
