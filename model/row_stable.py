@@ -17,15 +17,22 @@ least `out_features` rows (the 49,152-wide head: at least 353 rows); on two thre
   (`probe_inputs`: a large value and its negation in two columns with equal weights, so the running sums pass
   through a large magnitude and the order of the additions decides the low bits; about 0.5% of the output
   elements differ under a non-canonical call, against 0.01% for Gaussian inputs), two probes per candidate;
-- `RowStableLinear` runs a call of `m` rows as calls of exactly `big` rows (the last one padded with zero rows
-  when that is cheaper than blocks, `pad_from`), then blocks of at most 32 rows. Only the two verified row counts
-  ever reach the kernel, so any row count, any position and any other rows give the canonical bits. Under a
-  thread count other than the calibrated one, a layer runs in 32-row blocks only (canonical too, just slower).
+- with `all_sizes` (every layer but the vocabulary-wide head), `calibrate` goes on to verify every row count from
+  `big` to `MAX_BIG_ROWS` in steps of `SIZE_STEP` = 64 on one probe each (`BlockPlan.sizes`; one thread on this
+  Xeon: all of them; a few seconds more per bf16 load);
+- `RowStableLinear` pads a call of `m` rows with zero rows to the next verified size and makes one call (a
+  view of its first `m` output rows, no concatenation); above the largest size it calls that size while more
+  rows remain, then pads the rest; a rest under `big` is padded to `big` when that is cheaper than its 32-row
+  blocks (`pad_from`), else runs in blocks. Only verified row counts ever reach the kernel, so any row count,
+  any position and any other rows give the canonical bits. Under a thread count other than the calibrated one,
+  a layer runs in 32-row blocks only (canonical too, just slower). The head gets logits slices of exactly its
+  `big` rows (`head_slice_rows`), one verified call each.
 
-Measured on one thread (4,096 rows, the five shapes, 2026-12-06): 32-row blocks cost about 2.5x the time per
-row of one large call on the transformer layers' shapes and 1.3x on the head. The weights are reordered once for
-oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), so a split costs the per-call overhead only. Converted weights
-stay float32 on disk; the cast happens at load.
+Measured on one thread (2026-12-06): 32-row blocks cost about 2.5x the time per row of one large call on the
+transformer layers' shapes and 1.3x on the head; at 3,615 rows (64 streams of one log line) the seven linears
+of a layer take 38.6 ms as `big`-row calls, blocks and a concatenation, 22.4 ms as one padded call. The weights
+are reordered once for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), so a split costs the per-call
+overhead only. Converted weights stay float32 on disk; the cast happens at load.
 """
 
 from __future__ import annotations
@@ -171,7 +178,7 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
     """The `BlockPlan` of a layer shape under the current thread count: the smallest multiple of `block` rows
     (from 2 * block to `max_rows`) whose calls give the canonical bits on two probes (`probe_inputs`), the
     remainder from which padding to it is cheaper than blocks (timed here; it changes speed, never bits), and
-    with `all_sizes` every row count from there to `max_rows` in steps of `SIZE_STEP` verified the same way."""
+    with `all_sizes` every row count from there to `max_rows` in steps of `SIZE_STEP` verified on one probe."""
     threads = torch.get_num_threads()
     key = (in_features, out_features, bias, dtype, threads, block, max_rows, all_sizes)
     if key in _PLANS:
@@ -187,8 +194,8 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
     probes = [x[:max_rows], x[max_rows:]]  # two probes on the same weights
     canonical: list[list[torch.Tensor]] = [[], []]  # per probe, its canonical rows in blocks, grown as needed
 
-    def is_canonical(rows: int) -> bool:
-        for probe, blocks in zip(probes, canonical):
+    def is_canonical(rows: int, count: int = 2) -> bool:
+        for probe, blocks in zip(probes[:count], canonical):
             while len(blocks) * block < rows:
                 blocks.append(lin._call(probe[len(blocks) * block : (len(blocks) + 1) * block]))
             if not torch.equal(lin._call(probe[:rows]), torch.cat(blocks)[:rows]):
@@ -204,7 +211,8 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
         per_block = t_blocks / (big // block)
         pad_from = block * int(t_big / per_block) + 1  # from here, ceil(rest / block) blocks cost more than a big call
         if all_sizes:
-            sizes = (big, *(rows for rows in range(big + SIZE_STEP, max_rows + 1, SIZE_STEP) if is_canonical(rows)))
+            # One probe each: a call that is not canonical changes thousands of a probe's elements (about 0.5%).
+            sizes = (big, *(rows for rows in range(big + SIZE_STEP, max_rows + 1, SIZE_STEP) if is_canonical(rows, 1)))
     plan = BlockPlan(big, pad_from, threads, sizes)
     _PLANS[key] = plan
     log.info("row blocks calibrated", shape=f"{in_features}x{out_features}", big=big, pad_from=pad_from,
