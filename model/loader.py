@@ -174,7 +174,7 @@ def pick_dtype_with_reason(requested: str, device: torch.device) -> tuple[torch.
     """The dtype for `requested` ("auto" or a torch dtype name) on `device`, and why, in a few words.
 
     `auto`: bf16 on CUDA (fp16 where bf16 is unsupported); on a CPU bf16 where it has AMX tiles for bf16
-    (`amx_bf16`: the row-stable bf16 service is about 1.9x fp32 there, docs/results.md 4.8), fp32 elsewhere:
+    (`amx_bf16`: the row-stable bf16 service is about 2.5x fp32 there, docs/results.md 4.8), fp32 elsewhere:
     emulated bf16 is slower than fp32, and so is bf16 on AVX512-BF16 alone in the row blocks exact resume
     needs (measured with oneDNN held to AVX512_CORE_BF16 on the same Xeon; docs/results.md 4.8)."""
     if requested != "auto":

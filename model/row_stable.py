@@ -76,10 +76,16 @@ class BlockPlan:
     # a layer calibrated with `all_sizes=False` (the output head), which calls `big` rows at a time.
     sizes: tuple[int, ...] = ()
 
+    @property
+    def calls(self) -> tuple[int, ...]:
+        """The verified row counts above `block` a call may have: `sizes`, or just `big` (none without it)."""
+        return self.sizes or (() if self.big is None else (self.big,))
+
     def size_for(self, rows: int) -> int | None:
         """The smallest verified row count >= `rows`, None above the largest."""
-        i = bisect.bisect_left(self.sizes, rows)
-        return self.sizes[i] if i < len(self.sizes) else None
+        calls = self.calls
+        i = bisect.bisect_left(calls, rows)
+        return calls[i] if i < len(calls) else None
 
 
 class RowStableLinear(nn.Module):
@@ -116,14 +122,13 @@ class RowStableLinear(nn.Module):
         m, a = flat.shape[0], 0
         plan = self.plan
         if plan is not None and plan.big is not None and plan.threads == torch.get_num_threads():
-            top = plan.sizes[-1] if plan.sizes else plan.big
+            top = plan.calls[-1]
             while m - a > top:
                 yield self._call(flat[a : a + top])
                 a += top
             rest = m - a
-            size = plan.size_for(rest) if plan.sizes else (plan.big if rest <= plan.big else None)
-            if size is not None and rest > self.block and (rest >= plan.big or rest >= plan.pad_from):
-                yield self._padded(flat[a:], size)
+            if rest > self.block and (rest >= plan.big or rest >= plan.pad_from):
+                yield self._padded(flat[a:], plan.size_for(rest) or top)  # rest <= top: a size exists
                 return
         for i in range(a, m, self.block):
             yield self._call(flat[i : i + self.block])
@@ -193,12 +198,16 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
     lin = RowStableLinear(inner, block)
     probes = [x[:max_rows], x[max_rows:]]  # two probes on the same weights
     canonical: list[list[torch.Tensor]] = [[], []]  # per probe, its canonical rows in blocks, grown as needed
+    joined: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]  # per probe, those blocks concatenated
 
     def is_canonical(rows: int, count: int = 2) -> bool:
-        for probe, blocks in zip(probes[:count], canonical):
-            while len(blocks) * block < rows:
-                blocks.append(lin._call(probe[len(blocks) * block : (len(blocks) + 1) * block]))
-            if not torch.equal(lin._call(probe[:rows]), torch.cat(blocks)[:rows]):
+        for i in range(count):
+            blocks, probe = canonical[i], probes[i]
+            if len(blocks) * block < rows:
+                while len(blocks) * block < rows:
+                    blocks.append(lin._call(probe[len(blocks) * block : (len(blocks) + 1) * block]))
+                joined[i] = torch.cat(blocks)  # once per growth, not once per candidate
+            if not torch.equal(lin._call(probe[:rows]), joined[i][:rows]):
                 return False
         return True
 

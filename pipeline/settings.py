@@ -28,6 +28,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from model.heap import Heap
 from pipeline.errors import UserError
 
 _YAML_FILE: ContextVar[Path | None] = ContextVar("sinkstream_yaml_file", default=None)
@@ -59,7 +60,7 @@ class ModelSettings(_Section):
     # On a CPU, `keep`: freed memory stays in the process heap (glibc mmap/trim thresholds raised), so the large
     # activations of every forward are not fresh zero-filled pages each time (1.3-1.6x tokens/s on one thread,
     # docs/results.md 4.8); the process keeps its peak heap resident. `system`: glibc's defaults. See model/heap.py.
-    heap: Literal["keep", "system"] = "keep"
+    heap: Heap = "keep"
     # A LoRA adapter folder written by `sinkstream adapt` (null = none). Merged into the weights at start, so the
     # forward pass costs the same; it changes the model fingerprint, so snapshots taken without this adapter (or
     # with another) are refused and those streams start fresh.
