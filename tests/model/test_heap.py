@@ -20,7 +20,7 @@ def rss_mb():
         return int(f.read().split()[1]) * 4096 / 2**20
 outcome = apply_heap(sys.argv[1])
 held, freed = [], []
-for _ in range(4):  # 96 MiB, above glibc's largest default mmap threshold (32 MiB), allocated and freed 4 times
+for _ in range(8):  # 96 MiB, above glibc's largest default mmap threshold (32 MiB), allocated and freed 8 times
     x = torch.ones(96 << 20, dtype=torch.uint8)
     held.append(rss_mb())
     del x
@@ -43,8 +43,9 @@ def test_keep_reuses_freed_memory_and_system_returns_it():
     keep = _run("keep")
     assert keep["outcome"].startswith("glibc") and "kept in the heap" in keep["outcome"], keep
     assert all(h - f < 8 for h, f in zip(keep["held"], keep["freed"])), keep  # kept on every free ...
-    # ... and reused: once the heap has its shape (the first two rounds), another round takes no new pages.
-    assert keep["held"][3] - keep["held"][2] < 8 and keep["held"][2] - keep["held"][1] < 8, keep
+    # ... and reused: the heap grows by one more 96 MiB block at most (once, in round 2 or 3 as measured, when
+    # small objects land in the freed block), not by 96 MiB a round (8 rounds without reuse: +672 MiB).
+    assert max(keep["held"]) - keep["held"][0] < 96 + 8, keep
 
 
 def test_an_unknown_heap_mode_is_refused_by_name():
