@@ -184,7 +184,8 @@ def _same_live(a, b) -> bool:
 
 @pytest.mark.parametrize("mode", ["loop", "batched"])
 def test_failed_step_leaves_every_stream_where_it_was(tiny_lm, mode):
-    """A forward that raises mid-way (after layer 0 wrote keys; a frame moved before it) keeps no undo log and
+    """A forward that raises mid-way (after layer 0 wrote keys; a frame moved before it; in "loop" mode also
+    inside a stream's attention call, while its slot's sink keys are zeroed for the call) keeps no undo log and
     needs none: every stream is at the same token, a stream whose frame did not move holds the very same live
     state, and retrying the same chunks gives results and states bit-identical to twins that never failed."""
     lm = tiny_lm("llama")
@@ -212,6 +213,23 @@ def test_failed_step_leaves_every_stream_where_it_was(tiny_lm, mode):
         handle.remove()
     with pytest.raises(IndexError):  # out-of-vocabulary id fails inside the model, before any layer
         stepper.step(slots, [chunks[0], chunks[1], [1, VOCAB + 5]])
+
+    if mode == "loop":  # inside the second stream's SDPA call of layer 0, its sink keys zeroed for the call
+        assert any(st.attention.sink_cos is not None for st in plan.streams)
+        sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+        def fails_second(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("injected: out of memory in a stream's attention")
+            return sdpa(*args, **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = fails_second
+        try:
+            with pytest.raises(torch.OutOfMemoryError, match="a stream's attention"):
+                stepper.step(slots, chunks)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
 
     def no_logits(module, args):
         raise torch.OutOfMemoryError("injected: out of memory in the logits slice")
