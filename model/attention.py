@@ -122,8 +122,9 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=Non
     """C queries over the buffer in one fused SDPA call; sink scores enter through the additive mask.
 
     Query j's sink scores need the query re-rotated by its own delta, so they cannot come from the shared keys.
-    They are computed apart (C x S per head, small), written into the sink columns of a per-head additive mask,
-    and the sink keys are zeroed for the call so that SDPA's own q.k term is exactly 0 there.
+    They are computed apart (C x S per head, small, in float32: `sink_scores`), written into the sink columns of
+    a per-head additive mask, and the sink keys are zeroed for the call so that SDPA's own q.k term is exactly 0
+    there.
     """
     batch, heads, chunk, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
@@ -132,13 +133,19 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=Non
         mask = None if plan.mask is None else plan.mask[None, None]  # (1, 1, C, L), broadcast over heads
         return _sdpa(query, key, value, scaling, gqa, mask, s_aux=s_aux)
     assert plan.sink_cos is not None and plan.sink_sin is not None  # set together (n > 0 needs sink_cos)
-    q_sink = Rotation.apply(query, plan.sink_cos, plan.sink_sin)  # (B, H, C, D)
+    q_sink = Rotation.apply(query.float(), plan.sink_cos, plan.sink_sin)  # (B, H, C, D) float32, not rounded
     q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
-    sink_scores = torch.matmul(q_sink, key[:, :, :n].transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
-    sink_scores = sink_scores.view(batch, heads, chunk, n)  # (B, H, C, S)
+    scores = sink_scores(q_sink, key[:, :, :n], scaling).view(batch, heads, chunk, n)  # (B, H, C, S) float32
     base, bias = plan.bias(query, length)  # (C, L), (B, H, C, L) shared by the layers of this forward
-    bias[..., :n] = sink_scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
+    bias[..., :n] = scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
     return _sdpa(query, key, value, scaling, gqa, bias, sink_keys=torch.zeros_like(key[:, :, :n]), s_aux=s_aux)
+
+
+def sink_scores(q_sink: torch.Tensor, sink_keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled scores of re-rotated queries (..., Hkv, G*C, D) float32 against sink keys (..., Hkv, S, D), in
+    float32 whatever the model's dtype: the sink columns get the precision SDPA gives the others (it
+    accumulates in float32), and on a CPU a float32 product this small is faster than a bf16 one."""
+    return torch.matmul(q_sink, sink_keys.float().transpose(-1, -2)) * scaling  # (..., Hkv, G*C, S)
 
 
 def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=None) -> torch.Tensor:

@@ -52,7 +52,7 @@ from typing import Literal, cast
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from model.attention import AttentionPlan, _chunk, _sdpa
+from model.attention import AttentionPlan, _chunk, _sdpa, sink_scores
 from model.pool import KVPool
 from model.rotary import Rotation
 
@@ -160,8 +160,8 @@ class PoolPlan:
         else:
             cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, n_max, rot)
             kv_heads = k.shape[1]
-            q_sink = Rotation.apply(q, cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
-            scores = torch.matmul(q_sink, k[:, :, :S].transpose(-1, -2)) * scaling  # (P, Hkv, G*n_max, S)
+            q_sink = Rotation.apply(q.float(), cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
+            scores = sink_scores(q_sink, k[:, :, :S], scaling)  # (P, Hkv, G*n_max, S) float32
             scores = scores.view(rows, heads, n_max, S)  # (P, H, n_max, S)
             base, bias = self._bias(mask, heads, query.dtype)  # (P, 1, n_max, L), (P, H, n_max, L)
             bias[..., :S] = scores + base[..., :S]
@@ -187,8 +187,8 @@ class PoolPlan:
         if self.sink_cos is not None and S:
             cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, n_max, rot)
             kv_heads = k.shape[1]
-            q_sink = Rotation.apply(q, cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
-            sink = (torch.matmul(q_sink, k[:, :, :S].transpose(-1, -2)) * scaling).view(rows, heads, n_max, S).float()
+            q_sink = Rotation.apply(q.float(), cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
+            sink = sink_scores(q_sink, k[:, :, :S], scaling).view(rows, heads, n_max, S)  # float32
 
             def score_mod(score, b_, h_, q_, kv_):
                 return torch.where(kv_ < S, sink[b_, h_, q_, kv_.clamp(max=S - 1)].to(score.dtype), score)
