@@ -69,11 +69,12 @@ def models_home() -> Path:
     return Path(home).expanduser() / "models"
 
 
-def plans_home() -> Path:
-    """Where bf16 row plans measured on this machine are kept (`model.row_stable.calibrate`):
-    `$SINKSTREAM_HOME/row_plans`. A start that finds its plans there skips most of the calibration (a few
-    seconds); a folder that cannot be written (a read-only image) only means every start calibrates."""
-    return models_home().parent / "row_plans"
+def plans_home(cache_dir: Path | None = None) -> Path:
+    """Where bf16 row plans measured on this machine are kept by default (`model.row_stable.calibrate`):
+    `row_plans` beside the converted models' folder (`$SINKSTREAM_HOME/row_plans`). A start that finds its plans
+    there skips most of the calibration (a few seconds); a folder that cannot be written (a read-only image)
+    only means every start calibrates (`model.row_plans` names another folder)."""
+    return (Path(cache_dir) if cache_dir is not None else models_home()).parent / "row_plans"
 
 
 def packaged_gguf(name: str) -> Path:
@@ -223,11 +224,13 @@ def load_model(
     cache_dir: Path | None = None,
     adapter: str | Path | None = None,
     heap: Heap = "keep",
+    row_plans: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for streaming: resolved locally (converted models cached under `cache_dir`, see
     `resolve_model_dir`), eval mode, sinkstream attention when supported; with `adapter` (a folder written by
     `sinkstream adapt`) the LoRA adapter is merged into the weights, see `merge_adapter`. On a CPU, `heap`
-    says whether this process keeps freed memory in its heap (`model.heap`)."""
+    says whether this process keeps freed memory in its heap (`model.heap`); bf16 row plans are kept in
+    `row_plans` (default `plans_home(cache_dir)`, `model.row_plans`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads > 0:
@@ -245,10 +248,11 @@ def load_model(
     model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to() is typed as taking the model
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = LoadedModel(model, tokenizer, arch, dev, dt, path, fingerprint(path, dt), dtype_reason=reason)
+    plans = Path(row_plans).expanduser() if row_plans else plans_home(cache_dir)
     if adapter:
-        lm = merge_adapter(lm, Path(adapter))
+        lm = merge_adapter(lm, Path(adapter), plans)
     if needs_row_blocks(dev, dt):  # after any merge: the row blocks keep a reordered copy of the weights
-        make_rows_stable(lm.model, plans=plans_home())  # batch invariance of bf16 on CPU (model.row_stable)
+        make_rows_stable(lm.model, plans=plans)  # batch invariance of bf16 on CPU (model.row_stable)
     log.info("model loaded", path=str(path), device=str(dev), dtype=str(dt).replace("torch.", ""), dtype_reason=reason)
     return lm
 
@@ -306,7 +310,7 @@ def adapter_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
+def merge_adapter(lm: LoadedModel, folder: Path, plans: Path | None = None) -> LoadedModel:
     """Merge the LoRA adapter in `folder` into `lm`'s weights (peft's `merge_and_unload`: W += B A * alpha/r).
 
     The merged model has the base architecture and the same parameter shapes, so every forward path (pooled,
@@ -314,7 +318,7 @@ def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
     sha256(base fingerprint, adapter fingerprint): a snapshot taken without this adapter, or with another one,
     is refused (`model.snapshot.load_cache`). `lm` itself must not be used afterwards (its weights changed).
     A row-stable model (bf16 on a CPU, `model.row_stable`) is merged on plain linear layers, which peft adapts,
-    and made row-stable again on the merged weights.
+    and made row-stable again on the merged weights (its row plans read from or kept in `plans`).
     """
     if lm.adapter is not None:
         raise AdapterError(f"model.adapter: this model already has adapter {lm.adapter} merged in")
@@ -331,7 +335,7 @@ def merge_adapter(lm: LoadedModel, folder: Path) -> LoadedModel:
     except (ValueError, RuntimeError, KeyError) as exc:  # shapes or module names of another base model
         raise AdapterError(f"model.adapter: {folder} does not fit this model ({type(exc).__name__}: {exc})") from exc
     if stable:
-        make_rows_stable(merged, plans=plans_home())
+        make_rows_stable(merged, plans=plans)
     merged.eval()
     combined = hashlib.sha256(f"{lm.fingerprint}+lora:{digest}".encode()).hexdigest()[:16]
     log.info("model.adapter_merged", adapter=str(folder), adapter_fingerprint=digest, fingerprint=combined)

@@ -46,6 +46,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -197,8 +198,8 @@ def machine_fingerprint() -> str:
     h.update(torch.backends.cpu.get_cpu_capability().encode())
     try:
         first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        first_cpu = ""
+    except OSError:  # not Linux: what the platform says of the processor
+        first_cpu = f"model name: {platform.machine()} {platform.processor()}"
     wanted = ("vendor_id", "cpu family", "model", "stepping", "flags")
     h.update("\n".join(line for line in first_cpu.splitlines() if line.startswith(wanted)).encode())
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):

@@ -61,6 +61,11 @@ class ModelSettings(_Section):
     # activations of every forward are not fresh zero-filled pages each time (1.3-1.6x tokens/s on one thread,
     # docs/results.md 4.8); the process keeps its peak heap resident. `system`: glibc's defaults. See model/heap.py.
     heap: Heap = "keep"
+    # bf16 on a CPU: the folder where the row plans measured at start are kept (model/row_stable.py: about 3-7 s
+    # to measure, 1 s to read back). null: `row_plans` beside the models ($SINKSTREAM_HOME/row_plans). Name a
+    # writable folder when that one is read-only (the chart: /tmp/sinkstream-row-plans); unwritable only means
+    # every start measures again.
+    row_plans: str | None = None
     # A LoRA adapter folder written by `sinkstream adapt` (null = none). Merged into the weights at start, so the
     # forward pass costs the same; it changes the model fingerprint, so snapshots taken without this adapter (or
     # with another) are refused and those streams start fresh.

@@ -157,7 +157,7 @@ def build_service(settings: Settings, lm: LoadedModel | None = None) -> Service:
     if lm is None:
         try:
             lm = load_model(m.name, m.device, m.dtype, m.threads, cache_dir=sinkstream_home() / "models",
-                            adapter=m.adapter, heap=m.heap)
+                            adapter=m.adapter, heap=m.heap, row_plans=m.row_plans)
         except AdapterError as exc:
             raise UserError(str(exc)) from exc
     engine = Engine(lm, settings)

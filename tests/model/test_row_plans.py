@@ -11,6 +11,7 @@ import torch
 from structlog.testing import capture_logs
 
 from model import row_stable as rs
+from model.loader import cpu_bf16_flags, load_model, plans_home
 
 SHAPE = {"in_features": 64, "out_features": 96, "bias": False, "max_rows": 256}
 
@@ -84,3 +85,20 @@ def test_a_folder_that_cannot_be_written_is_skipped(tmp_path):
         plan = rs.calibrate(**SHAPE, plans=blocker / "row_plans")
     assert plan.threads == torch.get_num_threads()
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["row blocks not stored"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_bf16_flags(), reason="this CPU has no bf16 units: a bf16 load would be emulated and slow")
+def test_load_model_keeps_its_plans_where_model_row_plans_says(tmp_path):
+    """`model.row_plans` (`load_model(row_plans=...)`): a bf16 CPU load measures into that folder, the next load
+    reads every shape from it; without it the plans go beside the models' folder."""
+    assert plans_home(tmp_path / "home" / "models") == tmp_path / "home" / "row_plans"
+    folder = tmp_path / "plans"
+    with capture_logs() as first:
+        load_model("smollm2-135m", device="cpu", dtype="bfloat16", row_plans=folder)
+    rs._PLANS.clear()
+    with capture_logs() as second:
+        load_model("smollm2-135m", device="cpu", dtype="bfloat16", row_plans=folder)
+    sources = [[e["source"] for e in logs if e["event"] == "row blocks calibrated"] for logs in (first, second)]
+    assert sources == [["measured"] * 5, ["stored"] * 5]  # SmolLM2: four layer shapes and the head
+    assert len(list(folder.rglob("*.json"))) == 5

@@ -129,7 +129,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     "model" (dict "name" (include "sinkstream.modelName" .)
                   "device" (ternary "cuda" "cpu" (eq $v.device "gpu"))
                   "dtype" $v.model.dtype
-                  "threads" $v.model.threads)
+                  "threads" $v.model.threads
+                  "row_plans" "/tmp/sinkstream-row-plans")
     "cache" (dict "sinks" $v.cache.sinks "window" $v.cache.window "chunk" $v.cache.chunk)
     "kafka" $kafka
     "redis" $redis
