@@ -194,8 +194,8 @@ def machine_fingerprint() -> str:
     oneDNN and build flags: `torch._C._show_config()`, the CPU capability it dispatches to) and this CPU (vendor,
     model, flags, cache sizes). Plans stored under another fingerprint are never read."""
     h = hashlib.sha256(torch.__version__.encode())
-    h.update(torch._C._show_config().encode())
-    h.update(torch.backends.cpu.get_cpu_capability().encode())
+    for describe in (getattr(torch._C, "_show_config", None), torch.backends.cpu.get_cpu_capability):
+        h.update(str(describe() if describe is not None else "").encode())
     try:
         first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:  # not Linux: what the platform says of the processor
