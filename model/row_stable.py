@@ -187,7 +187,6 @@ def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
-@torch.inference_mode()
 @functools.cache
 def machine_fingerprint() -> str:
     """What a calibrated plan depends on besides its layer shape and thread count: this torch build (version,
@@ -249,6 +248,7 @@ def _store_plan(path: Path, plan: BlockPlan) -> None:
         log.warning("row blocks not stored", folder=str(path.parent), error=f"{type(exc).__name__}: {exc}")
 
 
+@torch.inference_mode()
 def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16,
               block: int = BLOCK_ROWS, max_rows: int = MAX_BIG_ROWS, all_sizes: bool = True,
               plans: Path | None = None) -> BlockPlan:
