@@ -126,26 +126,30 @@ def _chunk(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=Non
     a per-head additive mask, and the sink keys are zeroed for the call so that SDPA's own q.k term is exactly 0
     there.
     """
-    batch, heads, chunk, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
+    length = key.shape[2]
     n = plan.sink_cols if plan.sink_cos is not None else 0
     if not n:
         mask = None if plan.mask is None else plan.mask[None, None]  # (1, 1, C, L), broadcast over heads
         return _sdpa(query, key, value, scaling, gqa, mask, s_aux=s_aux)
     assert plan.sink_cos is not None and plan.sink_sin is not None  # set together (n > 0 needs sink_cos)
-    q_sink = Rotation.apply(query.float(), plan.sink_cos, plan.sink_sin)  # (B, H, C, D) float32, not rounded
-    q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
-    scores = sink_scores(q_sink, key[:, :, :n], scaling).view(batch, heads, chunk, n)  # (B, H, C, S) float32
+    scores = sink_scores(query, plan.sink_cos, plan.sink_sin, key[:, :, :n], scaling)  # (B, H, C, S) float32
     base, bias = plan.bias(query, length)  # (C, L), (B, H, C, L) shared by the layers of this forward
     bias[..., :n] = scores + base[:, :n]  # keeps -inf on sinks a query cannot see yet
     return _sdpa(query, key, value, scaling, gqa, bias, sink_keys=torch.zeros_like(key[:, :, :n]), s_aux=s_aux)
 
 
-def sink_scores(q_sink: torch.Tensor, sink_keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Scaled scores of re-rotated queries (..., Hkv, G*C, D) float32 against sink keys (..., Hkv, S, D), in
-    float32 whatever the model's dtype: the sink columns get the precision SDPA gives the others (it
-    accumulates in float32), and on a CPU a float32 product this small is faster than a bf16 one."""
-    return torch.matmul(q_sink, sink_keys.float().transpose(-1, -2)) * scaling  # (..., Hkv, G*C, S)
+def sink_scores(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sink_keys: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """Scaled scores of the queries (B, H, C, D), each re-rotated by its cos/sin (C, rot) or (B, 1, C, rot) to its
+    sink-relative position, against the sink keys (B, Hkv, S, D) -> (B, H, C, S), in float32 whatever the
+    model's dtype: the sink columns get the precision SDPA gives the others (it accumulates in float32), and on
+    a CPU a float32 product this small is faster than a bf16 one."""
+    batch, heads, chunk, dim = query.shape
+    kv_heads, n = sink_keys.shape[1], sink_keys.shape[2]
+    q_sink = Rotation.apply(query.float(), cos, sin)  # (B, H, C, D) float32, not rounded to the model's dtype
+    q_sink = q_sink.reshape(batch, kv_heads, heads // kv_heads * chunk, dim)  # (B, Hkv, G*C, D)
+    scores = torch.matmul(q_sink, sink_keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G*C, S)
+    return scores.view(batch, heads, chunk, n)  # (B, H, C, S)
 
 
 def _decode(query, key, value, scaling, plan: AttentionPlan, gqa: bool, s_aux=None) -> torch.Tensor:

@@ -147,7 +147,7 @@ class PoolPlan:
         return memo
 
     def _attend_batched(self, query, key, value, scaling, gqa):
-        heads, dim = query.shape[1], query.shape[3]
+        heads = query.shape[1]
         q, k, v, tok_row, rows, n_max = self._padded_rows(query, key, value)
         mask = self._batched_mask(tok_row, rows, n_max)  # (P, 1, n_max, L) bool
         S = self.pool.sinks
@@ -159,10 +159,7 @@ class PoolPlan:
             out = _sdpa(q, k, v, scaling, gqa, self._base(mask, query.dtype), sink_keys=sink_keys)
         else:
             cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, n_max, rot)
-            kv_heads = k.shape[1]
-            q_sink = Rotation.apply(q.float(), cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
-            scores = sink_scores(q_sink, k[:, :, :S], scaling)  # (P, Hkv, G*n_max, S) float32
-            scores = scores.view(rows, heads, n_max, S)  # (P, H, n_max, S)
+            scores = sink_scores(q, cos, sin, k[:, :, :S], scaling)  # (P, H, n_max, S) float32
             base, bias = self._bias(mask, heads, query.dtype)  # (P, 1, n_max, L), (P, H, n_max, L)
             bias[..., :S] = scores + base[..., :S]
             out = _sdpa(q, k, v, scaling, gqa, bias, sink_keys=torch.zeros_like(k[:, :, :S]))
@@ -174,7 +171,6 @@ class PoolPlan:
         Compiled on CUDA; eager (a slow reference) elsewhere, which is how the CPU tests check it."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        heads, dim = query.shape[1], query.shape[3]
         q, k, v, tok_row, rows, n_max = self._padded_rows(query, key, value)
         q = q.contiguous()
         visible = self._batched_mask(tok_row, rows, n_max)[:, 0]  # (P, n_max, L) bool
@@ -186,9 +182,7 @@ class PoolPlan:
         score_mod = None
         if self.sink_cos is not None and S:
             cos, sin = self._padded_cos_sin(tok_row, rows, n_max)  # (P, 1, n_max, rot)
-            kv_heads = k.shape[1]
-            q_sink = Rotation.apply(q.float(), cos, sin).reshape(rows, kv_heads, heads // kv_heads * n_max, dim)
-            sink = sink_scores(q_sink, k[:, :, :S], scaling).view(rows, heads, n_max, S)  # float32
+            sink = sink_scores(q, cos, sin, k[:, :, :S], scaling)  # (P, H, n_max, S) float32
 
             def score_mod(score, b_, h_, q_, kv_):
                 return torch.where(kv_ < S, sink[b_, h_, q_, kv_.clamp(max=S - 1)].to(score.dtype), score)
