@@ -27,6 +27,17 @@ least `out_features` rows (the 49,152-wide head: at least 353 rows); on two thre
   any position and any other rows give the canonical bits. Under a thread count other than the calibrated one,
   a layer runs in 32-row blocks only (canonical too, just slower). The head gets logits slices of exactly its
   `big` rows (`head_slice_rows`), one verified call each;
+- calls of fewer than `big` rows can be split by output columns (session 13): a call on a slice of `cols`
+  output rows of the weight (reordered once more, per slice) gives the same bits as those columns of the whole
+  call, and on one thread it is canonical from about `cols` rows on, where the whole layer needs `big` (for
+  576x1536, 192 against 1,536 rows: a call of 33-1,535 rows ran in 32-row blocks or was padded to 1,536). For a
+  layer with `big` >= `SPLIT_MIN_BIG` (768) `calibrate` tries `cols` = the widest multiple of 32 up to
+  `SPLIT_COLS` (192) that divides `out_features`, verifies the split calls of every row count from `cols` up
+  to `big` in steps of 64 against the canonical rows, and keeps those timed 5% faster than the layer's call
+  without the split (`BlockPlan.col_sizes`); a call of m rows then pads to the next of them (less than 64 rows
+  away) and makes one call per slice. SmolLM2's gate and up projections (576x1536), one thread: 448 rows in
+  1.1-2.0 ms split against 1.8-3.4 ms in blocks; a packed forward of 224-448 rows about 1.1x faster (noisy),
+  none slower. The price is a third copy of those weights (SmolLM2: 106 MB in bf16), hence the `big` floor;
 - plans are kept on disk by machine (`machine_fingerprint`: torch build and CPU), shape, dtype and thread count
   (`calibrate(plans=...)`, `model.loader.plans_home()`): the next start reads them after a spot check, about a
   second of the few a full calibration takes (SmolLM2-135M, one thread: 7.0 -> 4.1 s from a fresh interpreter
@@ -62,6 +73,8 @@ log = structlog.get_logger(__name__)
 BLOCK_ROWS = 32  # rows per small oneDNN call; 1..32 rows are canonical (module docstring)
 MAX_BIG_ROWS = 4096  # the largest row count `calibrate` tries
 SIZE_STEP = 64  # step between the single-call row counts `calibrate` verifies above `big`
+SPLIT_COLS = 192  # widest column block `calibrate` tries for calls under `big` rows (`BlockPlan.cols`)
+SPLIT_MIN_BIG = 4 * SPLIT_COLS  # layers with a smaller `big` get no split: padding to it wastes little (module doc)
 
 
 def _packed_ops_available() -> bool:
@@ -85,6 +98,21 @@ class BlockPlan:
     # (ascending, `big` first): a call of m rows is padded to the next of these and made in one call. Empty for
     # a layer calibrated with `all_sizes=False` (the output head), which calls `big` rows at a time.
     sizes: tuple[int, ...] = ()
+    # Calls of fewer than `big` rows split by output columns (session 13): `cols` output columns a call, each
+    # call on its own reordered slice of the weight. Such a call is canonical from about `cols` rows on (one
+    # thread), far below `big` for a wide layer (576x1536: 192 against 1,536). `col_sizes`: the row counts under
+    # `big` whose split calls were verified canonical AND timed faster than what the layer does without them
+    # (blocks, or padding to `big`); empty: no split (None `cols`).
+    cols: int | None = None
+    col_sizes: tuple[int, ...] = ()
+
+    def col_size_for(self, rows: int) -> int | None:
+        """The verified split size a call of `rows` (< `big`) pads to: the smallest of `col_sizes` >= `rows`,
+        if it is less than `SIZE_STEP` rows away (a farther one was not timed against this row count)."""
+        i = bisect.bisect_left(self.col_sizes, rows)
+        if i < len(self.col_sizes) and self.col_sizes[i] - rows < SIZE_STEP:
+            return self.col_sizes[i]
+        return None
 
     @property
     def calls(self) -> tuple[int, ...]:
@@ -109,9 +137,35 @@ class RowStableLinear(nn.Module):
         self.block = block
         self.plan = plan
         self.packed: torch.Tensor | None = None
+        self.col_parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (reordered slice, bias slice)
         if inner.weight.dtype == torch.bfloat16 and _packed_ops_available():
             with torch.no_grad():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(inner.weight.detach(), block)
+            if plan is not None and plan.cols is not None and plan.col_sizes:
+                self.set_cols(plan.cols)
+
+    @torch.no_grad()
+    def set_cols(self, cols: int) -> None:
+        """Reorder the weight once more, as slices of `cols` output rows for the split calls (`BlockPlan.cols`)."""
+        if self.out_features % cols:
+            raise ValueError(f"cols must divide out_features={self.out_features}, got {cols}")
+        weight = self.weight.detach()
+        self.col_parts = [
+            (torch.ops.mkldnn._reorder_linear_weight(weight[c : c + cols].contiguous(), self.block),
+             None if self.bias is None else self.bias.detach()[c : c + cols].contiguous())
+            for c in range(0, self.out_features, cols)
+        ]
+
+    def _call_part(self, rows: torch.Tensor, part: int) -> torch.Tensor:
+        packed, bias = self.col_parts[part]
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+    def _split(self, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """`rows` (m, in) padded with zero rows to `size`, one call per column slice; the first m rows (m, out)."""
+        m = rows.shape[0]
+        if m < size:
+            rows = torch.cat([rows, rows.new_zeros(size - m, rows.shape[1])])  # (size, in)
+        return torch.cat([self._call_part(rows, i) for i in range(len(self.col_parts))], dim=1)[:m]  # (m, out)
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -137,6 +191,10 @@ class RowStableLinear(nn.Module):
                 yield self._call(flat[a : a + top])
                 a += top
             rest = m - a
+            size = plan.col_size_for(rest) if self.col_parts and self.block < rest < plan.big else None
+            if size is not None:  # split by output columns: verified and timed faster for this row count
+                yield self._split(flat[a:], size)
+                return
             if rest > self.block and (rest >= plan.big or rest >= plan.pad_from):
                 yield self._padded(flat[a:], plan.size_for(rest) or top)  # rest <= top: a size exists
                 return
@@ -154,7 +212,9 @@ class RowStableLinear(nn.Module):
 
     def extra_repr(self) -> str:
         big = self.plan.big if self.plan else None
-        return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, big={big}"
+        cols = self.plan.cols if self.plan and self.col_parts else None
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, big={big}, "
+                f"cols={cols}")
 
 
 def probe_inputs(rows: int, in_features: int, out_features: int, seed: int,
@@ -222,18 +282,25 @@ def _read_plan(path: Path, threads: int, block: int, max_rows: int, all_sizes: b
     try:
         doc = json.loads(path.read_text())
         big, pad_from, sizes = doc["big"], int(doc["pad_from"]), tuple(int(r) for r in doc["sizes"])
+        cols, col_sizes = doc["cols"], tuple(int(r) for r in doc["col_sizes"])  # a plan from before the split: None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if doc.get("threads") != threads:
         return None
     if big is None:
-        return BlockPlan(None, pad_from, threads) if not sizes else None
+        return BlockPlan(None, pad_from, threads) if not sizes and cols is None and not col_sizes else None
     if not (isinstance(big, int) and big % block == 0 and 2 * block <= big <= max_rows):
         return None
     if sizes and (not all_sizes or sizes[0] != big or list(sizes) != sorted(set(sizes)) or sizes[-1] > max_rows
                   or any((r - big) % SIZE_STEP for r in sizes)):
         return None
-    return BlockPlan(big, pad_from, threads, sizes)
+    if (cols is None) != (not col_sizes):
+        return None
+    if cols is not None and not (isinstance(cols, int) and cols % block == 0 and 0 < cols < big and all_sizes
+                                 and list(col_sizes) == sorted(set(col_sizes)) and col_sizes[0] >= cols
+                                 and col_sizes[-1] < big and not any((r - cols) % SIZE_STEP for r in col_sizes)):
+        return None
+    return BlockPlan(big, pad_from, threads, sizes, cols, col_sizes)
 
 
 def _store_plan(path: Path, plan: BlockPlan) -> None:
@@ -277,22 +344,27 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
     canonical: list[list[torch.Tensor]] = [[], []]  # per probe, its canonical rows in blocks, grown as needed
     joined: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]  # per probe, those blocks concatenated
 
-    def is_canonical(rows: int, count: int = 2) -> bool:
+    def is_canonical(rows: int, count: int = 2, split: bool = False) -> bool:
+        """Calls of `rows` rows (split by columns with `split`) give the canonical rows on `count` probes."""
+        call = (lambda r: lin._split(r, rows)) if split else lin._call
         for i in range(count):
             blocks, probe = canonical[i], probes[i]
             if len(blocks) * block < rows:
                 while len(blocks) * block < rows:
                     blocks.append(lin._call(probe[len(blocks) * block : (len(blocks) + 1) * block]))
                 joined[i] = torch.cat(blocks)  # once per growth, not once per candidate
-            if not torch.equal(lin._call(probe[:rows]), joined[i][:rows]):
+            if not torch.equal(call(probe[:rows]), joined[i][:rows]):
                 return False
         return True
 
     path = _plan_file(plans, in_features, out_features, bias, dtype, threads, block, max_rows, all_sizes) \
         if plans is not None else None
     stored = _read_plan(path, threads, block, max_rows, all_sizes) if path is not None else None
+    if stored is not None and stored.cols is not None:
+        lin.set_cols(stored.cols)
     if stored is not None and (stored.big is None or (is_canonical(stored.big) and (
-            not stored.sizes or is_canonical(stored.sizes[-1], 1)))):
+            not stored.sizes or is_canonical(stored.sizes[-1], 1)) and (
+            not stored.col_sizes or is_canonical(stored.col_sizes[-1], 1, split=True)))):
         plan, source = stored, "stored"
     else:
         if stored is not None:
@@ -302,7 +374,8 @@ def calibrate(in_features: int, out_features: int, bias: bool, dtype: torch.dtyp
             _store_plan(path, plan)
     _PLANS[key] = plan
     log.info("row blocks calibrated", shape=f"{in_features}x{out_features}", big=plan.big, pad_from=plan.pad_from,
-             sizes=len(plan.sizes), largest=plan.sizes[-1] if plan.sizes else plan.big, threads=threads,
+             sizes=len(plan.sizes), largest=plan.sizes[-1] if plan.sizes else plan.big, cols=plan.cols,
+             col_sizes=len(plan.col_sizes), threads=threads,
              source=source, ms=round((time.perf_counter() - started) * 1e3, 1))
     return plan
 
@@ -321,7 +394,39 @@ def _search(lin: RowStableLinear, x: torch.Tensor, is_canonical: Callable[..., b
         if all_sizes:
             # One probe each: a call that is not canonical changes thousands of a probe's elements (about 0.5%).
             sizes = (big, *(rows for rows in range(big + SIZE_STEP, max_rows + 1, SIZE_STEP) if is_canonical(rows, 1)))
-    return BlockPlan(big, pad_from, threads, sizes)
+    cols = _split_width(lin.out_features, block)
+    if not all_sizes or big is None or big < SPLIT_MIN_BIG or cols is None or lin.packed is None:
+        return BlockPlan(big, pad_from, threads, sizes)
+    lin.set_cols(cols)
+    col_sizes: list[int] = []
+    for rows in range(cols, big, SIZE_STEP):
+        if not is_canonical(rows, 2 if not col_sizes else 1, split=True):
+            continue
+        if _split_is_faster(lin, x[:rows], big, pad_from, block):
+            col_sizes.append(rows)
+    if not col_sizes:
+        return BlockPlan(big, pad_from, threads, sizes)
+    return BlockPlan(big, pad_from, threads, sizes, cols, tuple(col_sizes))
+
+
+def _split_is_faster(lin: RowStableLinear, probe: torch.Tensor, big: int, pad_from: int, block: int) -> bool:
+    """A split call of `probe`'s rows beats, by 5%, what the layer does without it: pad to `big` from `pad_from`
+    rows on, else 32-row blocks (timed; speed only, never bits)."""
+    rows = probe.shape[0]
+    if rows >= pad_from:
+        t_plain = _best_of(lambda: lin._padded(probe, big))
+    else:
+        t_plain = _best_of(lambda: [lin._call(probe[i : i + block]) for i in range(0, rows, block)])
+    return _best_of(lambda: lin._split(probe, rows)) < 0.95 * t_plain
+
+
+def _split_width(out_features: int, block: int) -> int | None:
+    """The column block width tried for a layer: the widest multiple of `block` up to `SPLIT_COLS` that divides
+    `out_features` and leaves at least two slices; None when there is none."""
+    for cols in range(SPLIT_COLS - SPLIT_COLS % block, block - 1, -block):
+        if out_features % cols == 0 and out_features // cols >= 2:
+            return cols
+    return None
 
 
 def needs_row_blocks(device: torch.device, dtype: torch.dtype) -> bool:

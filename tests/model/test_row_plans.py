@@ -49,7 +49,8 @@ def test_a_file_that_is_not_a_plan_is_measured_again_and_replaced(tmp_path):
     stored = _file(tmp_path)
     good = json.loads(stored.read_text())
     for bad in ("{not json", json.dumps({**good, "big": 100}), json.dumps({**good, "threads": 99}),
-                json.dumps({**good, "sizes": [good["big"] + 1]}), json.dumps({"big": good["big"]})):
+                json.dumps({**good, "sizes": [good["big"] + 1]}), json.dumps({"big": good["big"]}),
+                json.dumps({k: v for k, v in good.items() if k not in ("cols", "col_sizes")})):  # before the split
         stored.write_text(bad)
         rs._PLANS.clear()
         with capture_logs() as logs:
@@ -76,6 +77,37 @@ def test_a_stored_plan_that_fails_its_check_is_measured_again(tmp_path, monkeypa
     assert again.big != plan.big
     assert any(e["event"].startswith("row blocks: the stored plan failed its check") for e in logs)
     assert json.loads(_file(tmp_path).read_text())["big"] == again.big
+
+
+@pytest.mark.skipif(not cpu_bf16_flags(), reason="this CPU has no bf16 units: no prepacked bf16 weights to split")
+def test_a_split_plan_is_stored_read_back_and_checked(tmp_path, monkeypatch):
+    """A wide layer (576x1536, `big` >= SPLIT_MIN_BIG) keeps its column split (`cols`, `col_sizes`) on disk; the
+    next start reads it after a spot check that includes a split call, and a split that fails it is measured
+    again."""
+    wide = {"in_features": 576, "out_features": 1536, "bias": False, "max_rows": 1536}
+    plan = rs.calibrate(**wide, plans=tmp_path)
+    if not plan.col_sizes:
+        pytest.skip(f"no split call was verified and faster than the layer's own calls here: {plan}")
+    doc = json.loads(_file(tmp_path).read_text())
+    assert (doc["cols"], doc["col_sizes"]) == (plan.cols, list(plan.col_sizes))
+    rs._PLANS.clear()
+    with capture_logs() as logs:
+        assert rs.calibrate(**wide, plans=tmp_path) == plan
+    assert [e["source"] for e in logs if e["event"] == "row blocks calibrated"] == ["stored"]
+    real = rs.RowStableLinear._call_part
+    largest = plan.col_sizes[-1]
+
+    def largest_split_rounds_differently(self, rows, part):  # as if this machine rounded those calls another way
+        out = real(self, rows, part)
+        return out + 1 if rows.shape[0] == largest else out
+
+    monkeypatch.setattr(rs.RowStableLinear, "_call_part", largest_split_rounds_differently)
+    rs._PLANS.clear()
+    with capture_logs() as logs:
+        again = rs.calibrate(**wide, plans=tmp_path)
+    assert any(e["event"].startswith("row blocks: the stored plan failed its check") for e in logs)
+    assert largest not in again.col_sizes
+    assert json.loads(_file(tmp_path).read_text())["col_sizes"] == list(again.col_sizes)
 
 
 def test_a_folder_that_cannot_be_written_is_skipped(tmp_path):

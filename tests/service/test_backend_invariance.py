@@ -44,10 +44,11 @@ def test_rows_of_a_matrix_product_do_not_depend_on_the_call_from_min_rows_on(sha
 def test_bf16_rows_do_not_depend_on_the_call_in_calibrated_calls(shape, threads, one_thread):
     """bf16 (model.row_stable): a plain oneDNN call of some row counts rounds some elements differently on an AMX
     CPU, so every bf16 linear calls the kernel only with row counts verified canonical (at most BLOCK_ROWS, the
-    calibrated `big`, or one of the verified `sizes` above it; the head: `big` only); then any row count, any
-    position, any other rows give the bits a row gets alone. Probed with inputs under which another reduction
-    order shows (`probe_inputs`), on one and on two threads, with row counts that need one padded call, several
-    calls (above the largest size) and blocks."""
+    calibrated `big`, or one of the verified `sizes` above it; the head: `big` only; under `big`, split by output
+    columns, one of the verified `col_sizes`); then any row count, any position, any other rows give the bits a
+    row gets alone. Probed with inputs under which another reduction order shows (`probe_inputs`), on one and on
+    two threads, with row counts that need one padded call, several calls (above the largest size), blocks and
+    split calls."""
     torch.set_num_threads(threads)
     head = shape[1] > 4 * shape[0]
     linear = torch.nn.Linear(shape[0], shape[1], bias=False)
@@ -62,17 +63,24 @@ def test_bf16_rows_do_not_depend_on_the_call_in_calibrated_calls(shape, threads,
     assert head or plan.sizes[0] == big, plan
     rng = random.Random(sum(shape) + threads)
     calls: list[int] = []
-    plain_call = stable._call
+    split_calls: list[int] = []
+    plain_call, part_call = stable._call, stable._call_part
 
     def counted(rows: torch.Tensor) -> torch.Tensor:
         calls.append(rows.shape[0])
         return plain_call(rows)
 
+    def counted_part(rows: torch.Tensor, part: int) -> torch.Tensor:
+        split_calls.append(rows.shape[0])
+        return part_call(rows, part)
+
     with torch.no_grad():
         alone = torch.cat([plain_call(x[i : i + 1]) for i in range(len(x))])  # every row in a call of its own
         stable._call = counted  # type: ignore[method-assign]
-        counts = sorted({*range(1, 40), 63, 64, 65, 100, big - 1, big, big + 1, big + BLOCK_ROWS + 1,
-                         2 * big - 1, 2 * big + 7, 1024, 3199, 3615, 4096, 4097, 4399})
+        stable._call_part = counted_part  # type: ignore[method-assign]
+        counts = sorted({*range(1, 40), 63, 64, 65, 100, 191, 193, 250, 448, 500, 961, big - 1, big, big + 1,
+                         big + BLOCK_ROWS + 1, 2 * big - 1, 2 * big + 7, 1024, 3199, 3615, 4096, 4097, 4399,
+                         *(r - d for r in plan.col_sizes for d in (0, 1, 63))})
         differ = []
         for m in counts:
             if m > len(x):
@@ -83,6 +91,10 @@ def test_bf16_rows_do_not_depend_on_the_call_in_calibrated_calls(shape, threads,
     assert not differ, f"bf16 calls of {differ} rows through {stable} differ from the same rows computed alone"
     verified = {*range(1, BLOCK_ROWS + 1), big, *plan.sizes}
     assert set(calls) <= verified, f"unverified row counts reached the kernel: {sorted(set(calls) - verified)}"
+    assert set(split_calls) <= set(plan.col_sizes), (
+        f"unverified row counts reached the split kernel calls: {sorted(set(split_calls) - set(plan.col_sizes))}")
+    if plan.col_sizes:  # a layer with a split uses it under `big` (576x1536 on one thread on this Xeon)
+        assert split_calls, f"{stable}: no call under big={big} rows was split although col_sizes={plan.col_sizes}"
     if 3648 in plan.sizes:  # verified (on one thread every size above big is, on this Xeon): 3,615 rows, one call
         assert 3648 in calls, sorted(set(calls))
 
