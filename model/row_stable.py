@@ -296,7 +296,8 @@ def _read_plan(path: Path, threads: int, block: int, max_rows: int, all_sizes: b
         return None
     if (cols is None) != (not col_sizes):
         return None
-    if cols is not None and not (isinstance(cols, int) and cols % block == 0 and 0 < cols < big and all_sizes
+    if cols is not None and not (isinstance(cols, int) and cols % block == 0 and 0 < cols < big <= max_rows
+                                 and big >= SPLIT_MIN_BIG and all_sizes
                                  and list(col_sizes) == sorted(set(col_sizes)) and col_sizes[0] >= cols
                                  and col_sizes[-1] < big and not any((r - cols) % SIZE_STEP for r in col_sizes)):
         return None

@@ -50,7 +50,8 @@ def test_a_file_that_is_not_a_plan_is_measured_again_and_replaced(tmp_path):
     good = json.loads(stored.read_text())
     for bad in ("{not json", json.dumps({**good, "big": 100}), json.dumps({**good, "threads": 99}),
                 json.dumps({**good, "sizes": [good["big"] + 1]}), json.dumps({"big": good["big"]}),
-                json.dumps({k: v for k, v in good.items() if k not in ("cols", "col_sizes")})):  # before the split
+                json.dumps({k: v for k, v in good.items() if k not in ("cols", "col_sizes")}),  # before the split
+                json.dumps({**good, "cols": 32, "col_sizes": [64]})):  # a split on a layer whose big is small
         stored.write_text(bad)
         rs._PLANS.clear()
         with capture_logs() as logs:
