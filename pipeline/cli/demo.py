@@ -114,6 +114,10 @@ class _Viewer:
                     self.seen[a["id"]] = a
                     self._show(a)
 
+    def close(self) -> None:
+        """Close the consumer; before the stack stops, else its connections log errors once the broker is gone."""
+        self.consumer.close()
+
     def _show(self, a: dict) -> None:
         for line in a.get("score", {}).get("lines", []):
             z = "   -  " if line["z"] is None else f"{line['z']:+6.2f}"
@@ -203,6 +207,7 @@ def _demo(args: argparse.Namespace, stack, streams: dict[str, list[bytes]]) -> i
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        viewer.close()
 
 
 def _follow(proc, viewer, n: int, bootstrap: str, topic_out: str) -> int:

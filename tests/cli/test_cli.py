@@ -95,3 +95,44 @@ def test_demo_stops_the_stack_it_started_when_it_fails(tmp_path, monkeypatch, ca
         main(["demo"])
     assert calls == ["up", "down"]
     assert "stack stopped" in capsys.readouterr().out
+
+
+def test_demo_closes_its_consumer_before_the_stack_stops(tmp_path, monkeypatch):
+    """The viewer's Kafka consumer is closed when the demo ends, also on an error, so that stopping the stack
+    afterwards does not make its connections log errors."""
+    import argparse
+
+    from connectors.kafka import admin
+    from pipeline.cli import demo as demo_command
+    from pipeline.devstack import stack
+
+    events: list[str] = []
+
+    class Viewer:
+        def __init__(self, bootstrap: str, topic: str):
+            self.seen: dict = {}
+
+        def close(self) -> None:
+            events.append("viewer closed")
+
+    class Exited:
+        returncode = 0
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(demo_command, "_Viewer", Viewer)
+    monkeypatch.setattr(admin, "create_topics", lambda *a, **k: None)
+    monkeypatch.setattr(demo_command, "_produce", lambda *a: 1)
+    monkeypatch.setattr(demo_command, "_service", lambda *a: Exited())
+    monkeypatch.setattr(demo_command, "_follow", lambda *a: events.append("followed") or 0)
+    monkeypatch.setattr(demo_command.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    info = stack.StackInfo(bootstrap_servers="127.0.0.1:1", redis_url="redis://127.0.0.1:2/0", pids={})
+    assert demo_command._demo(argparse.Namespace(no_crash=True), info, {"s": [b"line\n"]}) == 0
+    assert events == ["followed", "viewer closed"]
+
+    events.clear()
+    monkeypatch.setattr(demo_command, "_follow", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        demo_command._demo(argparse.Namespace(no_crash=True), info, {"s": [b"line\n"]})
+    assert events == ["viewer closed"]
