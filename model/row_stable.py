@@ -181,8 +181,9 @@ class RowStableLinear(nn.Module):
 
     def _pieces(self, flat: torch.Tensor) -> Iterator[torch.Tensor]:
         """The outputs of `flat` (m, in) in order, each from a verified call: calls of the largest verified
-        size (or `big`) while more rows remain than it, then the rest padded to a verified size when that is
-        cheaper than its blocks (`pad_from`), else in blocks."""
+        size (or `big`) while more rows remain than it, then the rest split by output columns where a verified
+        split size is timed faster (`col_sizes`), else padded to a verified size when that is cheaper than its
+        blocks (`pad_from`), else in blocks."""
         m, a = flat.shape[0], 0
         plan = self.plan
         if plan is not None and plan.big is not None and plan.threads == torch.get_num_threads():
