@@ -162,10 +162,8 @@ class RowStableLinear(nn.Module):
 
     def _split(self, rows: torch.Tensor, size: int) -> torch.Tensor:
         """`rows` (m, in) padded with zero rows to `size`, one call per column slice; the first m rows (m, out)."""
-        m = rows.shape[0]
-        if m < size:
-            rows = torch.cat([rows, rows.new_zeros(size - m, rows.shape[1])])  # (size, in)
-        return torch.cat([self._call_part(rows, i) for i in range(len(self.col_parts))], dim=1)[:m]  # (m, out)
+        full = _zero_padded(rows, size)  # (size, in)
+        return torch.cat([self._call_part(full, i) for i in range(len(self.col_parts))], dim=1)[: rows.shape[0]]
 
     def _call(self, rows: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -174,10 +172,7 @@ class RowStableLinear(nn.Module):
 
     def _padded(self, rows: torch.Tensor, size: int) -> torch.Tensor:
         """`rows` (m, in) and zero rows up to `size`, one call; the first m output rows (a view, no copy)."""
-        m = rows.shape[0]
-        if m < size:
-            rows = torch.cat([rows, rows.new_zeros(size - m, rows.shape[1])])  # (size, in)
-        return self._call(rows)[:m]
+        return self._call(_zero_padded(rows, size))[: rows.shape[0]]
 
     def _pieces(self, flat: torch.Tensor) -> Iterator[torch.Tensor]:
         """The outputs of `flat` (m, in) in order, each from a verified call: calls of the largest verified
@@ -216,6 +211,12 @@ class RowStableLinear(nn.Module):
         cols = self.plan.cols if self.plan and self.col_parts else None
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, big={big}, "
                 f"cols={cols}")
+
+
+def _zero_padded(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` (m, in) followed by zero rows up to `size` rows (itself when m >= size)."""
+    m = rows.shape[0]
+    return rows if m >= size else torch.cat([rows, rows.new_zeros(size - m, rows.shape[1])])  # (size, in)
 
 
 def probe_inputs(rows: int, in_features: int, out_features: int, seed: int,
@@ -297,7 +298,7 @@ def _read_plan(path: Path, threads: int, block: int, max_rows: int, all_sizes: b
         return None
     if (cols is None) != (not col_sizes):
         return None
-    if cols is not None and not (isinstance(cols, int) and cols % block == 0 and 0 < cols < big <= max_rows
+    if cols is not None and not (isinstance(cols, int) and cols % block == 0 and 0 < cols < big
                                  and big >= SPLIT_MIN_BIG and all_sizes
                                  and list(col_sizes) == sorted(set(col_sizes)) and col_sizes[0] >= cols
                                  and col_sizes[-1] < big and not any((r - cols) % SIZE_STEP for r in col_sizes)):
